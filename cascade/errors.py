@@ -1,0 +1,27 @@
+"""The one family of errors the library raises for bad input.
+
+Every error is a ``ValueError`` so callers that already catch that keep working; the message always names the
+file (and row, where there is one) and the reason, in one line, and never a patient identifier.
+"""
+
+from __future__ import annotations
+
+
+class CascadeError(ValueError):
+    """Base of every error caused by bad input, bad configuration or a bad model folder."""
+
+
+class DicomError(CascadeError):
+    """A DICOM file that cannot be read as a single-frame greyscale radiograph."""
+
+
+class LabelError(CascadeError):
+    """A label CSV or RLE string that does not follow the challenge's format."""
+
+
+class ConfigError(CascadeError):
+    """A configuration key or value that is unknown or out of range."""
+
+
+class ModelError(CascadeError):
+    """A model or run folder that is incomplete, changed, or of an unknown version."""
