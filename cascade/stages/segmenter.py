@@ -1,0 +1,39 @@
+"""The segmenter stage: a segmentation-models-pytorch architecture with an smp or timm (``tu-…``) encoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import segmentation_models_pytorch as smp
+from torch import nn
+
+from cascade.errors import ConfigError
+
+ARCHS = {
+    "unet": "Unet",
+    "unetplusplus": "UnetPlusPlus",
+    "fpn": "FPN",
+    "deeplabv3plus": "DeepLabV3Plus",
+    "linknet": "Linknet",
+    "pspnet": "PSPNet",
+    "manet": "MAnet",
+    "pan": "PAN",
+}
+DEFAULTS: dict[str, Any] = {"stage": "seg", "arch": "unet", "encoder": "resnet34", "in_chans": 1}
+
+
+def build_segmenter(config: dict[str, Any]) -> nn.Module:
+    """Build the network described by a segmenter ``config.json``; ``forward`` returns logits ``[B,1,H,W]``."""
+    cfg = {**DEFAULTS, **config}
+    arch = str(cfg["arch"]).lower()
+    if arch not in ARCHS:
+        raise ConfigError(f"segmentation architecture {cfg['arch']!r} is not one of {', '.join(ARCHS)}")
+    encoder = str(cfg["encoder"])
+    if not encoder.startswith("tu-") and encoder not in smp.encoders.get_encoder_names():
+        raise ConfigError(f"unknown encoder {encoder!r}: use an smp encoder name or 'tu-<timm model>'")
+    try:
+        return smp.create_model(
+            ARCHS[arch], encoder_name=encoder, encoder_weights=None, in_channels=int(cfg["in_chans"]), classes=1
+        )
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"cannot build {cfg['arch']} with encoder {encoder!r}: {err}") from None
