@@ -1,0 +1,271 @@
+"""MODEL_DIR: the self-contained folder a trained cascade ships in — the one reader and the one writer.
+
+Layout (DESIGN.md §4; a single model is exactly this)::
+
+    MODEL_DIR/cascade.json                  schema_version, thresholds, tta, preprocessing, metrics, versions,
+                                            members per stage, sha256 of every weight file
+    MODEL_DIR/classifier/config.json        + model.safetensors   (classifier member 0)
+    MODEL_DIR/segmenter/config.json         + model.safetensors   (segmenter member 0)
+
+A fold ensemble adds ``classifier-1/``, ``classifier-2/``, … and ``segmenter-1/``, …; ``cascade.json`` lists the
+member folders of each stage in ``members``. Nothing here unpickles: weights are safetensors, metadata is JSON.
+Reading checks the schema version and the sha256 of every weight file, so a changed or truncated weight file, a
+missing file or malformed JSON is refused with one clear :class:`~cascade.errors.ModelError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Union
+
+from torch import nn
+
+from cascade import __version__
+from cascade.data.preprocess import Preprocessing
+from cascade.errors import CascadeError, ModelError
+from cascade.fileio import atomic_write_json
+from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config, save_stage, sha256_file
+from cascade.thresholds.rule import Thresholds
+
+SCHEMA_VERSION = 1
+MANIFEST = "cascade.json"
+REPORT_DIR = "report"
+STAGES = {"classifier": "cls", "segmenter": "seg"}
+"""Stage folder base name → the ``stage`` value its ``config.json`` must carry."""
+
+Member = Union[str, os.PathLike, tuple[nn.Module, Mapping[str, Any]]]
+"""A stage member to write: a stage folder (``config.json`` + ``model.safetensors``) or a ``(model, config)``."""
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A verified MODEL_DIR: its settings and the stage folders of each stage's members."""
+
+    root: Path
+    thresholds: Thresholds
+    tta: bool
+    classifiers: list[Path]
+    segmenters: list[Path]
+    preprocessing: dict[str, Preprocessing]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def member_name(stage: str, index: int) -> str:
+    """Folder name of member ``index`` of ``stage`` (``classifier``, ``classifier-1``, …)."""
+    return stage if index == 0 else f"{stage}-{index}"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that define the networks, recorded so a model folder can be reproduced."""
+    versions = {"cascade": __version__}
+    for name, dist in (("torch", "torch"), ("timm", "timm"), ("smp", "segmentation_models_pytorch")):
+        try:
+            versions[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+def write_model_dir(
+    directory: str | os.PathLike[str],
+    classifiers: Sequence[Member],
+    segmenters: Sequence[Member],
+    thresholds: Thresholds | Mapping[str, Any],
+    *,
+    metrics: Mapping[str, Any] | None = None,
+    tta: bool = False,
+    report_files: Sequence[str | os.PathLike[str]] = (),
+) -> Path:
+    """Write a complete MODEL_DIR atomically: built in a temporary folder beside it, then renamed into place.
+
+    ``classifiers`` / ``segmenters`` are the members of each stage (one each for a single model, several for a fold
+    ensemble), each a stage folder or a ``(model, config)`` pair. ``report_files`` are copied into ``report/``.
+    An existing ``directory`` is replaced only if it is a MODEL_DIR or empty, so a typo cannot wipe other data.
+    """
+    target = Path(directory)
+    th = thresholds if isinstance(thresholds, Thresholds) else Thresholds.from_dict(thresholds)
+    if not classifiers or not segmenters:
+        raise ModelError(f"{target}: a model folder needs at least one classifier and one segmenter")
+    _check_replaceable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        members: dict[str, list[str]] = {}
+        weights: dict[str, str] = {}
+        preprocessing: dict[str, dict[str, Any]] = {}
+        for stage, sources in (("classifier", classifiers), ("segmenter", segmenters)):
+            names = [member_name(stage, i) for i in range(len(sources))]
+            configs = [_write_member(tmp / name, source, stage) for name, source in zip(names, sources)]
+            preprocessing[stage] = _stage_preprocessing(configs, stage, tmp).to_dict()
+            members[stage] = names
+            for name in names:
+                weights[f"{name}/{WEIGHTS}"] = sha256_file(tmp / name / WEIGHTS)
+        reports = []
+        for report in report_files:
+            src = Path(report)
+            (tmp / REPORT_DIR).mkdir(exist_ok=True)
+            shutil.copyfile(src, tmp / REPORT_DIR / src.name)
+            reports.append(f"{REPORT_DIR}/{src.name}")
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "thresholds": th.to_dict(),
+            "tta": {"hflip": bool(tta)},
+            "preprocessing": preprocessing,
+            "members": members,
+            "sha256": weights,
+            "metrics": dict(metrics or {}),
+            "versions": library_versions(),
+            "report": reports,
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+        tmp.chmod(0o755)
+        _swap_into_place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
+    """Read and verify a MODEL_DIR: schema version, every listed file present, every weight's sha256 matching."""
+    root = Path(directory)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise ModelError(f"{root}: not a folder (a model folder holds {MANIFEST}, classifier/ and segmenter/)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: missing (is {root} a model folder written by 'cascade tune'?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ModelError(
+            f"{path}: schema_version {version!r} is not supported (this cascade {__version__} reads {SCHEMA_VERSION})"
+        )
+    try:
+        thresholds = Thresholds.from_dict(_get(manifest, "thresholds", dict, path), where=str(path))
+    except CascadeError as err:
+        raise ModelError(str(err)) from None
+    tta = _get(manifest, "tta", dict, path).get("hflip", False)
+    if not isinstance(tta, bool):
+        raise ModelError(f"{path}: tta.hflip must be true or false, got {tta!r}")
+    members = _get(manifest, "members", dict, path)
+    hashes = _get(manifest, "sha256", dict, path)
+    stage_dirs: dict[str, list[Path]] = {}
+    preprocessing: dict[str, Preprocessing] = {}
+    for stage in STAGES:
+        names = members.get(stage)
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise ModelError(f"{path}: members.{stage} must be a non-empty list of folder names")
+        dirs = []
+        for name in names:
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise ModelError(f"{path}: member {name!r} must be a folder name inside the model folder")
+            _verify_member(root, name, stage, hashes.get(f"{name}/{WEIGHTS}"), path)
+            dirs.append(root / name)
+        stage_dirs[stage] = dirs
+        preprocessing[stage] = _stage_preprocessing([read_config(d) for d in dirs], stage, root)
+        recorded = manifest.get("preprocessing", {}).get(stage)
+        if recorded is not None and recorded != preprocessing[stage].to_dict():
+            raise ModelError(
+                f"{path}: preprocessing.{stage} {recorded} differs from what the {stage} was trained with "
+                f"({preprocessing[stage].to_dict()} in its {CONFIG})"
+            )
+    return ModelDir(
+        root=root,
+        thresholds=thresholds,
+        tta=tta,
+        classifiers=stage_dirs["classifier"],
+        segmenters=stage_dirs["segmenter"],
+        preprocessing=preprocessing,
+        metrics=dict(manifest.get("metrics") or {}),
+        versions=dict(manifest.get("versions") or {}),
+    )
+
+
+def _get(manifest: dict[str, Any], key: str, kind: type, path: Path) -> Any:
+    value = manifest.get(key)
+    if not isinstance(value, kind):
+        raise ModelError(f"{path}: key {key!r} is missing or not a JSON {kind.__name__}")
+    return value
+
+
+def _verify_member(root: Path, name: str, stage: str, expected: Any, manifest: Path) -> None:
+    """A member folder must hold its config (of the right stage) and a weight file with the recorded sha256."""
+    config = read_config(root / name)
+    if config.get("stage") != STAGES[stage]:
+        raise ModelError(f"{root / name / CONFIG}: stage {config.get('stage')!r}, expected {STAGES[stage]!r}")
+    weights = root / name / WEIGHTS
+    if not isinstance(expected, str):
+        raise ModelError(f"{manifest}: no sha256 recorded for {name}/{WEIGHTS}")
+    if not weights.is_file():
+        raise ModelError(f"{weights}: missing")
+    if sha256_file(weights) != expected:
+        raise ModelError(f"{weights}: sha256 does not match {MANIFEST}: the file was changed or truncated")
+
+
+def _stage_preprocessing(configs: list[dict[str, Any]], stage: str, where: Path) -> Preprocessing:
+    """The preprocessing every member of a stage was trained with (members must agree: one input per stage)."""
+    preps = []
+    for config in configs:
+        if not isinstance(config.get("preprocessing"), dict):
+            raise ModelError(f"{where}: a {stage} {CONFIG} has no 'preprocessing' (size, mean, std)")
+        try:
+            preps.append(Preprocessing.from_dict(config["preprocessing"]))
+        except (CascadeError, TypeError) as err:
+            raise ModelError(f"{where}: {stage} {CONFIG} has bad preprocessing ({err})") from None
+    if any(p != preps[0] for p in preps[1:]):
+        raise ModelError(f"{where}: the {stage} members were trained with different preprocessing {preps}")
+    return preps[0]
+
+
+def _write_member(folder: Path, source: Member, stage: str) -> dict[str, Any]:
+    """Copy a stage folder (or save a ``(model, config)``) into ``folder``; return its config."""
+    if isinstance(source, tuple):
+        model, config = source
+        config = dict(config)
+        save_stage(folder, model, config)
+    else:
+        src = Path(source)
+        config = read_config(src)
+        if not (src / WEIGHTS).is_file():
+            raise ModelError(f"{src / WEIGHTS}: missing")
+        folder.mkdir(parents=True)
+        shutil.copyfile(src / WEIGHTS, folder / WEIGHTS)
+        shutil.copyfile(src / CONFIG, folder / CONFIG)
+    if config.get("stage") != STAGES[stage]:
+        raise ModelError(f"{folder.name}: a {stage} member has stage {config.get('stage')!r}")
+    return config
+
+
+def _check_replaceable(target: Path) -> None:
+    if target.exists() and not (
+        target.is_dir() and ((target / MANIFEST).is_file() or not any(target.iterdir()))
+    ):
+        raise ModelError(f"{target}: exists and is not a model folder; refusing to replace it")
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` onto ``target``; an old model folder is moved aside first and removed only afterwards."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
