@@ -2,10 +2,13 @@
 
 Pixels are numbered column-major (flat index = col * height + row); a mask is written as whitespace-separated
 pairs ``start length`` where each ``start`` counts the pixels skipped since the end of the previous run (the first
-from pixel 0); an empty mask is ``-1``. Both directions are vectorised with numpy.
+from pixel 0); an empty mask is ``-1``. Both directions are vectorised with numpy and cost O(foreground pixels +
+runs) beyond allocating the mask, so small masks on large images stay cheap.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -13,21 +16,79 @@ from cascade.errors import LabelError
 
 EMPTY = "-1"
 
+_MAX_DIGITS = 10  # longer values describe no real image and could overflow the int64 running sums
+_INTEGER = re.compile(r"-?[0-9]+")
+_PAIR = rf"[0-9]{{1,{_MAX_DIGITS}}}\s+0*[1-9][0-9]{{0,{_MAX_DIGITS - 1}}}"  # start >= 0, length > 0
+_PAIRS = re.compile(rf"{_PAIR}(?:\s+{_PAIR})*")
+
+
+def check_rle(rle: str, *, where: str | None = None) -> None:
+    """Check an RLE string's syntax (integer pairs, non-negative starts, positive lengths) with one regex.
+
+    Cheap enough to run on every row of a label file at load time; bounds need the image size and are checked by
+    ``rle_decode``. ``where`` (an image id, a file and row) prefixes any error message so a bad row can be found.
+    """
+    _checked_text(rle, where)
+
+
+def parse_rle(rle: str, *, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Check an RLE string's syntax and return its runs as absolute column-major ``(starts, lengths)``.
+
+    ``-1`` gives two empty arrays. Bounds are not checked (they need the image size: see ``rle_decode``).
+    """
+    text = _checked_text(rle, where)
+    if text == EMPTY:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    values = np.array(text.split(), dtype=np.int64)
+    relative, lengths = values[0::2], values[1::2]
+    ends_before = np.cumsum(lengths) - lengths
+    return np.cumsum(relative) + ends_before, lengths
+
+
+def _checked_text(rle: str, where: str | None) -> str:
+    """The stripped RLE text if its syntax is valid, else a LabelError saying what is wrong and where."""
+    text = str(rle).strip()
+    if text == EMPTY or _PAIRS.fullmatch(text):
+        return text
+    prefix = f"{where}: " if where else ""
+    raise LabelError(prefix + _syntax_problem(text))
+
+
+def _syntax_problem(text: str) -> str:
+    """Why ``text`` (already known to be invalid) is not an RLE string, naming the first offending value or run."""
+    if not text:
+        return "empty RLE string (an empty mask is written -1)"
+    tokens = text.split()
+    bad = next((t for t in tokens if not _INTEGER.fullmatch(t)), None)
+    if bad is not None:
+        return f"RLE value {bad[:20]!r} is not an integer"
+    if len(tokens) % 2:
+        return f"RLE has an odd number of values ({len(tokens)}): it must be start/length pairs"
+    big = next((t for t in tokens if len(t.lstrip("-")) > _MAX_DIGITS), None)
+    if big is not None:
+        return f"RLE value {big[:20]!r} has over {_MAX_DIGITS} digits: too large for any image"
+    run = next(i for i, t in enumerate(tokens[0::2]) if t.startswith("-") or int(tokens[2 * i + 1]) <= 0)
+    if tokens[2 * run].startswith("-"):
+        return f"RLE run {run + 1} has a negative start"
+    return f"RLE run {run + 1} has a length that is not positive"
+
 
 def rle_encode(mask: np.ndarray) -> str:
     """Encode a 2-D mask (bool, 0/1 or 0/255) in the challenge's RLE; ``-1`` when it is empty."""
     m = np.asarray(mask)
     if m.ndim != 2:
         raise LabelError(f"cannot encode a mask of shape {m.shape}: a 2-D height x width array is required")
-    flat = m.ravel(order="F") > 0
-    padded = np.concatenate(([False], flat, [False])).view(np.int8)
-    edges = np.flatnonzero(np.diff(padded))
-    if edges.size == 0:
+    height, width = m.shape
+    rows, cols = np.divmod(np.flatnonzero(m if m.dtype == bool else m > 0), width)
+    if rows.size == 0:
         return EMPTY
-    starts, ends = edges[0::2], edges[1::2]
-    relative = starts - np.concatenate(([0], ends[:-1]))
+    flat = np.sort(cols * height + rows)
+    breaks = np.flatnonzero(np.diff(flat) != 1) + 1
+    starts = flat[np.concatenate(([0], breaks))]
+    ends = flat[np.concatenate((breaks - 1, [flat.size - 1]))] + 1
     pairs = np.empty(2 * starts.size, dtype=np.int64)
-    pairs[0::2] = relative
+    pairs[0::2] = starts - np.concatenate(([0], ends[:-1]))
     pairs[1::2] = ends - starts
     return " ".join(map(str, pairs.tolist()))
 
@@ -37,33 +98,15 @@ def rle_decode(rle: str, height: int = 1024, width: int = 1024, *, where: str | 
 
     ``where`` (an image id, a file and row) prefixes any error message so a bad row can be found.
     """
-    prefix = f"{where}: " if where else ""
-    text = str(rle).strip()
-    n_pixels = height * width
-    if text == EMPTY:
-        return np.zeros((height, width), dtype=bool)
-    if not text:
-        raise LabelError(f"{prefix}empty RLE string (an empty mask is written -1)")
-    tokens = text.split()
-    if len(tokens) % 2:
-        raise LabelError(f"{prefix}RLE has an odd number of values ({len(tokens)}): it must be start/length pairs")
-    try:
-        values = np.array(tokens, dtype=np.int64)
-    except (ValueError, OverflowError):
-        bad = next((t for t in tokens if not t.lstrip("-").isdigit()), None)
-        reason = f"RLE value {bad!r} is not an integer" if bad is not None else "RLE value out of range"
-        raise LabelError(f"{prefix}{reason}") from None
-    relative, lengths = values[0::2], values[1::2]
-    if (relative < 0).any():
-        raise LabelError(f"{prefix}RLE run {int(np.argmax(relative < 0)) + 1} has a negative start")
-    if (lengths <= 0).any():
-        raise LabelError(f"{prefix}RLE run {int(np.argmax(lengths <= 0)) + 1} has a length that is not positive")
-    starts = np.cumsum(relative) + np.concatenate(([0], np.cumsum(lengths)[:-1]))
-    ends = starts + lengths
-    if ends[-1] > n_pixels:
-        raise LabelError(
-            f"{prefix}RLE runs past the end of a {height}x{width} image (pixel {int(ends[-1])} > {n_pixels})"
-        )
-    edges = np.bincount(starts, minlength=n_pixels + 1) - np.bincount(ends, minlength=n_pixels + 1)
-    flat = np.cumsum(edges[:n_pixels]) > 0
-    return np.ascontiguousarray(flat.reshape(width, height).T)
+    starts, lengths = parse_rle(rle, where=where)
+    mask = np.zeros((height, width), dtype=bool)
+    if starts.size == 0:
+        return mask
+    end, n_pixels = int(starts[-1] + lengths[-1]), height * width
+    if end > n_pixels:
+        prefix = f"{where}: " if where else ""
+        raise LabelError(f"{prefix}RLE runs past the end of a {height}x{width} image (pixel {end} > {n_pixels})")
+    run_offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    cols, rows = np.divmod(np.arange(run_offsets.size) + run_offsets, height)
+    mask[rows, cols] = True
+    return mask
