@@ -1,14 +1,111 @@
-"""`cascade train`: placeholder until the subcommand lands."""
+"""`cascade train`: train the classifier (``--stage cls``) or the segmenter (``--stage seg``) into a run folder."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from typing import Any
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="(not implemented yet)")
+    p = sub.add_parser(
+        "train",
+        help="train the classifier or the segmenter stage into a run folder",
+        description="Train one stage on SIIM-layout data (DICOMs under --images, RLE labels in --labels) and write "
+        "RUN_DIR: config.yaml, split.csv, metrics.csv, best/ and last/ (model.safetensors + config.json) and "
+        "state.pt for --resume. Settings come from the stage defaults, then --config, then the flags below. "
+        "Several GPUs: torchrun --nproc_per_node N -m cascade train ...",
+    )
+    p.add_argument("--stage", required=True, choices=("cls", "seg"), help="cls: image classifier; seg: segmenter")
+    p.add_argument("--images", required=True, metavar="DIR", help="folder searched recursively for *.dcm")
+    p.add_argument("--labels", required=True, metavar="CSV", help="label CSV (ImageId, EncodedPixels)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to create (absent or empty)")
+    p.add_argument("--config", metavar="YAML", help="configuration file (e.g. configs/seg-unet-resnet34-512.yaml)")
+    p.add_argument("--encoder", metavar="NAME", help="cls: timm model name; seg: smp encoder or tu-<timm model>")
+    p.add_argument("--arch", metavar="ARCH", help="seg: unet, unetplusplus, fpn, deeplabv3plus, ...")
+    p.add_argument("--image-size", type=_positive_int, metavar="PX", help="network input size (square)")
+    p.add_argument("--epochs", type=_positive_int, metavar="N")
+    p.add_argument("--batch-size", type=_positive_int, metavar="B", help="per process (per GPU under torchrun)")
+    p.add_argument("--folds", type=_positive_int, metavar="K", help="number of folds of the split")
+    p.add_argument("--fold", type=_non_negative_int, metavar="I", help="validation fold (0-based)")
+    p.add_argument("--seed", type=_non_negative_int, metavar="S", help="seed of the split and of training")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when available")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (default auto)")
+    p.add_argument("--workers", type=_non_negative_int, metavar="N", help="DataLoader worker processes")
+    p.add_argument("--cache-dir", metavar="DIR", help="preprocessing cache folder (default ~/.cache/cascade/...)")
+    p.add_argument("--no-cache", action="store_true", help="decode every image each epoch (no disk cache)")
+    p.add_argument(
+        "--pretrained", metavar="PATH_OR_NAME",
+        help="starting weights for the backbone/encoder: a local state dict (safetensors or torch) or a hub name",
+    )
+    p.add_argument("--init-from", metavar="RUN_DIR", help="start from another run's weights (not yet supported)")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last finished epoch")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(func=run)
 
 
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration keys set by flags, as a nested mapping for ``config.merge``."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def put(section: str, key: str, value: Any) -> None:
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+
+    put("network", "model" if args.stage == "cls" else "encoder", args.encoder)
+    if args.arch is not None and args.stage == "cls":
+        from cascade.errors import ConfigError
+
+        raise ConfigError("--arch applies to the segmenter; for --stage cls choose the network with --encoder")
+    put("network", "arch", args.arch)
+    put("preprocessing", "size", args.image_size)
+    put("optim", "epochs", args.epochs)
+    put("optim", "batch_size", args.batch_size)
+    put("data", "folds", args.folds)
+    put("data", "fold", args.fold)
+    put("data", "workers", args.workers)
+    put("data", "cache_dir", args.cache_dir)
+    put("data", "cache", False if args.no_cache else None)
+    put("runtime", "device", args.device)
+    put("runtime", "amp", args.amp)
+    flat: dict[str, Any] = dict(out)
+    if args.seed is not None:
+        flat["seed"] = args.seed
+    return flat
+
+
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("cascade train: not implemented yet")
+    from pathlib import Path
+
+    from cascade.errors import ConfigError
+    from cascade.stages import config as cfg
+    from cascade.stages import training
+
+    if args.init_from is not None:
+        raise ConfigError(f"--init-from {args.init_from}: not yet supported (planned); use --pretrained PATH instead")
+    out = Path(args.out)
+    if args.resume:
+        config = cfg.resume_config(out / training.CONFIG_FILE, args.stage, args.config, overrides(args))
+    else:
+        config = cfg.resolve(args.stage, args.config, overrides(args))
+    row = training.train(
+        config, args.images, args.labels, out, resume=args.resume, pretrained=args.pretrained, progress=not args.quiet
+    )
+    key = training.BEST_KEY[args.stage]
+    if os.environ.get("RANK", "0") == "0":
+        print(f"cascade train: {out}: epoch {row['epoch']}, {key} {row[key]:.4f} (best/ and last/ written)")
+    return 0

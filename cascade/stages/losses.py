@@ -1,0 +1,53 @@
+"""The one training loss of both stages: a weighted sum of BCE, soft Dice (segmenter only) and binary focal loss.
+
+Logits are ``[B]`` (classifier) or ``[B,1,H,W]`` (segmenter); the loss is computed in float32 whatever the autocast
+dtype, so bf16/fp16 training does not lose the small Dice gradients. Soft Dice is per image with +1 smoothing, so
+an image with an empty mask scores 1 only when the prediction is (softly) empty too — the challenge's convention.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """``1 - mean over images of (2·Σpt + s) / (Σp + Σt + s)`` with ``p = sigmoid(logits)``."""
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    dice = (2.0 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
+    return 1.0 - dice.mean()
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Binary focal loss ``mean((1 - p_t)^γ · BCE)``: easy pixels/images count less."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = torch.exp(-bce)
+    return ((1.0 - p_t) ** gamma * bce).mean()
+
+
+class ComboLoss(nn.Module):
+    """``bce·BCE + dice·SoftDice + focal·Focal`` with the weights of a config's ``loss`` section."""
+
+    def __init__(self, bce: float = 1.0, dice: float = 0.0, focal: float = 0.0, focal_gamma: float = 2.0) -> None:
+        super().__init__()
+        self.bce, self.dice, self.focal, self.gamma = bce, dice, focal, focal_gamma
+
+    @classmethod
+    def from_config(cls, loss: dict[str, Any]) -> ComboLoss:
+        return cls(loss["bce"], loss["dice"], loss["focal"], loss["focal_gamma"])
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        target = target.to(logits.dtype).reshape(logits.shape)
+        total = logits.new_zeros(())
+        if self.bce:
+            total = total + self.bce * F.binary_cross_entropy_with_logits(logits, target)
+        if self.dice:
+            total = total + self.dice * soft_dice_loss(logits, target)
+        if self.focal:
+            total = total + self.focal * focal_loss(logits, target, self.gamma)
+        return total

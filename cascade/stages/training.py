@@ -1,0 +1,633 @@
+"""One training loop for both stages, on one CPU, one GPU or several GPUs under ``torchrun``.
+
+A run: check the inputs (labels, images, split, configuration) and only then write into RUN_DIR; train with AdamW,
+a per-step warm-up + cosine learning rate, gradient accumulation and clipping, autocast (bf16, or fp16 with a
+GradScaler), channels_last, optional ``torch.compile`` and an optional EMA of the weights; validate once per epoch
+over the true validation fold (each rank predicts a disjoint slice, the per-image statistics are gathered); and
+write, on rank 0 only and atomically, ``last/`` and ``best/`` (stage folders), ``metrics.csv`` and ``state.pt``.
+
+Reproducibility: every random draw of an epoch (sampler order, augmentation, dropout, DataLoader worker seeds) is
+seeded from ``(seed, epoch, rank)`` when the epoch starts, and the learning rate is a function of the step's
+position, so ``state.pt`` (weights, optimizer, GradScaler, EMA, epoch, best score, metric history) is all a resumed
+run needs to continue exactly as an uninterrupted one would (bit-identical on CPU with the same worker count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from cascade.data.augment import build_augment, seed_augment, seed_worker
+from cascade.data.cache import PreprocessCache, default_cache_dir
+from cascade.data.datasets import ClassifierDataset, Item, SegmenterDataset, make_items
+from cascade.data.index import match, scan_dicoms
+from cascade.data.labels import Labels, read_labels
+from cascade.data.preprocess import Preprocessing
+from cascade.data.splits import make_folds, read_groups, split_fingerprint, write_split_csv
+from cascade.errors import ConfigError, ModelError
+from cascade.fileio import atomic_path, atomic_write_text
+from cascade.stages.checkpoint import build_model, save_stage
+from cascade.stages.config import positive_share, to_yaml
+from cascade.stages.losses import ComboLoss
+from cascade.stages.sampling import PositiveShareSampler
+from cascade.stages.weights import load_pretrained
+from cascade.thresholds.metrics import confusion, dice_from_counts, json_float, roc_auc, sensitivity, specificity
+
+CONFIG_FILE = "config.yaml"
+SPLIT_FILE = "split.csv"
+METRICS_FILE = "metrics.csv"
+STATE_FILE = "state.pt"
+BEST_KEY = {"cls": "val_auc", "seg": "val_mean_dice"}
+"""The validation metric that picks ``best/`` (higher is better)."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process trains: its rank among ``world`` processes, device and autocast dtype."""
+
+    rank: int
+    world: int
+    device: torch.device
+    amp: torch.dtype | None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The checked inputs of a run: labels, the fold of every image, and the training and validation items."""
+
+    labels: Labels
+    folds: dict[str, int]
+    positive: dict[str, bool]
+    train: list[Item]
+    val: list[Item]
+    fingerprint: str
+
+
+# ---------------------------------------------------------------------------------------------------- runtime
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``runtime.amp`` on ``device`` (``None``: full precision)."""
+    if mode == "none":
+        return None
+    if device.type == "cuda":
+        if mode == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if mode == "bf16" else torch.float16
+    if mode == "fp16":
+        raise ConfigError("runtime.amp: fp16 needs a CUDA device; use bf16 or none on CPU")
+    if mode == "bf16" or cpu_supports_bf16():
+        return torch.bfloat16
+    return None
+
+
+def setup_runtime(config: dict[str, Any]) -> Runtime:
+    """Join the process group when started by ``torchrun`` and pick the device and autocast dtype."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    wanted = config["runtime"]["device"]
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device: cuda was asked for but no CUDA device is available")
+    use_cuda = wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Runtime(rank, world, device, resolve_amp(config["runtime"]["amp"], device))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and random (the epoch's draws are all derived from here)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one epoch on one rank."""
+    return (seed * 1_000_003 + epoch * 1009 + rank) % 2**31
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+def load_run_data(config: dict[str, Any], images: Path, labels_path: Path) -> RunData:
+    """Read labels, find the images, split into folds (grouped by patient) and check the run can train."""
+    labels = read_labels(labels_path)
+    index = scan_dicoms(images)
+    matched = match(index, labels)
+    if matched.labels_without_images:
+        first = sorted(matched.labels_without_images)[0]
+        raise ConfigError(
+            f"{labels_path}: {len(matched.labels_without_images)} labelled image(s) have no DICOM file under "
+            f"{images} (first: {first})"
+        )
+    items = make_items(index.paths, labels)
+    if not items:
+        raise ConfigError(f"{images}: no DICOM file matches an ImageId of {labels_path}")
+    ids = [item.image_id for item in items]
+    positive = {item.image_id: item.positive for item in items}
+    data = config["data"]
+    groups = read_groups({item.image_id: item.path for item in items})
+    folds = make_folds(ids, [positive[i] for i in ids], groups, data["folds"], config["seed"])
+    train = [item for item in items if folds[item.image_id] != data["fold"]]
+    val = [item for item in items if folds[item.image_id] == data["fold"]]
+    where = f"{labels_path} (fold {data['fold']} of {data['folds']}, {len(items)} images)"
+    if not train or not val:
+        raise ConfigError(f"{where}: the {'training' if not train else 'validation'} split is empty")
+    n_pos = sum(item.positive for item in train)
+    if config["stage"] == "seg" and n_pos == 0:
+        raise ConfigError(f"{where}: no positive image in the training split; the segmenter needs masks to learn")
+    if config["sampling"]["positive_share"] is not None and n_pos == 0:
+        raise ConfigError(f"{where}: sampling.positive_share needs positive images in the training split")
+    return RunData(labels, folds, positive, train, val, split_fingerprint(folds))
+
+
+def make_cache(config: dict[str, Any], images: Path) -> PreprocessCache:
+    """The preprocessing cache: on disk (``data.cache_dir`` or the default folder) or, with ``data.cache: false``,
+    in each process's memory."""
+    size = config["preprocessing"]["size"]
+    if not config["data"]["cache"]:
+        return PreprocessCache(None, size)
+    root = config["data"]["cache_dir"] or default_cache_dir(images)
+    return PreprocessCache(root, size)
+
+
+def make_datasets(config: dict[str, Any], run: RunData, cache: PreprocessCache) -> tuple[Dataset, Dataset]:
+    """Training (augmented) and validation datasets of the stage."""
+    prep = Preprocessing(**config["preprocessing"])
+    augment = build_augment(config["data"]["augment"])
+    if config["stage"] == "cls":
+        return ClassifierDataset(run.train, prep, cache, augment), ClassifierDataset(run.val, prep, cache)
+    return (
+        SegmenterDataset(run.train, prep, cache, run.labels, augment),
+        SegmenterDataset(run.val, prep, cache, run.labels),
+    )
+
+
+def check_run_dir(out: Path, resume: bool) -> None:
+    """A new run needs an absent or empty RUN_DIR; ``--resume`` needs a run folder with a saved state."""
+    if resume:
+        if not (out / STATE_FILE).is_file() or not (out / CONFIG_FILE).is_file():
+            raise ModelError(f"{out}: nothing to resume (no {STATE_FILE} and {CONFIG_FILE}; did an epoch finish?)")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out}: exists and is not empty; pass --resume to continue it or choose a new --out")
+
+
+# ---------------------------------------------------------------------------------------------------- pieces
+
+
+def lr_factor(progress: float, epochs: int, warmup: float, min_ratio: float) -> float:
+    """Learning-rate multiplier at ``progress`` epochs: linear warm-up, then cosine down to ``min_ratio``."""
+    if progress < warmup:
+        return (progress + 1e-3) / (warmup + 1e-3)
+    span = max(epochs - warmup, 1e-9)
+    t = min((progress - warmup) / span, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class Ema:
+    """Exponential moving average of a model's state (floats averaged, integer buffers copied)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the average towards ``model``; the decay ramps up over the first steps ((1+n)/(10+n))."""
+        self.updates += 1
+        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        for key, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                self.state[key].lerp_(value.detach(), 1.0 - d)
+            else:
+                self.state[key].copy_(value)
+
+
+def stage_config(config: dict[str, Any], run: RunData, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` of a saved stage folder: network keys, preprocessing, split and the epoch's metrics."""
+    return {
+        "stage": config["stage"],
+        "in_chans": 1,
+        **config["network"],
+        "preprocessing": Preprocessing(**config["preprocessing"]).to_dict(),
+        "split_fingerprint": run.fingerprint,
+        "fold": config["data"]["fold"],
+        "folds": config["data"]["folds"],
+        "seed": config["seed"],
+        "epoch": epoch,
+        "metrics": metrics,
+    }
+
+
+def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    """``metrics.csv``: one row per finished epoch (rewritten whole, atomically)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """``state.pt`` atomically (plain tensors, numbers and dicts: loadable with ``weights_only=True``)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read ``state.pt`` with ``weights_only=True``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: any error means "cannot resume from it"
+        raise ModelError(f"{path}: not a readable training state ({str(err).splitlines()[0]})") from None
+
+
+# ---------------------------------------------------------------------------------------------------- epochs
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    images: int
+    seconds: float
+    data_wait: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def _timed(loader: DataLoader) -> Iterator[tuple[float, Any]]:
+    """Yield ``(seconds waited for the batch, batch)``."""
+    it = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        yield time.perf_counter() - start, batch
+
+
+def make_loader(
+    dataset: Dataset, config: dict[str, Any], rt: Runtime, sampler: Any = None, generator_seed: int = 0
+) -> DataLoader:
+    """A DataLoader whose worker seeds come from ``generator_seed`` (so an epoch's augmentation is repeatable)."""
+    workers = config["data"]["workers"]
+    return DataLoader(
+        dataset,
+        batch_size=config["optim"]["batch_size"],
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=rt.device.type == "cuda",
+        worker_init_fn=seed_worker if workers else None,
+        generator=torch.Generator().manual_seed(generator_seed),
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    ema: Ema | None,
+    raw_model: nn.Module,
+    config: dict[str, Any],
+    rt: Runtime,
+    epoch: int,
+    progress: bool,
+) -> EpochStats:
+    """One pass over ``loader``: forward under autocast, backward, and an optimizer step every ``accumulate``."""
+    from tqdm.auto import tqdm
+
+    optim = config["optim"]
+    accumulate, base_lr = optim["accumulate"], optim["lr"]
+    channels_last = config["runtime"]["channels_last"]
+    steps = len(loader)
+    model.train()
+    total = torch.zeros((), device=rt.device)
+    images, waited, start = 0, 0.0, time.perf_counter()
+    bar = tqdm(
+        total=steps, desc=f"epoch {epoch + 1}/{optim['epochs']}", unit="batch", leave=False,
+        disable=not (progress and rt.main), file=sys.stderr,
+    )
+    for i, (wait, (x, y)) in enumerate(_timed(loader)):
+        waited += wait
+        x = x.to(rt.device, non_blocking=True)
+        y = y.to(rt.device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        stepping = (i + 1) % accumulate == 0 or i + 1 == steps
+        sync = contextlib.nullcontext() if stepping or rt.world == 1 else model.no_sync()
+        with sync:
+            with torch.autocast(rt.device.type, dtype=rt.amp or torch.float32, enabled=rt.amp is not None):
+                logits = model(x)
+            loss = criterion(logits, y)
+            scaler.scale(loss / accumulate).backward()
+        if stepping:
+            factor = lr_factor(epoch + (i + 1) / steps, optim["epochs"], optim["warmup_epochs"], optim["min_lr_ratio"])
+            for group in optimizer.param_groups:
+                group["lr"] = base_lr * factor
+            if optim["grad_clip"] > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), optim["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(raw_model)
+        total += loss.detach() * x.shape[0]
+        images += x.shape[0]
+        if rt.main and progress and (i % 10 == 0 or i + 1 == steps):
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images * rt.world / max(elapsed, 1e-9):.1f}")
+        bar.update(1)
+    bar.close()
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+    seconds = time.perf_counter() - start
+    counts = torch.stack([total.float().cpu(), torch.tensor(float(images))])
+    if rt.world > 1:
+        dist.all_reduce(counts)
+    return EpochStats(float(counts[0] / max(counts[1], 1)), int(counts[1]), seconds, waited)
+
+
+@torch.no_grad()
+def predict_stats(model: nn.Module, dataset: Dataset, config: dict[str, Any], rt: Runtime) -> dict[str, np.ndarray]:
+    """Per-image validation statistics of this rank's slice (every ``world``-th image, no padding)."""
+    criterion = ComboLoss.from_config(config["loss"])
+    part = Subset(dataset, range(rt.rank, len(dataset), rt.world))
+    loader = make_loader(part, config, rt)
+    model.eval()
+    out: dict[str, list[np.ndarray]] = {"loss": [], "score": [], "truth": [], "inter": [], "pred": [], "area": []}
+    for x, y in loader:
+        x = x.to(rt.device, non_blocking=True)
+        y = y.to(rt.device, non_blocking=True)
+        if config["runtime"]["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(rt.device.type, dtype=rt.amp or torch.float32, enabled=rt.amp is not None):
+            logits = model(x)
+        logits = logits.float()
+        out["loss"].append(np.array([criterion(logits, y).item() * x.shape[0]]))
+        if config["stage"] == "cls":
+            out["score"].append(torch.sigmoid(logits).cpu().numpy())
+            out["truth"].append(y.cpu().numpy() > 0.5)
+        else:
+            pred = (logits > 0).flatten(1)
+            truth = (y > 0.5).flatten(1)
+            out["inter"].append((pred & truth).sum(1).cpu().numpy())
+            out["pred"].append(pred.sum(1).cpu().numpy())
+            out["area"].append(truth.sum(1).cpu().numpy())
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+
+
+def gather_stats(stats: dict[str, np.ndarray], rt: Runtime) -> dict[str, np.ndarray]:
+    """Concatenate every rank's per-image statistics (each image appears exactly once)."""
+    if rt.world == 1:
+        return stats
+    parts: list[Any] = [None] * rt.world
+    dist.all_gather_object(parts, stats)
+    return {k: np.concatenate([p[k] for p in parts]) for k in stats}
+
+
+def validation_metrics(stage: str, stats: dict[str, np.ndarray], n_images: int) -> dict[str, Any]:
+    """Loss and the stage's metrics from gathered per-image statistics."""
+    metrics: dict[str, Any] = {"val_loss": float(stats["loss"].sum() / max(n_images, 1))}
+    if stage == "cls":
+        scores, truth = stats["score"], stats["truth"].astype(bool)
+        c = confusion(scores >= 0.5, truth)
+        metrics.update(
+            val_auc=roc_auc(scores, truth), **c.to_dict(), sensitivity=sensitivity(c), specificity=specificity(c)
+        )
+    else:
+        dices = dice_from_counts(stats["inter"], stats["pred"], stats["area"])
+        positive = stats["area"] > 0
+        metrics.update(
+            val_mean_dice=float(dices.mean()),
+            val_dice_pos=float(dices[positive].mean()) if positive.any() else math.nan,
+            val_dice_neg=float(dices[~positive].mean()) if (~positive).any() else math.nan,
+        )
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+
+def _better(value: float, best: float) -> bool:
+    return not math.isnan(value) and (math.isnan(best) or value > best)
+
+
+def oom_message(config: dict[str, Any]) -> str:
+    """The one-line advice when a batch does not fit in GPU memory."""
+    return (
+        f"CUDA out of memory with batch size {config['optim']['batch_size']} at {config['preprocessing']['size']}px: "
+        "lower --batch-size (and raise optim.accumulate to keep the effective batch), lower --image-size, "
+        "or set runtime.amp to bf16/fp16"
+    )
+
+
+def train(
+    config: dict[str, Any],
+    images: str | os.PathLike[str],
+    labels: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    pretrained: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one stage as ``config`` says and write RUN_DIR ``out``; returns the last epoch's metrics row.
+
+    ``resume`` continues from ``out/state.pt`` (``config`` must be the run's own, as ``config.yaml`` records it).
+    Raises ``CascadeError`` subclasses for bad input before anything is written.
+    """
+    images, labels, out = Path(images), Path(labels), Path(out)
+    rt = setup_runtime(config)
+    try:
+        return _train(config, images, labels, out, rt, resume, pretrained, progress)
+    except torch.OutOfMemoryError:
+        raise ConfigError(oom_message(config)) from None
+    finally:
+        if rt.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(
+    config: dict[str, Any],
+    images: Path,
+    labels: Path,
+    out: Path,
+    rt: Runtime,
+    resume: bool,
+    pretrained: str | None,
+    progress: bool,
+) -> dict[str, Any]:
+    check_run_dir(out, resume)
+    run = load_run_data(config, images, labels)
+    state = load_state(out / STATE_FILE) if resume else None
+    if state is not None and state["split_fingerprint"] != run.fingerprint:
+        raise ConfigError(f"{out}: the images, labels or split differ from the run being resumed")
+    cache = make_cache(config, images)
+    if rt.main and config["data"]["cache"]:
+        errors = cache.warm(run.train + run.val, workers=max(1, config["data"]["workers"]), progress=progress)
+        if errors:
+            raise errors[0].__class__(f"{errors[0]} ({len(errors)} unreadable image(s) in all)")
+    if rt.world > 1:
+        dist.barrier()
+    train_set, val_set = make_datasets(config, run, cache)
+
+    seed_everything(config["seed"])
+    model = build_model({"stage": config["stage"], "in_chans": 1, **config["network"]})
+    if pretrained and state is None:
+        load_pretrained(model, config, pretrained)
+    model.to(rt.device)
+    if config["runtime"]["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["optim"]["lr"], weight_decay=config["optim"]["weight_decay"])
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp is torch.float16)
+    ema = Ema(model, config["runtime"]["ema"]) if config["runtime"]["ema"] > 0 else None
+    history: list[dict[str, Any]] = []
+    best, start_epoch = math.nan, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.state = {k: v.to(rt.device) for k, v in state["ema"].items()}
+            ema.updates = int(state["ema_updates"])
+        history, best, start_epoch = list(state["history"]), float(state["best"]), int(state["epoch"])
+
+    train_model: nn.Module = model
+    if rt.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if config["runtime"]["compile"]:
+        train_model = torch.compile(train_model)
+    eval_model = model
+    if ema is not None:
+        eval_model = build_model({"stage": config["stage"], "in_chans": 1, **config["network"]}).to(rt.device)
+        if config["runtime"]["channels_last"]:
+            eval_model.to(memory_format=torch.channels_last)
+
+    epochs = config["optim"]["epochs"]
+    shares = [positive_share(config, e) for e in range(epochs)]
+    sampler = PositiveShareSampler(train_set.positive, shares, config["seed"], rt.rank, rt.world)
+    criterion = ComboLoss.from_config(config["loss"])
+    row: dict[str, Any] = history[-1] if history else {}
+    for epoch in range(start_epoch, epochs):
+        seed = epoch_seed(config["seed"], epoch, rt.rank)
+        seed_everything(seed)
+        if train_set.augment is not None and config["data"]["workers"] == 0:
+            seed_augment(train_set.augment, seed)
+        sampler.set_epoch(epoch)
+        loader = make_loader(train_set, config, rt, sampler, generator_seed=seed)
+        stats = train_epoch(
+            train_model, loader, criterion, optimizer, scaler, ema, model, config, rt, epoch, progress
+        )
+        if ema is not None:
+            eval_model.load_state_dict(ema.state)
+        val = validation_metrics(config["stage"], gather_stats(predict_stats(eval_model, val_set, config, rt), rt), len(val_set))
+        score = val[BEST_KEY[config["stage"]]]
+        improved = _better(score, best)
+        best = score if improved else best
+        row = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": stats.loss,
+            "train_images": stats.images,
+            "images_per_s": stats.images_per_s * rt.world,
+            "data_wait": stats.data_wait / max(stats.seconds, 1e-9),
+            "positive_share": shares[epoch] if shares[epoch] is not None else "",
+            **val,
+            "best": int(improved),
+        }
+        history.append(row)
+        if rt.main:
+            _write_epoch(out, config, run, eval_model, row, improved, history, {
+                "epoch": epoch + 1,
+                "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "ema": {k: v.cpu() for k, v in ema.state.items()} if ema is not None else {},
+                "ema_updates": ema.updates if ema is not None else 0,
+                "best": best,
+                "history": history,
+                "split_fingerprint": run.fingerprint,
+            })
+            if progress:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "lr")
+                print(f"epoch {epoch + 1}/{epochs}: {shown}", file=sys.stderr)
+        if rt.world > 1:
+            dist.barrier()
+    return row
+
+
+def _write_epoch(
+    out: Path,
+    config: dict[str, Any],
+    run: RunData,
+    model: nn.Module,
+    row: dict[str, Any],
+    improved: bool,
+    history: list[dict[str, Any]],
+    state: dict[str, Any],
+) -> None:
+    """Rank 0's writes after an epoch; ``state.pt`` goes last, so it only ever names completed epochs."""
+    if not (out / CONFIG_FILE).exists():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / CONFIG_FILE, to_yaml(config))
+        with atomic_path(out / SPLIT_FILE) as tmp:
+            write_split_csv(tmp, run.folds, run.positive)
+    metrics = {
+        k: json_float(v) if isinstance(v, float) else v
+        for k, v in row.items()
+        if k.startswith("val_") or k in ("tp", "fp", "fn", "tn")
+    }
+    saved = stage_config(config, run, row["epoch"], metrics)
+    save_stage(out / "last", model, saved)
+    if improved:
+        save_stage(out / "best", model, saved)
+    write_metrics_csv(out / METRICS_FILE, history)
+    save_state(out / STATE_FILE, state)
