@@ -10,8 +10,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import HTJ2KLossless, MPEG2MPML, SecondaryCaptureImageStorage
 
@@ -200,6 +203,34 @@ def test_modality_lut_sequence_is_applied_and_scaled_by_its_output_range(tmp_pat
     np.testing.assert_allclose(image.pixels, [[0.0, 0.1], [0.2, 1.0], [1.0, 1.0]], rtol=0, atol=1e-7)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    bits_stored=st.integers(1, 16),
+    signed=st.booleans(),
+    monochrome1=st.booleans(),
+    slope=st.sampled_from([1.0, 0.5, -3.0, 2.5]),
+    intercept=st.sampled_from([0.0, -1024.0, 7.5]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_bit_depth_maps_its_stored_range_onto_0_1(
+    bits_stored: int, signed: bool, monochrome1: bool, slope: float, intercept: float, seed: int
+) -> None:
+    lo, hi = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (0, 2**bits_stored - 1)
+    dtype = (np.int16 if signed else np.uint16) if bits_stored > 8 else (np.int8 if signed else np.uint8)
+    stored = np.random.default_rng(seed).integers(lo, hi, size=(4, 6), endpoint=True).astype(dtype)
+    stored.flat[:2] = lo, hi
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.set_pixel_data(stored, "MONOCHROME1" if monochrome1 else "MONOCHROME2", bits_stored)
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    expected = (stored.astype(np.float64) - lo) / (hi - lo)
+    if slope < 0:  # a negative slope makes large stored values the small (dark) output values
+        expected = 1.0 - expected
+    if monochrome1:
+        expected = 1.0 - expected
+    np.testing.assert_allclose(read_dicom(ds).pixels, expected, rtol=0, atol=2e-6)
+
+
 def test_header_fields_and_their_fallbacks(tmp_path: Path) -> None:
     stored = np.zeros((3, 5), dtype=np.uint8)
     path = _synthetic(tmp_path, stored, 8, ImagerPixelSpacing=[0.1, 0.2], PatientID="  ")
@@ -287,6 +318,13 @@ def _syntax(uid: str):
     return make
 
 
+def _cut_jpeg_stream(source: Path, path: Path) -> None:
+    ds = pydicom.dcmread(source)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[: len(frame) // 2]])  # a well-formed file around half a JPEG
+    ds.save_as(path)
+
+
 def _random_bytes(source: Path, path: Path) -> None:
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
 
@@ -320,6 +358,8 @@ BAD_FILES = [
     (_multi_frame, "multi-frame"),
     (_rows(0), "absurd image size"),
     (_rows(20000), "absurd image size"),
+    (_rows(512), "cannot decode the JPEG Baseline (Process 1) pixel data"),
+    (_cut_jpeg_stream, "cannot decode the JPEG Baseline (Process 1) pixel data"),
     (_syntax("1.2.3.4.5"), "transfer syntax 1.2.3.4.5 is not supported"),
     (_syntax(MPEG2MPML), "MPEG2 Main Profile / Main Level is not supported"),
     (_random_bytes, "not a DICOM file"),
@@ -331,6 +371,7 @@ BAD_FILES = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter:UserWarning")
 @pytest.mark.parametrize(("make", "reason"), BAD_FILES, ids=[m.__qualname__.split(".")[0] for m, _ in BAD_FILES])
 def test_bad_files_raise_one_line_naming_the_file_and_no_patient_data(
     tmp_path: Path, siim_files: list[Path], make, reason: str

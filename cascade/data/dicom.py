@@ -253,7 +253,9 @@ def _pixels(ds: Dataset, name: str) -> np.ndarray:
     try:
         stored_values = ds.pixel_array
     except Exception:  # decoders fail in many ways on corrupt streams; their messages are not ours to pass on
-        raise DicomError(f"{name}: cannot decode the {syntax.name} pixel data (corrupt or truncated)") from None
+        raise DicomError(
+            f"{name}: cannot decode the {syntax.name} pixel data (corrupt, truncated, or unlike the header says)"
+        ) from None
     if stored_values.shape != (rows, cols):
         raise DicomError(f"{name}: decoded pixels are {stored_values.shape}, the header says {rows} x {cols}")
     lo, hi = (-(2 ** (stored - 1)), 2 ** (stored - 1) - 1) if signed else (0, 2**stored - 1)
