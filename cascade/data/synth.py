@@ -15,9 +15,10 @@ MONOCHROME2, JPEG Baseline, like the challenge's files) and ``OUT/train-rle.csv`
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ BANK_SIZE = 1024
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
 """pydicom's UID root; the UID suffixes are hashes of the seed, so a seed always gives the same UIDs."""
 MAX_ANNOTATIONS = 3
+MAX_SHAPE_TRIES = 100
 
 
 @dataclass(frozen=True)
@@ -105,10 +107,10 @@ class _Anatomy:
 
 
 def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
-    dome_right = rng.uniform(0.64, 0.72)
+    dome_right = rng.uniform(0.66, 0.74)
     return _Anatomy(
         cx=0.5 + rng.normal(0, 0.012),
-        top=rng.uniform(0.11, 0.16),
+        top=rng.uniform(0.07, 0.12),
         width=rng.uniform(0.36, 0.41),
         dome={-1: dome_right, 1: dome_right + rng.uniform(0.01, 0.05)},
         heart=(rng.uniform(0.02, 0.05), rng.uniform(0.58, 0.63), rng.uniform(0.12, 0.16), rng.uniform(0.11, 0.14)),
@@ -156,8 +158,10 @@ def _fields(a: _Anatomy, size: int) -> dict[str, np.ndarray]:
     mediastinum = body & (column | heart | knob) & (y < dome) & (y > a.top - 0.02)
     # lung fields: a boxy superellipse per side, cut by the mediastinum and the dome
     lateral_centre, half_w = 0.06 + a.width / 2, a.width / 2 - 0.015
-    centre_y = (a.top + 0.85) / 2
-    shape = np.abs((d - lateral_centre) / half_w) ** 2.6 + np.abs((y - centre_y) / (centre_y - a.top)) ** 2.2
+    centre_y = (a.top + 0.92) / 2
+    upper = np.clip((centre_y - y) / (centre_y - a.top), 0, 1)  # apices sit over the medial half of each lung
+    centre_x = lateral_centre - 0.07 * upper**2
+    shape = np.abs((d - centre_x) / half_w) ** 2.6 + np.abs((y - centre_y) / (centre_y - a.top)) ** 2.0
     lungs = (shape < 1) & (y < dome) & ~mediastinum & body
     return {
         "x": np.broadcast_to(x, (size, size)),
@@ -219,6 +223,8 @@ def _branches(
 
 
 VESSEL_TAPER = 0.86
+RETICULAR_CELLS = 28
+"""Blobs across the image in the fine lung texture: fixed, so the texture scales with the image."""
 MIN_VESSEL = 0.0025
 
 
@@ -248,7 +254,7 @@ def _markings(rng: np.random.Generator, a: _Anatomy, lungs: np.ndarray, size: in
             chosen = lines[(level == value) & (thickness == px)]
             cv2.polylines(canvas, list(chosen[:, :, None, :]), False, int(value), int(px), cv2.LINE_AA, shift=4)
     trees = _smooth(canvas.astype(np.float32) / 255, 0.5 * size / 256)
-    cells = max(8, size // 10)
+    cells = min(RETICULAR_CELLS, size // 3)
     texture = _lowfreq_noise(rng, size, cells) - _lowfreq_noise(rng, size, cells // 2) * 0.5
     reticular = np.exp(-((texture / 0.45) ** 2))
     return (0.8 * trees + 0.35 * reticular) * lungs
@@ -307,21 +313,22 @@ def render(
     size: int,
     n_lesions: int = 0,
     difficulty: str = "easy",
-    bank: Sequence[np.ndarray] | None = None,
+    shapes: Iterable[list[np.ndarray]] | None = None,
 ) -> Rendered:
-    """Draw one radiograph at ``size`` px with ``n_lesions`` procedural annotations, or the ``bank`` masks.
+    """Draw one radiograph at ``size`` px with ``n_lesions`` procedural annotations, or with given shapes.
 
-    With ``bank`` (bool ``size`` x ``size`` masks, one per annotation) the lesion is painted inside those shapes
-    and ``n_lesions`` is ignored. The returned annotations are exactly the regions painted.
+    ``shapes`` yields candidate annotation sets (bool ``size`` x ``size`` masks, one per annotation); the first
+    that overlaps this image's lung fields is used, clipped to them (a pneumothorax lies inside the pleura), and
+    ``n_lesions`` is ignored. The returned annotations are exactly the regions painted.
     """
     style = _style(difficulty)
     a = _draw_anatomy(rng)
     f = _fields(a, size)
     scale = size / 256
     lungs = f["lungs"]
-    if bank is not None:
-        annotations = [np.asarray(m, dtype=bool) for m in bank]
-    else:
+    if shapes is not None:
+        annotations = _fit_shapes(shapes, lungs)
+    elif n_lesions > 0:
         fields = _split_lungs(lungs)
         first = int(rng.integers(len(fields)))
         annotations = []
@@ -329,6 +336,8 @@ def render(
             # later annotations of one image mostly extend the same lung; a few are on the other side
             other = i > 0 and rng.random() < 0.2
             annotations.append(_lesion(rng, fields[(first + other) % len(fields)], size, style))
+    else:
+        annotations = []
     lesion = np.zeros((size, size), dtype=bool)
     for m in annotations:
         lesion |= m
@@ -364,6 +373,15 @@ def render(
     return Rendered(pixels=to_uint8(np.clip(img, 0, 1)), lungs=lungs, annotations=annotations)
 
 
+def _fit_shapes(shapes: Iterable[list[np.ndarray]], lungs: np.ndarray) -> list[np.ndarray]:
+    """The first candidate annotation set that overlaps the lungs, each annotation clipped to them."""
+    for candidate in itertools.islice(shapes, MAX_SHAPE_TRIES):
+        clipped = [np.asarray(m, dtype=bool) & lungs for m in candidate]
+        if any(m.any() for m in clipped):
+            return [m for m in clipped if m.any()]
+    raise ConfigError(f"none of {MAX_SHAPE_TRIES} mask shapes overlaps the synthetic lung fields")
+
+
 def _style(difficulty: str) -> LesionStyle:
     try:
         return DIFFICULTIES[difficulty]
@@ -394,30 +412,28 @@ def _check_out(out: Path) -> None:
         raise ConfigError(f"{out}: already holds a data set ({IMAGES_DIR}/ or {LABELS_NAME}); choose a new folder")
 
 
-def _bank_masks(labels_csv: str | Path) -> list[list[str]]:
-    """The annotations (RLE strings) of every positive with 1..3 annotations in a 1024² label file."""
+def _bank_masks(labels_csv: str | Path) -> list[list[tuple[str, str]]]:
+    """(where, RLE) of each annotation of every positive with 1..3 annotations in a 1024² label file."""
     from cascade.data.labels import read_labels
 
     labels = read_labels(labels_csv)
     bank = [
-        rles
-        for rles in ([r for r in rles if r.strip() != "-1"] for rles in labels.annotations.values())
-        if 0 < len(rles) <= MAX_ANNOTATIONS
+        [(f"{labels.source}:row {row} (ImageId {image_id})", rle) for rle, row in zip(rles, labels.rows[image_id])]
+        for image_id in labels.positives
+        if len(rles := labels.annotations[image_id]) <= MAX_ANNOTATIONS
     ]
     if not bank:
-        raise ConfigError(f"{labels_csv}: has no positive image to take mask shapes from")
+        raise ConfigError(f"{labels_csv}: has no positive image with 1..{MAX_ANNOTATIONS} annotations to copy")
     return bank
 
 
-def _draw_bank(rng: np.random.Generator, bank: list[list[str]], size: int, where: str) -> list[np.ndarray]:
-    """Resized annotation masks of one random bank positive (annotations that vanish at ``size`` are dropped)."""
-    for _ in range(100):
-        rles = bank[int(rng.integers(len(bank)))]
-        masks = [resize_mask(rle_decode(r, BANK_SIZE, BANK_SIZE, where=where), size) for r in rles]
-        masks = [m for m in masks if m.any()]
-        if masks:
-            return masks
-    raise ConfigError(f"{where}: its masks vanish when shrunk to {size} px; use a larger --size")
+def _bank_shapes(
+    rng: np.random.Generator, bank: list[list[tuple[str, str]]], size: int
+) -> Iterator[list[np.ndarray]]:
+    """Endless random draws from the bank: the annotation masks of one positive, resized to ``size``."""
+    while True:
+        entry = bank[int(rng.integers(len(bank)))]
+        yield [resize_mask(rle_decode(rle, BANK_SIZE, BANK_SIZE, where=where), size) for where, rle in entry]
 
 
 def _uid(seed: int, *parts: object) -> str:
@@ -507,7 +523,7 @@ def generate(
     for i in tqdm(range(images), desc="synth", unit="img", disable=not progress):
         rng = np.random.default_rng([seed, 2, i])
         uids = {kind: _uid(seed, kind, i) for kind in ("sop", "study", "series")}
-        shapes = _draw_bank(rng, bank, size, str(mask_bank)) if bank is not None and positive[i] else None
+        shapes = _bank_shapes(rng, bank, size) if bank is not None and positive[i] else None
         picture = render(rng, size, int(n_annotations[i]), difficulty, shapes)
         path = out / IMAGES_DIR / uids["study"] / uids["series"] / f"{uids['sop']}.dcm"
         extra = {
