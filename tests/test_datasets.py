@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from cascade.data.datasets import ClassifierDataset, Item, SegmenterDataset, mak
 from cascade.data.labels import read_labels
 from cascade.data.preprocess import Preprocessing, normalize, prepare_image, resize_mask
 from cascade.data.rle import rle_encode
+from cascade.data.synth import generate
 from cascade.errors import ConfigError, DicomError
 
 SIZE = 64
@@ -121,6 +123,23 @@ def test_segmenter_mask_is_the_resized_label_mask(siim, tmp_path: Path) -> None:
     assert not ds[1][1].any()
 
 
+def test_synthetic_jpeg_set_matches_inference(tmp_path: Path) -> None:
+    """Without the real data too: SIIM-layout JPEG DICOMs at 128² give inference's image and the label mask."""
+    summary = generate(tmp_path / "synth", images=4, positive_fraction=0.5, size=128, seed=0, progress=False)
+    labels = read_labels(summary.labels)
+    items = make_items(summary.paths, labels)
+    assert len(items) == 4 and sum(it.positive for it in items) == 2
+    prep = Preprocessing(size=SIZE)
+    ds = SegmenterDataset(items, prep, PreprocessCache(tmp_path / "cache", SIZE), labels)
+    for i, item in enumerate(items):
+        image, mask = ds[i]
+        expected = normalize(prepare_image(dicom.read_dicom(item.path).pixels, SIZE), prep)
+        np.testing.assert_array_equal(image.numpy()[0], expected)
+        truth = resize_mask(labels.mask(item.image_id, 128, 128), SIZE)
+        assert truth.any() == item.positive
+        np.testing.assert_array_equal(mask.numpy()[0], truth.astype(np.float32))
+
+
 def test_augmentation_moves_mask_with_image(square_set) -> None:  # type: ignore[no-untyped-def]
     items, labels, _, truth = square_set
     prep = Preprocessing(size=SIZE)
@@ -175,6 +194,20 @@ def test_changed_or_corrupt_entry_is_decoded_again(tmp_path: Path, decodes: list
     assert len(decodes) == 3
     cache.get("img", path)
     assert len(decodes) == 3
+
+
+def test_unwritable_cache_warns_and_still_serves(tmp_path: Path, decodes: list[Path]) -> None:
+    path = write_dicom(tmp_path / "img.dcm", np.full((32, 32), 90, np.uint8))
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be", encoding="utf-8")
+    cache = PreprocessCache(blocker, SIZE)
+    with pytest.warns(UserWarning, match="cannot write"):
+        got = cache.get("img", path)
+    np.testing.assert_array_equal(got.image, prepare_image(np.full((32, 32), 90 / 255.0), SIZE))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache.get("img", path)  # one warning per cache, not one per image
+    assert len(decodes) == 2
 
 
 def test_warm_fills_cache_and_reports_bad_files(square_set, tmp_path: Path, decodes) -> None:  # type: ignore[no-untyped-def]

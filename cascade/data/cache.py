@@ -4,7 +4,8 @@ An entry holds what ``preprocess.prepare_image`` makes of one file at one size (
 file's native height and width (masks are decoded at that shape). On disk an entry is
 ``<root>/v1-<size>/<image id>.npz``; it carries a fingerprint of the source file (resolved path, byte size,
 modification time), so a changed or different file is decoded again. Entries are written atomically, so DataLoader
-workers and DDP ranks sharing a folder never read half a file. Masks are not cached: decoding an RLE and resizing it
+workers and DDP ranks sharing a folder never read half a file; an unreadable entry counts as a miss, and a folder
+that cannot be written gives one warning and no caching. Masks are not cached: decoding an RLE and resizing it
 costs about 1 ms at 1024², against about 36 ms to decode and prepare a JPEG DICOM.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 import zipfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +77,7 @@ class PreprocessCache:
         self.root = Path(root) if root is not None else None
         self.size = int(size)
         self._memory: dict[str, tuple[np.ndarray, CachedImage]] = {}
+        self._write_failed = False
 
     @property
     def folder(self) -> Path | None:
@@ -124,7 +127,7 @@ class PreprocessCache:
                 if not np.array_equal(npz["fingerprint"], fingerprint):
                     return None
                 image, shape = npz["image"], npz["shape"]
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
             return None
         if image.shape != (self.size, self.size) or image.dtype != np.uint8:
             return None
@@ -134,6 +137,13 @@ class PreprocessCache:
         if self.root is None:
             self._memory[image_id] = (fingerprint, entry)
             return
-        with atomic_path(self._file(image_id)) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, image=entry.image, shape=np.array([entry.height, entry.width]), fingerprint=fingerprint)
+        try:
+            with atomic_path(self._file(image_id)) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(
+                        f, image=entry.image, shape=np.array([entry.height, entry.width]), fingerprint=fingerprint
+                    )
+        except OSError as exc:
+            if not self._write_failed:
+                self._write_failed = True
+                warnings.warn(f"{self.folder}: cannot write to the preprocessing cache ({exc}); decoding every time")
