@@ -5,8 +5,9 @@ file's native height and width (masks are decoded at that shape). On disk an ent
 ``<root>/v1-<size>/<image id>.npz``; it carries a fingerprint of the source file (resolved path, byte size,
 modification time), so a changed or different file is decoded again. Entries are written atomically, so DataLoader
 workers and DDP ranks sharing a folder never read half a file; an unreadable entry counts as a miss, and a folder
-that cannot be written gives one warning and no caching. Masks are not cached: decoding an RLE and resizing it
-costs about 1 ms at 1024², against about 36 ms to decode and prepare a JPEG DICOM.
+that cannot be written gives one warning and no caching. On a SIIM 1024² JPEG DICOM at 256², a miss (decode and
+prepare) took about 10 ms and a hit 0.4 ms on the 2-core development machine. Masks are not cached: decoding an
+annotation's RLE at 1024² and resizing it takes about 1 ms.
 """
 
 from __future__ import annotations
