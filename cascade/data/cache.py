@@ -44,8 +44,11 @@ class CachedImage:
 class Source(Protocol):
     """Anything naming an image and its file (``datasets.Item`` is one)."""
 
-    image_id: str
-    path: Path
+    @property
+    def image_id(self) -> str: ...
+
+    @property
+    def path(self) -> Path: ...
 
 
 def default_cache_dir(images_root: str | os.PathLike[str]) -> Path:
