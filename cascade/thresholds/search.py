@@ -1,0 +1,402 @@
+"""Exact grid search of the cascade's thresholds for mean per-image Dice (DESIGN.md §5).
+
+One streaming pass keeps, per image, a few small integer arrays (:class:`ThresholdSearch.add`):
+
+- the number of pixels at or above each ``top`` value (the gate's area test),
+- for each ``bottom`` and each ``min_component``, the predicted area and its intersection with the truth after the
+  small 8-connected components are removed (one connected-components labelling per ``bottom``),
+- the truth area and the classifier probability.
+
+From these every grid point is exact and O(1) per image. Writing ``e_i`` for the Dice of an empty prediction
+(1 for a negative image, 0 otherwise) and ``d_i(b, m)`` for the Dice of the mask drawn at ``(bottom, min_component)``,
+the score is ``mean_i e_i + mean_i gate_i(cls, top, area) · (d_i(b, m) − e_i)``: one matrix product of the gate
+matrix (images × cls·top·area) with the Dice gains (images × bottom·min_component), done in chunks of images.
+The per-image statistics take about 1 KB per image with the default grid, so 12,047 images stay near 15 MB.
+
+Ties: the best point is the **first in grid order** (axes cls, top, area, bottom, min_component, each ascending;
+C order) whose score is within ``TIE_TOLERANCE`` of the maximum — so a tie goes to the lowest classifier gate, then
+the lowest top, and so on. The tolerance only absorbs floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from cascade.errors import CascadeError, ConfigError
+from cascade.thresholds.metrics import (
+    Confusion,
+    Summary,
+    dice,
+    dice_from_counts,
+    json_float,
+    roc_auc,
+    summarize,
+)
+from cascade.thresholds.rule import CONNECTIVITY, FIELDS, Thresholds, apply_rule, area_scale
+
+TIE_TOLERANCE = 1e-12
+SENSITIVITY_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+_CHUNK = 1024
+
+
+def _steps(start: float, stop: float, step: float) -> tuple[float, ...]:
+    n = int(round((stop - start) / step))
+    return tuple(round(start + i * step, 6) for i in range(n + 1))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The values searched for each threshold; ``area``/``min_component`` are pixels at 1024².
+
+    The default has 20 x 14 x 8 x 13 x 4 = 116,480 points.
+    """
+
+    cls: tuple[float, ...] = _steps(0.0, 0.95, 0.05)
+    top: tuple[float, ...] = _steps(0.3, 0.95, 0.05)
+    area: tuple[float, ...] = (0, 128, 256, 512, 1024, 2048, 3072, 4096)
+    bottom: tuple[float, ...] = _steps(0.1, 0.7, 0.05)
+    min_component: tuple[float, ...] = (0, 256, 1024, 2048)
+
+    def __post_init__(self) -> None:
+        for name in FIELDS:
+            raw = getattr(self, name)
+            try:
+                values = tuple(float(v) for v in np.atleast_1d(np.asarray(raw, dtype=np.float64)))
+            except (TypeError, ValueError):
+                raise ConfigError(f"grid {name!r} must be a list of numbers, got {raw!r}") from None
+            if not values:
+                raise ConfigError(f"grid {name!r} is empty")
+            if any(b <= a for a, b in zip(values, values[1:])):
+                raise ConfigError(f"grid {name!r} must be strictly increasing, got {list(values)}")
+            for v in (values[0], values[-1]):  # Thresholds checks the range of each end
+                Thresholds(**{k: (v if k == name else 0.0) for k in FIELDS})
+            object.__setattr__(self, name, values)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return (len(self.cls), len(self.top), len(self.area), len(self.bottom), len(self.min_component))
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def point(self, index: Sequence[int]) -> Thresholds:
+        """The thresholds at a (cls, top, area, bottom, min_component) index."""
+        return Thresholds(**{k: getattr(self, k)[int(i)] for k, i in zip(FIELDS, index)})
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {k: list(getattr(self, k)) for k in FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Grid:
+        unknown = sorted(set(data) - set(FIELDS))
+        if unknown:
+            raise ConfigError(f"grid: unknown key(s) {', '.join(map(str, unknown))}; expected {', '.join(FIELDS)}")
+        return cls(**{k: tuple(v) for k, v in data.items()})
+
+
+def _first_best(scores: np.ndarray, allowed: np.ndarray | None = None) -> tuple[int, ...] | None:
+    """Index of the first point in C order within TIE_TOLERANCE of the best allowed score (None if none)."""
+    masked = scores if allowed is None else np.where(allowed, scores, -np.inf)
+    top = masked.max()
+    if not np.isfinite(top):
+        return None
+    flat = int(np.flatnonzero(masked.ravel() >= top - TIE_TOLERANCE)[0])
+    return tuple(int(i) for i in np.unravel_index(flat, scores.shape))
+
+
+@dataclass
+class TuneResult:
+    """The outcome of a search; arrays are indexed (cls, top, area, bottom, min_component) like ``grid``."""
+
+    thresholds: Thresholds
+    score: float
+    baseline: float
+    summary: Summary
+    grid: Grid
+    best_index: tuple[int, ...]
+    scores: np.ndarray = field(repr=False)
+    tp: np.ndarray = field(repr=False)
+    fp: np.ndarray = field(repr=False)
+    positives: int
+    negatives: int
+    cls_probs: np.ndarray = field(repr=False)
+    truth_positive: np.ndarray = field(repr=False)
+    min_sensitivity: float | None = None
+
+    @property
+    def confusion(self) -> Confusion:
+        return self.summary.confusion
+
+    @property
+    def dice_positive(self) -> float:
+        return self.summary.dice_positive
+
+    @property
+    def sensitivity_table(self) -> np.ndarray:
+        """Image-level sensitivity at every grid point (nan without positive images)."""
+        return self.tp / self.positives if self.positives else np.full(self.tp.shape, math.nan)
+
+    @property
+    def specificity_table(self) -> np.ndarray:
+        """Image-level specificity at every grid point (nan without negative images)."""
+        return (self.negatives - self.fp) / self.negatives if self.negatives else np.full(self.fp.shape, math.nan)
+
+    @property
+    def classifier_auc(self) -> float:
+        return roc_auc(self.cls_probs, self.truth_positive)
+
+    def _point(self, index: tuple[int, ...]) -> dict[str, Any]:
+        return {
+            "thresholds": self.grid.point(index).to_dict(),
+            "mean_dice": float(self.scores[index]),
+            "sensitivity": json_float(float(self.sensitivity_table[index])),
+            "specificity": json_float(float(self.specificity_table[index])),
+        }
+
+    def breakdown(self) -> dict[str, dict[str, list[Any]]]:
+        """For each threshold: mean Dice, sensitivity and specificity as it varies, the others at the best."""
+        out = {}
+        sens, spec = self.sensitivity_table, self.specificity_table
+        for axis, name in enumerate(FIELDS):
+            sl = tuple(slice(None) if a == axis else i for a, i in enumerate(self.best_index))
+            out[name] = {
+                "values": list(getattr(self.grid, name)),
+                "mean_dice": self.scores[sl].tolist(),
+                "sensitivity": [json_float(v) for v in sens[sl].tolist()],
+                "specificity": [json_float(v) for v in spec[sl].tolist()],
+            }
+        return out
+
+    def cls_bottom_table(self) -> np.ndarray:
+        """Mean Dice over cls x bottom with top, area and min_component at the best point."""
+        _, t, a, _, m = self.best_index
+        return self.scores[:, t, a, :, m]
+
+    def operating_points(self, levels: Sequence[float] = SENSITIVITY_LEVELS) -> list[dict[str, Any]]:
+        """Best mean Dice subject to sensitivity >= each level (``thresholds`` None when out of reach)."""
+        sens = self.sensitivity_table
+        rows = []
+        for level in levels:
+            index = _first_best(self.scores, sens >= level) if self.positives else None
+            row: dict[str, Any] = {"min_sensitivity": level}
+            row.update(self._point(index) if index is not None else {"thresholds": None, "mean_dice": None})
+            rows.append(row)
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (what ``tune.json`` holds)."""
+        return {
+            "thresholds": self.thresholds.to_dict(),
+            "score": self.score,
+            "baseline_empty": self.baseline,
+            "min_sensitivity": self.min_sensitivity,
+            **{k: v for k, v in self.summary.to_dict().items() if k != "mean_dice"},
+            "classifier_auc": json_float(self.classifier_auc),
+            "breakdown": self.breakdown(),
+            "cls_bottom": {
+                "cls": list(self.grid.cls),
+                "bottom": list(self.grid.bottom),
+                "mean_dice": self.cls_bottom_table().tolist(),
+            },
+            "operating_points": self.operating_points(),
+            "grid": self.grid.to_dict(),
+            "grid_points": self.grid.size,
+        }
+
+
+class ThresholdSearch:
+    """Streaming accumulator: ``add`` one image at a time, then ``result``; memory is O(images x grid axes)."""
+
+    def __init__(self, grid: Grid | None = None) -> None:
+        self.grid = grid if grid is not None else Grid()
+        self._tops = np.asarray(self.grid.top, dtype=np.float32)
+        self._bottoms = np.asarray(self.grid.bottom, dtype=np.float32)
+        self._lowest = np.float32(min(self.grid.top[0], self.grid.bottom[0]))
+        self._cls: list[float] = []
+        self._scale: list[float] = []
+        self._truth: list[int] = []
+        self._top_counts: list[np.ndarray] = []
+        self._pred: list[np.ndarray] = []
+        self._inter: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self._cls)
+
+    def add(self, cls_prob: float, seg_prob: np.ndarray, mask: np.ndarray) -> None:
+        """Record one image: its classifier probability, H x W probability map and H x W truth mask."""
+        seg = np.asarray(seg_prob, dtype=np.float32)
+        truth = np.asarray(mask) != 0
+        where = f"image {len(self)}"
+        if seg.ndim != 2:
+            raise CascadeError(f"{where}: segmentation map must be 2-D (height x width), got shape {seg.shape}")
+        if truth.shape != seg.shape:
+            raise CascadeError(f"{where}: truth mask shape {truth.shape} differs from map shape {seg.shape}")
+        scale = area_scale(*seg.shape)
+        n_b, n_m = len(self._bottoms), len(self.grid.min_component)
+        pred = np.zeros((n_b, n_m), dtype=np.int64)
+        inter = np.zeros((n_b, n_m), dtype=np.int64)
+        above = seg >= self._lowest
+        values = np.sort(seg[above])
+        top_counts = values.size - np.searchsorted(values, self._tops, side="left")
+        if values.size:
+            rows = np.flatnonzero(above.any(axis=1))
+            cols = np.flatnonzero(above.any(axis=0))
+            box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+            self._box_stats(seg[box], np.ascontiguousarray(truth[box]), scale, pred, inter)
+        self._cls.append(float(cls_prob))
+        self._scale.append(scale)
+        self._truth.append(int(np.count_nonzero(truth)))
+        self._top_counts.append(top_counts.astype(np.int64))
+        self._pred.append(pred)
+        self._inter.append(inter)
+
+    def _box_stats(self, seg: np.ndarray, truth: np.ndarray, scale: float, pred: np.ndarray, inter: np.ndarray) -> None:
+        """Fill pred/inter [bottom, min_component] from the crop that holds every pixel above the lowest bottom."""
+        min_px = np.asarray(self.grid.min_component, dtype=np.float64) * scale
+        for b, level in enumerate(self._bottoms):
+            binary = seg >= level
+            if not binary.any():
+                break  # bottoms ascend: every higher one is empty too
+            if min_px.max() <= 1:
+                pred[b] = np.count_nonzero(binary)
+                inter[b] = np.count_nonzero(binary & truth)
+                continue
+            n, labels, stats, _ = cv2.connectedComponentsWithStats(
+                binary.view(np.uint8), connectivity=CONNECTIVITY, ltype=cv2.CV_32S
+            )
+            areas = stats[1:, cv2.CC_STAT_AREA].astype(np.int64)
+            hits = np.bincount(labels[truth], minlength=n)[1:].astype(np.int64)
+            keep = (areas[None, :] >= min_px[:, None]).astype(np.int64)
+            pred[b] = keep @ areas
+            inter[b] = keep @ hits
+
+    def result(self, min_sensitivity: float | None = None) -> TuneResult:
+        """The best thresholds (optionally subject to image-level sensitivity >= ``min_sensitivity``)."""
+        n = len(self)
+        if n == 0:
+            raise CascadeError("threshold search: no images were given")
+        if min_sensitivity is not None and not 0.0 <= min_sensitivity <= 1.0:
+            raise ConfigError(f"min_sensitivity must lie in [0, 1], got {min_sensitivity!r}")
+        g = self.grid
+        n_c, n_t, n_a, n_b, n_m = g.shape
+        cls = np.asarray(self._cls, dtype=np.float64)
+        truth = np.asarray(self._truth, dtype=np.int64)
+        positive = truth > 0
+        pred = np.stack(self._pred)
+        dices = dice_from_counts(np.stack(self._inter), pred, truth[:, None, None])
+        empty = (~positive).astype(np.float64)
+        masked = pred > 0
+        gains = np.concatenate(
+            [
+                (dices - empty[:, None, None]).reshape(n, -1),
+                (masked & positive[:, None, None]).reshape(n, -1),
+                (masked & ~positive[:, None, None]).reshape(n, -1),
+            ],
+            axis=1,
+            dtype=np.float64,
+        )
+        cls_pass = cls[:, None] >= np.asarray(g.cls)[None, :]
+        area_px = np.asarray(g.area)[None, :] * np.asarray(self._scale)[:, None]
+        top_pass = np.stack(self._top_counts)[:, :, None] >= area_px[:, None, :]
+        totals = np.zeros((n_c * n_t * n_a, gains.shape[1]))
+        for s in range(0, n, _CHUNK):
+            gate = cls_pass[s : s + _CHUNK, :, None, None] & top_pass[s : s + _CHUNK, None]
+            totals += gate.reshape(gate.shape[0], -1).astype(np.float64).T @ gains[s : s + _CHUNK]
+        k = n_b * n_m
+        n_neg = int(n - positive.sum())
+        scores = ((n_neg + totals[:, :k]) / n).reshape(g.shape)
+        tp = np.rint(totals[:, k : 2 * k]).astype(np.int64).reshape(g.shape)
+        fp = np.rint(totals[:, 2 * k :]).astype(np.int64).reshape(g.shape)
+        allowed = None
+        if min_sensitivity is not None:
+            if not positive.any():
+                raise CascadeError("threshold search: --min-sensitivity needs positive images, and there are none")
+            allowed = tp / positive.sum() >= min_sensitivity
+        best = _first_best(scores, allowed)
+        if best is None:
+            reach = float(tp.max() / positive.sum())
+            raise CascadeError(
+                f"threshold search: no grid point reaches sensitivity {min_sensitivity} (the highest is {reach:.4f})"
+            )
+        c, t, a, b, m = best
+        gate = cls_pass[:, c] & top_pass[:, t, a]
+        per_image = np.where(gate, dices[:, b, m], empty)
+        summary = summarize(per_image, gate & masked[:, b, m], positive)
+        return TuneResult(
+            thresholds=g.point(best),
+            score=summary.mean_dice,
+            baseline=n_neg / n,
+            summary=summary,
+            grid=g,
+            best_index=best,
+            scores=scores,
+            tp=tp,
+            fp=fp,
+            positives=int(positive.sum()),
+            negatives=n_neg,
+            cls_probs=cls,
+            truth_positive=positive,
+            min_sensitivity=min_sensitivity,
+        )
+
+
+def _progress(items: Iterable[Any], total: int, enabled: bool, desc: str) -> Iterable[Any]:
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit="img")
+
+
+def _paired(cls_probs: Any, seg_probs: Iterable[Any], masks: Iterable[Any]) -> tuple[np.ndarray, Iterable[Any]]:
+    cls = np.asarray(cls_probs, dtype=np.float64).reshape(-1)
+    return cls, zip(cls, seg_probs, masks, strict=True)
+
+
+def tune(
+    cls_probs: Any,
+    seg_probs: Iterable[np.ndarray],
+    masks: Iterable[np.ndarray],
+    *,
+    grid: Grid | None = None,
+    min_sensitivity: float | None = None,
+    progress: bool = True,
+) -> TuneResult:
+    """Search the thresholds that maximise mean Dice (exactly, over ``grid``; default :class:`Grid`).
+
+    ``seg_probs`` and ``masks`` are arrays [N, H, W] or iterables of H x W arrays (consumed once, one image at a
+    time, so a generator keeps memory flat); ``cls_probs`` has N entries. With ``min_sensitivity`` the best point
+    among those whose image-level sensitivity is at least that value is returned.
+    """
+    search = ThresholdSearch(grid)
+    cls, pairs = _paired(cls_probs, seg_probs, masks)
+    try:
+        for p, seg, mask in _progress(pairs, len(cls), progress, "threshold statistics"):
+            search.add(p, seg, mask)
+    except ValueError as err:
+        if isinstance(err, CascadeError) or "zip()" not in str(err):
+            raise
+        raise CascadeError(f"threshold search: cls_probs, seg_probs and masks differ in length ({err})") from None
+    return search.result(min_sensitivity)
+
+
+def evaluate_thresholds(
+    cls_probs: Any, seg_probs: Iterable[np.ndarray], masks: Iterable[np.ndarray], th: Thresholds
+) -> Summary:
+    """Score one setting by applying :func:`apply_rule` to every image (the plain reference for the search)."""
+    dices, pred_pos, true_pos = [], [], []
+    for p, seg, mask in _paired(cls_probs, seg_probs, masks)[1]:
+        seg = np.asarray(seg)
+        out = apply_rule(p, seg, th, area_scale(*seg.shape))
+        truth = np.asarray(mask) != 0
+        dices.append(dice(out, truth))
+        pred_pos.append(bool(out.any()))
+        true_pos.append(bool(truth.any()))
+    return summarize(dices, pred_pos, true_pos)

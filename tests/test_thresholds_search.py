@@ -1,0 +1,174 @@
+"""The exact threshold search (`cascade.thresholds.search`) against a brute force over `apply_rule`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cascade.errors import CascadeError, ConfigError
+from cascade.thresholds.rule import FIELDS
+from cascade.thresholds.search import Grid, ThresholdSearch, _first_best, evaluate_thresholds, tune
+
+LEVELS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)  # probability values that sit on grid thresholds (ties)
+PX = 1024 * 1024 / 256  # one pixel of a 16 x 16 map, in pixels at 1024²
+
+
+def brute_force(cls, segs, masks, grid):
+    """Score every grid point by applying the rule to every image: (scores, tp, fp)."""
+    scores = np.zeros(grid.shape)
+    tp = np.zeros(grid.shape, np.int64)
+    fp = np.zeros(grid.shape, np.int64)
+    for index in itertools.product(*(range(n) for n in grid.shape)):
+        s = evaluate_thresholds(cls, segs, masks, grid.point(index))
+        scores[index], tp[index], fp[index] = s.mean_dice, s.confusion.tp, s.confusion.fp
+    return scores, tp, fp
+
+
+@st.composite
+def cases(draw):
+    n = draw(st.integers(1, 6))
+    segs, masks = [], []
+    for _ in range(n):
+        h, w = draw(st.sampled_from([(16, 16), (12, 16), (9, 7), (4, 5)]))
+        pool = (0.0,) * draw(st.sampled_from([0, 10, 60])) + LEVELS  # from dense maps to a few lit pixels
+        seg = np.asarray(draw(st.lists(st.sampled_from(pool), min_size=h * w, max_size=h * w)), np.float32)
+        truth = draw(st.sampled_from(["empty", "random", "from_map"]))
+        if truth == "empty":
+            mask = np.zeros(h * w, bool)
+        elif truth == "random":
+            mask = np.asarray(draw(st.lists(st.booleans(), min_size=h * w, max_size=h * w)))
+        else:
+            mask = seg >= 0.5
+        segs.append(seg.reshape(h, w))
+        masks.append(mask.reshape(h, w))
+    cls = draw(st.lists(st.sampled_from((0.0, 0.2, 0.5, 0.8, 1.0)), min_size=n, max_size=n))
+
+    def axis(pool):
+        return tuple(sorted(draw(st.sets(st.sampled_from(pool), min_size=1, max_size=3))))
+
+    grid = Grid(
+        cls=axis((0.0, 0.2, 0.5, 0.9)),
+        top=axis((0.3, 0.5, 0.7, 0.9)),
+        area=axis((0.0, PX, 2 * PX, 2.5 * PX, 6 * PX)),
+        bottom=axis((0.1, 0.3, 0.5, 0.7)),
+        min_component=axis((0.0, 2 * PX, 3.5 * PX, 8 * PX)),
+    )
+    return cls, segs, masks, grid
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(cases())
+def test_search_equals_brute_force(case) -> None:
+    cls, segs, masks, grid = case
+    result = tune(cls, segs, masks, grid=grid, progress=False)
+    scores, tp, fp = brute_force(cls, segs, masks, grid)
+    np.testing.assert_allclose(result.scores, scores, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(result.tp, tp)
+    np.testing.assert_array_equal(result.fp, fp)
+    assert result.best_index == _first_best(scores)
+    assert result.score == pytest.approx(scores.max(), abs=1e-12)
+    reference = evaluate_thresholds(cls, segs, masks, result.thresholds)
+    assert result.summary.confusion == reference.confusion
+    assert result.dice_positive == pytest.approx(reference.dice_positive, nan_ok=True)
+
+
+def _synthetic(n=24, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, size, size), bool)
+    segs = rng.random((n, size, size)).astype(np.float32) * 0.35
+    for i in range(0, n, 2):
+        r, c = rng.integers(0, size - 10, 2)
+        masks[i, r : r + 8, c : c + 6] = True
+        segs[i, r : r + 8, c : c + 6] = rng.uniform(0.4, 1.0, (8, 6))
+    segs[1, 3:6, 3:6] = 0.95  # a confident false positive
+    cls = np.where(masks.any(axis=(1, 2)), rng.uniform(0.3, 1.0, n), rng.uniform(0.0, 0.7, n))
+    return cls, segs, masks
+
+
+SMALL_GRID = Grid(
+    cls=(0.0, 0.25, 0.5, 0.75),
+    top=(0.5, 0.8),
+    area=(0, 2048, 8192),
+    bottom=(0.2, 0.4, 0.6),
+    min_component=(0, 4096, 16384),
+)
+
+
+def test_closed_gate_gives_the_empty_baseline() -> None:
+    cls, segs, masks = _synthetic()
+    grid = Grid(cls=(1.0,), top=(0.5,), area=(0,), bottom=(0.3,), min_component=(0,))
+    result = tune(np.minimum(cls, 0.99), segs, masks, grid=grid, progress=False)
+    negatives = int((~masks.any(axis=(1, 2))).sum())
+    assert result.baseline == negatives / len(cls)
+    assert result.score == result.baseline
+    assert result.confusion.tp == 0 and result.confusion.fp == 0
+
+
+def test_all_negative_maps_tie_and_the_first_point_wins() -> None:
+    segs = np.zeros((3, 8, 8), np.float32)
+    result = tune([0.9, 0.1, 0.5], segs, np.zeros_like(segs, bool), grid=SMALL_GRID, progress=False)
+    assert result.score == 1.0 and (result.scores == 1.0).all()
+    assert result.best_index == (0, 0, 0, 0, 0)
+    assert result.thresholds == SMALL_GRID.point((0, 0, 0, 0, 0))
+
+
+def test_streamed_input_gives_the_same_result_as_arrays() -> None:
+    cls, segs, masks = _synthetic()
+    arrays = tune(cls, segs, masks, grid=SMALL_GRID, progress=False)
+    streamed = tune(list(cls), (s for s in segs), (m for m in masks), grid=SMALL_GRID, progress=False)
+    assert streamed.thresholds == arrays.thresholds and streamed.score == arrays.score
+    np.testing.assert_array_equal(streamed.scores, arrays.scores)
+
+
+def test_constrained_mode_meets_its_sensitivity() -> None:
+    cls, segs, masks = _synthetic()
+    free = tune(cls, segs, masks, grid=SMALL_GRID, progress=False)
+    constrained = tune(cls, segs, masks, grid=SMALL_GRID, min_sensitivity=1.0, progress=False)
+    assert constrained.summary.sensitivity == 1.0
+    assert constrained.score <= free.score
+    sens = free.sensitivity_table
+    assert constrained.score == pytest.approx(free.scores[sens >= 1.0].max(), abs=1e-12)
+    ops = free.operating_points([0.5, 1.0])
+    assert ops[1]["mean_dice"] == pytest.approx(constrained.score, abs=1e-12)
+    assert ops[1]["sensitivity"] == 1.0
+
+
+def test_unreachable_sensitivity_is_a_clear_error() -> None:
+    cls, segs, masks = _synthetic()
+    with pytest.raises(CascadeError, match="no grid point reaches sensitivity 1.0"):
+        tune(np.zeros_like(cls), segs, masks, grid=Grid(cls=(0.5,)), min_sensitivity=1.0, progress=False)
+    with pytest.raises(CascadeError, match="needs positive images"):
+        tune([0.5], np.zeros((1, 4, 4)), np.zeros((1, 4, 4)), min_sensitivity=0.5, progress=False)
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(CascadeError, match="differ in length"):
+        tune([0.5, 0.5], np.zeros((1, 4, 4)), np.zeros((1, 4, 4)), progress=False)
+    with pytest.raises(CascadeError, match="image 0: truth mask shape"):
+        tune([0.5], np.zeros((1, 4, 4)), np.zeros((1, 4, 5)), progress=False)
+    with pytest.raises(CascadeError, match="no images"):
+        ThresholdSearch().result()
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        Grid(cls=(0.5, 0.2))
+    with pytest.raises(ConfigError, match="'top' must lie in"):
+        Grid(top=(0.5, 1.5))
+    with pytest.raises(ConfigError, match="unknown key"):
+        Grid.from_dict({"clss": [0.5]})
+
+
+def test_default_grid_and_result_report_dict() -> None:
+    assert Grid().size >= 10_000 and Grid().shape == (20, 14, 8, 13, 4)
+    assert Grid.from_dict(Grid().to_dict()) == Grid()
+    cls, segs, masks = _synthetic(n=10)
+    result = tune(cls, segs, masks, progress=False)
+    data = json.loads(json.dumps(result.to_dict()))
+    assert set(data["thresholds"]) == set(FIELDS)
+    assert data["score"] >= data["baseline_empty"] == pytest.approx(0.5)
+    best = data["breakdown"]["cls"]
+    assert max(best["mean_dice"]) == pytest.approx(data["score"], abs=1e-12)
+    assert len(data["cls_bottom"]["mean_dice"]) == len(Grid().cls)
