@@ -25,7 +25,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 
 from cascade.errors import CascadeError, ConfigError
@@ -38,7 +37,7 @@ from cascade.thresholds.metrics import (
     roc_auc,
     summarize,
 )
-from cascade.thresholds.rule import CONNECTIVITY, FIELDS, Thresholds, apply_rule, area_scale
+from cascade.thresholds.rule import FIELDS, Thresholds, apply_rule, area_scale, component_sizes
 
 TIE_TOLERANCE = 1e-12
 SENSITIVITY_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
@@ -246,10 +245,7 @@ class ThresholdSearch:
         values = np.sort(seg[above])
         top_counts = values.size - np.searchsorted(values, self._tops, side="left")
         if values.size:
-            rows = np.flatnonzero(above.any(axis=1))
-            cols = np.flatnonzero(above.any(axis=0))
-            box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-            self._box_stats(seg[box], np.ascontiguousarray(truth[box]), scale, pred, inter)
+            self._box_stats(seg, truth, scale, pred, inter)
         self._cls.append(float(cls_prob))
         self._scale.append(scale)
         self._truth.append(int(np.count_nonzero(truth)))
@@ -258,21 +254,24 @@ class ThresholdSearch:
         self._inter.append(inter)
 
     def _box_stats(self, seg: np.ndarray, truth: np.ndarray, scale: float, pred: np.ndarray, inter: np.ndarray) -> None:
-        """Fill pred/inter [bottom, min_component] from the crop that holds every pixel above the lowest bottom."""
+        """Fill pred/inter [bottom, min_component], labelling components on the bounding box of each level.
+
+        Bottoms ascend, so each level's pixels lie inside the previous level's box: the crop only shrinks.
+        """
         min_px = np.asarray(self.grid.min_component, dtype=np.float64) * scale
         for b, level in enumerate(self._bottoms):
             binary = seg >= level
-            if not binary.any():
-                break  # bottoms ascend: every higher one is empty too
+            rows = np.flatnonzero(binary.any(axis=1))
+            if rows.size == 0:
+                break  # every higher bottom is empty too
+            cols = np.flatnonzero(binary.any(axis=0))
+            box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+            seg, truth, binary = seg[box], truth[box], np.ascontiguousarray(binary[box])
             if min_px.max() <= 1:
                 pred[b] = np.count_nonzero(binary)
                 inter[b] = np.count_nonzero(binary & truth)
                 continue
-            n, labels, stats, _ = cv2.connectedComponentsWithStats(
-                binary.view(np.uint8), connectivity=CONNECTIVITY, ltype=cv2.CV_32S
-            )
-            areas = stats[1:, cv2.CC_STAT_AREA].astype(np.int64)
-            hits = np.bincount(labels[truth], minlength=n)[1:].astype(np.int64)
+            areas, hits = component_sizes(binary, truth)
             keep = (areas[None, :] >= min_px[:, None]).astype(np.int64)
             pred[b] = keep @ areas
             inter[b] = keep @ hits
