@@ -162,7 +162,7 @@ def load_run_data(config: dict[str, Any], images: Path, labels_path: Path) -> Ru
     positive = {item.image_id: item.positive for item in items}
     data = config["data"]
     groups = read_groups({item.image_id: item.path for item in items})
-    folds = make_folds(ids, [positive[i] for i in ids], groups, data["folds"], config["seed"])
+    folds = make_folds(ids, positive, groups, data["folds"], config["seed"])
     train = [item for item in items if folds[item.image_id] != data["fold"]]
     val = [item for item in items if folds[item.image_id] == data["fold"]]
     where = f"{labels_path} (fold {data['fold']} of {data['folds']}, {len(items)} images)"
@@ -618,8 +618,7 @@ def _write_epoch(
     if not (out / CONFIG_FILE).exists():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / CONFIG_FILE, to_yaml(config))
-        with atomic_path(out / SPLIT_FILE) as tmp:
-            write_split_csv(tmp, run.folds, run.positive)
+        write_split_csv(out / SPLIT_FILE, run.folds, run.positive)
     metrics = {
         k: json_float(v) if isinstance(v, float) else v
         for k, v in row.items()

@@ -1,0 +1,128 @@
+"""Tiny real training runs on synthetic data: both stages learn, resume is exact, the run folder is complete."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cascade.cli.main import main
+from cascade.data.splits import read_split_csv
+from cascade.stages.checkpoint import build_model, load_stage
+from cascade.stages import training
+from cascade.stages.training import STATE_FILE
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: one intra-op thread is much faster than two fighting for them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    from cascade.data.synth import generate
+
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, images=160, positive_fraction=0.5, size=64, seed=1, progress=False)
+    return out
+
+
+def train(synth: Path, out: Path, stage: str, *extra: str) -> int:
+    return main([
+        "train", "--stage", stage, "--images", str(synth / "dicom-images-train"), "--labels",
+        str(synth / "train-rle.csv"), "--out", str(out), "--config", str(CONFIGS / f"tiny-{stage}.yaml"),
+        "--cache-dir", str(synth.parent / f"{synth.name}-cache"), "--quiet", *extra,
+    ])
+
+
+def metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_classifier_learns_and_writes_a_complete_run(synth: Path, tmp_path: Path) -> None:
+    run = tmp_path / "cls"
+    assert train(synth, run, "cls") == 0
+    rows = metrics(run)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
+    aucs = [float(r["val_auc"]) for r in rows]
+    assert max(aucs) > 0.8, aucs
+    split = read_split_csv(run / "split.csv")
+    val_ids = [i for i, fold in split.folds.items() if fold == 0]
+    last = rows[-1]
+    assert sum(int(last[k]) for k in ("tp", "fp", "fn", "tn")) == len(val_ids)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["stage"] == "cls" and config["network"]["model"] == "test_resnet"
+
+    best, best_cfg = load_stage(run / "best")
+    assert best_cfg["epoch"] == 1 + aucs.index(max(aucs))
+    assert best_cfg["preprocessing"] == {"size": 64, "mean": 0.5, "std": 0.25}
+    assert best_cfg["fold"] == 0 and len(best_cfg["split_fingerprint"]) == 64
+    assert math.isclose(best_cfg["metrics"]["val_auc"], max(aucs))
+
+    last_model, _ = load_stage(run / "last")
+    state = torch.load(run / STATE_FILE, weights_only=True)
+    fresh = build_model({"stage": "cls", "in_chans": 1, **config["network"]}).eval()
+    fresh.load_state_dict(state["model"])
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(last_model(x), fresh(x))
+    assert state["epoch"] == 8 and len(state["history"]) == 8
+
+
+def test_segmenter_learns(synth: Path, tmp_path: Path) -> None:
+    run = tmp_path / "seg"
+    assert train(synth, run, "seg", "--epochs", "5") == 0
+    rows = metrics(run)
+    shares = [float(r["positive_share"]) for r in rows]
+    assert shares[0] == pytest.approx(0.8) and shares[-1] == pytest.approx(0.5)
+    assert all(a > b for a, b in zip(shares, shares[1:]))
+    pos = [float(r["val_dice_pos"]) for r in rows]
+    assert max(pos[1:]) > pos[0] + 0.3, pos
+    _, cfg = load_stage(run / "best")
+    assert cfg["stage"] == "seg" and cfg["encoder"] == "tu-test_resnet"
+    assert cfg["metrics"]["val_mean_dice"] == pytest.approx(max(float(r["val_mean_dice"]) for r in rows))
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "last" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_resume_after_a_kill_matches_an_uninterrupted_run_bit_exactly(
+    synth: Path, tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flags = ["--epochs", "3", "--workers", str(workers)]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert train(synth, straight, "seg", *flags) == 0
+
+    write_epoch = training._write_epoch
+
+    def killed_after_epoch_2(out, config, run, model, row, *rest):
+        write_epoch(out, config, run, model, row, *rest)
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_write_epoch", killed_after_epoch_2)
+    assert train(synth, killed, "seg", *flags) == 130
+    monkeypatch.undo()
+    assert len(metrics(killed)) == 2
+    assert train(synth, killed, "seg", *flags) != 0  # without --resume a started run is refused
+    assert train(synth, killed, "seg", *flags, "--resume") == 0
+
+    a, b = _weights(straight), _weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    keep = ("epoch", "train_loss", "val_loss", "val_mean_dice", "val_dice_pos")
+    assert [{k: r[k] for k in keep} for r in metrics(straight)] == [{k: r[k] for k in keep} for r in metrics(killed)]
