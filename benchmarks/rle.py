@@ -50,7 +50,7 @@ def loop_decode(rle: str, height: int, width: int) -> np.ndarray:
     flat = [False] * (height * width)
     tokens = [int(t) for t in rle.split()]
     position = 0
-    for skip, length in zip(tokens[0::2], tokens[1::2]):
+    for skip, length in zip(tokens[0::2], tokens[1::2], strict=True):
         position += skip
         for index in range(position, position + length):
             flat[index] = True
@@ -69,14 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labels", type=Path, default=DEFAULT_LABELS, help="label CSV (default: %(default)s)")
     parser.add_argument(
-        "--baseline-subset", type=int, default=60, metavar="N",
+        "--baseline-subset",
+        type=int,
+        default=60,
+        metavar="N",
         help="annotations the per-pixel loop runs on, evenly spaced (0 = all; default: %(default)s)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="passes of the fast codec, best kept (default: 3)")
     args = parser.parse_args(argv)
     if not args.labels.is_file():
-        print(f"benchmarks/rle.py: label file {args.labels} not found; pass --labels PATH "
-              "(the real file lives in ../shared/data/siim/ beside the repository)", file=sys.stderr)
+        print(
+            f"benchmarks/rle.py: label file {args.labels} not found; pass --labels PATH "
+            "(the real file lives in ../shared/data/siim/ beside the repository)",
+            file=sys.stderr,
+        )
         return 2
 
     labels = read_labels(args.labels)
@@ -96,20 +102,28 @@ def main(argv: list[str] | None = None) -> int:
     loop_encoded = [loop_encode(mask) for mask in loop_masks]
     loop_sub = time.perf_counter() - start
     identical_sub = loop_encoded == ours_encoded and all(
-        np.array_equal(mask, rle_decode(rle, SIZE, SIZE)) for mask, rle in zip(loop_masks, subset)
+        np.array_equal(mask, rle_decode(rle, SIZE, SIZE)) for mask, rle in zip(loop_masks, subset, strict=True)
     )
 
     per_ours, per_loop = ours_sub / len(subset), loop_sub / len(subset)
     ratio = per_loop / per_ours
     scaled = "" if len(subset) == n else f"; scaled to all {n}: ~{per_loop * n:.0f} s (not run)"
-    print(f"  cascade.data.rle (numpy):  all {n} in {ours_all:.2f} s = {1e3 * ours_all / n:.3f} ms/annotation "
-          f"(best of {args.repeats})")
-    print(f"  per-pixel Python loop:     {len(subset)} of {n} (every {step}th) in {loop_sub:.1f} s = "
-          f"{1e3 * per_loop:.1f} ms/annotation{scaled}")
-    print(f"  same {len(subset)} annotations: {1e3 * per_ours:.3f} ms vs {1e3 * per_loop:.1f} ms per annotation "
-          f"-> {ratio:.0f}x faster (target >= {TARGET:.0f}x: {'met' if ratio >= TARGET else 'NOT met'})")
-    print(f"  identical results: loop vs ours on the subset {'yes' if identical_sub else 'NO'}; "
-          f"all {n} re-encode to their original string {'yes' if identical_all else 'NO'}")
+    print(
+        f"  cascade.data.rle (numpy):  all {n} in {ours_all:.2f} s = {1e3 * ours_all / n:.3f} ms/annotation "
+        f"(best of {args.repeats})"
+    )
+    print(
+        f"  per-pixel Python loop:     {len(subset)} of {n} (one in {step}) in {loop_sub:.1f} s = "
+        f"{1e3 * per_loop:.1f} ms/annotation{scaled}"
+    )
+    print(
+        f"  same {len(subset)} annotations: {1e3 * per_ours:.3f} ms vs {1e3 * per_loop:.1f} ms per annotation "
+        f"-> {ratio:.0f}x faster (target >= {TARGET:.0f}x: {'met' if ratio >= TARGET else 'NOT met'})"
+    )
+    print(
+        f"  identical results: loop vs ours on the subset {'yes' if identical_sub else 'NO'}; "
+        f"all {n} re-encode to their original string {'yes' if identical_all else 'NO'}"
+    )
     return 0 if identical_sub and identical_all else 1
 
 

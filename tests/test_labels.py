@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cascade.data.labels import LabelSummary, Labels, read_labels, write_labels
+from cascade.data.labels import Labels, LabelSummary, read_labels, write_labels
 from cascade.data.rle import parse_rle, rle_decode, rle_encode
 from cascade.errors import LabelError
 

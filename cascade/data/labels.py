@@ -197,4 +197,3 @@ def write_labels(path: str | os.PathLike[str], rows: Mapping[str, str] | Iterabl
         raise LabelError(f"{path}: no rows to write")
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8", newline="")
-

@@ -74,8 +74,9 @@ def make_folds(
         p = sum(bool(positive[i]) for i in group)
         q = len(group) - p
         # Adding the group to fold f changes the squared deviation sum by 2*(p*pos_f/P + q*neg_f/Q) + constants.
-        costs = [(p * pos_in[f] / max(n_pos, 1) + q * neg_in[f] / max(n_neg, 1), pos_in[f] + neg_in[f], f)
-                 for f in range(k)]
+        costs = [
+            (p * pos_in[f] / max(n_pos, 1) + q * neg_in[f] / max(n_neg, 1), pos_in[f] + neg_in[f], f) for f in range(k)
+        ]
         fold = min(costs)[2]
         pos_in[fold] += p
         neg_in[fold] += q
@@ -137,4 +138,3 @@ def read_groups(paths: Mapping[str, Path]) -> dict[str, str | None]:
             log.warning("%s (the image is its own group)", err)
             groups[image_id] = None
     return groups
-
