@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cascade.data.labels import Labels, LabelSummary, read_labels, write_labels
 from cascade.data.rle import parse_rle, rle_decode, rle_encode
@@ -113,6 +115,42 @@ def test_gzip_and_text_file_objects(tmp_path: Path) -> None:
         f.write(_variant("stage1"))
     with open(tmp_path / "x.csv", encoding="utf-8", newline="") as f:
         assert read_labels(f).source == str(tmp_path / "x.csv")
+
+
+def test_quoted_values_after_a_space(tmp_path: Path) -> None:
+    path = tmp_path / "quoted.csv"
+    path.write_text('ImageId, EncodedPixels\n"1.2", "3 4"\n', encoding="utf-8")
+    assert read_labels(path).annotations == {"1.2": ["3 4"]}
+
+
+_rles = st.one_of(
+    st.just("-1"),
+    st.lists(st.tuples(st.integers(0, 99), st.integers(1, 99)), min_size=1, max_size=5).map(
+        lambda pairs: " ".join(f"{a} {b}" for a, b in pairs)
+    ),
+)
+_rows = st.lists(st.tuples(st.sampled_from(["1.2.3", "1.2.4", "ID_x", "9"]), _rles), min_size=1, max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    _rows,
+    st.sampled_from(["\ufeff", "ImageId, EncodedPixels", "ImageId,EncodedPixels"]),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+)
+def test_any_variant_of_random_rows_reads_back(
+    rows: list[tuple[str, str]], header: str, crlf: bool, space: bool, final_newline: bool
+) -> None:
+    end = "\r\n" if crlf else "\n"
+    lines = [f"{image_id},{' ' if space else ''}{rle}" for image_id, rle in rows]
+    text = (header if header == "\ufeff" else header + end) + end.join(lines) + (end if final_newline else "")
+    expected: dict[str, list[str]] = {}
+    for image_id, rle in rows:
+        expected.setdefault(image_id, []).extend([] if rle == "-1" else [rle])
+    labels = read_labels(io.StringIO(text, newline=""))
+    assert labels.annotations == expected and list(labels.annotations) == list(expected)
 
 
 @pytest.mark.parametrize(

@@ -41,11 +41,14 @@ class LabelSummary:
 
 @dataclass
 class Labels:
-    """The annotations of a label file: ImageId -> RLE strings (``[]`` for a negative image), file order kept."""
+    """The annotations of a label file: ImageId -> RLE strings (``[]`` for a negative image), file order kept.
+
+    ``source`` names the file and ``rows`` gives the file row of each annotation, for error messages.
+    """
 
     annotations: dict[str, list[str]]
     source: str = "<labels>"
-    rows: dict[str, list[int]] = field(default_factory=dict, repr=False)  # file row of each annotation
+    rows: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.annotations)
@@ -125,7 +128,7 @@ def read_labels(source: str | os.PathLike[str] | TextIO) -> Labels:
 def _parse(f: TextIO, name: str) -> Labels:
     """Parse an open label file named ``name`` in error messages."""
     csv.field_size_limit(max(csv.field_size_limit(), _MAX_FIELD))
-    reader = csv.reader(f, strict=True)
+    reader = csv.reader(f, skipinitialspace=True, strict=True)
     try:
         return _parse_rows(((reader.line_num, cells) for cells in reader if any(c.strip() for c in cells)), name)
     except csv.Error as err:
