@@ -126,3 +126,31 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run_bit_exactly(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     keep = ("epoch", "train_loss", "val_loss", "val_mean_dice", "val_dice_pos")
     assert [{k: r[k] for k in keep} for r in metrics(straight)] == [{k: r[k] for k in keep} for r in metrics(killed)]
+
+
+def test_two_process_gloo_run_validates_every_image_once(synth: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cascade",
+        "train", "--stage", "cls", "--images", str(synth / "dicom-images-train"), "--labels",
+        str(synth / "train-rle.csv"), "--out", str(run), "--config", str(CONFIGS / "tiny-cls.yaml"),
+        "--epochs", "2", "--folds", "3", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--quiet",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("cascade train:") == 1  # only rank 0 reports
+    rows = metrics(run)
+    split = read_split_csv(run / "split.csv")
+    n_val = sum(1 for fold in split.folds.values() if fold == 0)
+    assert len(rows) == 2
+    assert all(sum(int(r[k]) for k in ("tp", "fp", "fn", "tn")) == n_val for r in rows)
+    assert all(int(r["train_images"]) >= len(split.folds) - n_val for r in rows)
+    model, cfg = load_stage(run / "last")
+    assert cfg["folds"] == 3 and sorted(p.name for p in run.iterdir()) == [
+        "best", "config.yaml", "last", "metrics.csv", "split.csv", "state.pt"
+    ]

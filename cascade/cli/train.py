@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--init-from {args.init_from}: not yet supported (planned); use --pretrained PATH instead")
     out = Path(args.out)
     if args.resume:
+        training.check_run_dir(out, resume=True)
         config = cfg.resume_config(out / training.CONFIG_FILE, args.stage, args.config, overrides(args))
     else:
         config = cfg.resolve(args.stage, args.config, overrides(args))

@@ -577,7 +577,7 @@ def _train(
             "lr": optimizer.param_groups[0]["lr"],
             "train_loss": stats.loss,
             "train_images": stats.images,
-            "images_per_s": stats.images_per_s * rt.world,
+            "images_per_s": stats.images_per_s,
             "data_wait": stats.data_wait / max(stats.seconds, 1e-9),
             "positive_share": shares[epoch] if shares[epoch] is not None else "",
             **val,

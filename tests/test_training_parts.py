@@ -1,0 +1,150 @@
+"""The training loop's parts on their own: configuration, sampler, schedule, loss, pretrained weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cascade.errors import ConfigError, ModelError
+from cascade.stages import config as cfg
+from cascade.stages.checkpoint import build_model
+from cascade.stages.losses import ComboLoss, soft_dice_loss
+from cascade.stages.sampling import PositiveShareSampler, epoch_indices
+from cascade.stages.training import lr_factor
+from cascade.stages.weights import load_pretrained
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_resolves(path: Path) -> None:
+    stage = cfg.read_yaml(path)["stage"]
+    assert cfg.resolve(stage, path)["stage"] == stage
+
+
+def test_flags_override_the_file_and_bad_keys_are_named(tmp_path: Path) -> None:
+    resolved = cfg.resolve("seg", CONFIGS / "tiny-seg.yaml", {"optim": {"epochs": 2}, "seed": 7})
+    assert resolved["optim"]["epochs"] == 2 and resolved["seed"] == 7 and resolved["preprocessing"]["size"] == 64
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {lr: 1e-3, epochs: 3, learning_rate: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*optim\.learning_rate"):
+        cfg.resolve("cls", bad)
+    bad.write_text("optim: {epochs: 0}\n")
+    with pytest.raises(ConfigError, match=r"optim\.epochs must be an integer"):
+        cfg.resolve("cls", bad)
+    bad.write_text("sampling: {positive_share: [0.8, 1.5]}\n")
+    with pytest.raises(ConfigError, match=r"sampling\.positive_share"):
+        cfg.resolve("seg", bad)
+    with pytest.raises(ConfigError, match=r"network\.arch"):
+        cfg.resolve("cls", None, {"network": {"arch": "unet"}})
+    with pytest.raises(ConfigError, match=r"data\.fold 5 must be below data\.folds 5"):
+        cfg.resolve("cls", None, {"data": {"fold": 5}})
+    with pytest.raises(ConfigError, match="stage 'cls'"):
+        cfg.resolve("seg", CONFIGS / "tiny-cls.yaml")
+
+
+def test_resume_config_refuses_changes_that_would_alter_the_run(tmp_path: Path) -> None:
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.to_yaml(cfg.resolve("seg", CONFIGS / "tiny-seg.yaml")))
+    kept = cfg.resume_config(saved, "seg", None, {"data": {"cache_dir": "/elsewhere"}})
+    assert kept["data"]["cache_dir"] == "/elsewhere" and kept["optim"]["epochs"] == 6
+    assert cfg.resume_config(saved, "seg", CONFIGS / "tiny-seg.yaml")["optim"]["epochs"] == 6
+    with pytest.raises(ConfigError, match=r"cannot change optim\.lr"):
+        cfg.resume_config(saved, "seg", None, {"optim": {"lr": 0.1}})
+
+
+def test_positive_share_schedule_is_interpolated_over_epochs() -> None:
+    c = cfg.resolve("seg", None, {"optim": {"epochs": 5}, "sampling": {"positive_share": [0.8, 0.6, 0.4]}})
+    assert [round(cfg.positive_share(c, e), 6) for e in range(5)] == [0.8, 0.7, 0.6, 0.5, 0.4]
+
+
+def test_sampler_takes_every_positive_and_the_share_of_negatives() -> None:
+    positive = np.array([True] * 20 + [False] * 80)
+    for share, n_neg in ((0.8, 5), (0.5, 20), (0.2, 80)):
+        idx = epoch_indices(positive, share, seed=3, epoch=1)
+        assert len(set(idx)) == len(idx) == 20 + n_neg
+        assert positive[idx].sum() == 20
+    assert sorted(epoch_indices(positive, None, 3, 0)) == list(range(100))
+    a, b = epoch_indices(positive, 0.5, 3, 0), epoch_indices(positive, 0.5, 3, 1)
+    assert not np.array_equal(a, b) and np.array_equal(a, epoch_indices(positive, 0.5, 3, 0))
+
+
+def test_distributed_sampler_ranks_are_disjoint_and_cover_the_epoch() -> None:
+    positive = np.array([True] * 7 + [False] * 30)
+    ranks = [PositiveShareSampler(positive, [0.5, 0.4], seed=1, rank=r, world_size=3) for r in range(3)]
+    for s in ranks:
+        s.set_epoch(1)
+    parts = [list(s) for s in ranks]
+    whole = epoch_indices(positive, 0.4, 1, 1)
+    assert len({len(p) for p in parts}) == 1
+    assert set().union(*parts) == set(whole.tolist())
+    assert sum(len(p) for p in parts) - len(whole) < 3  # padding only to equalise ranks
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
+    values = [lr_factor(p, epochs=10, warmup=1.0, min_ratio=0.1) for p in np.linspace(0, 10, 101)]
+    peak = int(np.argmax(values))
+    assert values[0] < 0.01 and peak == 10 and values[peak] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[peak:], values[peak + 1 :]))
+    assert values[-1] == pytest.approx(0.1)
+
+
+def test_combo_loss_terms() -> None:
+    target = torch.zeros(2, 1, 8, 8)
+    target[0, 0, 2:5, 2:5] = 1
+    perfect = (target * 2 - 1) * 20
+    assert soft_dice_loss(perfect, target).item() < 1e-3
+    assert soft_dice_loss(-perfect, target).item() > 0.5
+    loss = ComboLoss(bce=1.0, dice=1.0, focal=2.0)
+    worse, better = loss(torch.zeros_like(target), target), loss(perfect, target)
+    assert better < worse and torch.isfinite(worse)
+    cls = ComboLoss(bce=0.0, focal=1.0)(torch.tensor([3.0, -3.0]), torch.tensor([1.0, 0.0]))
+    assert 0 < cls.item() < ComboLoss()(torch.tensor([3.0, -3.0]), torch.tensor([1.0, 0.0])).item()
+
+
+def test_pretrained_file_fills_the_backbone_and_sums_rgb_into_one_channel(tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    rgb = timm.create_model("test_resnet", pretrained=False, in_chans=3, num_classes=1000)
+    path = tmp_path / "rgb.safetensors"
+    save_file({f"module.{k}": v.contiguous() for k, v in rgb.state_dict().items()}, str(path))
+    config = cfg.resolve("cls", CONFIGS / "tiny-cls.yaml")
+    model = build_model({"stage": "cls", "in_chans": 1, **config["network"]})
+    head_before = model.backbone.get_classifier().weight.clone()
+    n = load_pretrained(model, config, str(path))
+    first = next(k for k, v in rgb.state_dict().items() if v.ndim == 4)
+    assert n > 10
+    assert torch.equal(model.backbone.state_dict()[first], rgb.state_dict()[first].sum(1, keepdim=True))
+    assert torch.equal(model.backbone.get_classifier().weight, head_before)  # the 1000-class head is not used
+    torch.save({"state_dict": rgb.state_dict()}, tmp_path / "rgb.pt")
+    assert load_pretrained(model, config, str(tmp_path / "rgb.pt")) == n
+
+
+def test_pretrained_fills_a_segmenter_encoder_and_rejects_a_wrong_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    config = cfg.resolve("seg", CONFIGS / "tiny-seg.yaml")
+    source = build_model({"stage": "seg", "in_chans": 1, **config["network"]})
+    save_file({k: v.contiguous() for k, v in source.encoder.state_dict().items()}, str(tmp_path / "enc.safetensors"))
+    model = build_model({"stage": "seg", "in_chans": 1, **config["network"]})
+    load_pretrained(model, config, str(tmp_path / "enc.safetensors"))
+    for k, v in source.encoder.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[k], v)
+    save_file({"unrelated.weight": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ModelError, match=r"other\.safetensors: no weights for"):
+        load_pretrained(model, config, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ModelError, match="no such weights file"):
+        load_pretrained(model, config, str(tmp_path / "absent.safetensors"))
+
+
+def test_pretrained_hub_name_fails_at_once_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = cfg.resolve("cls", CONFIGS / "tiny-cls.yaml")
+    model = build_model({"stage": "cls", "in_chans": 1, **config["network"]})
+    with pytest.raises(ModelError, match=r"--pretrained imagenet: cannot fetch hub weights .* offline"):
+        load_pretrained(model, config, "imagenet")
