@@ -24,7 +24,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from cascade.data.labels import Labels, read_labels
 from cascade.data.preprocess import Preprocessing
 from cascade.data.splits import make_folds, read_groups, split_fingerprint, write_split_csv
 from cascade.errors import ConfigError, ModelError
-from cascade.fileio import atomic_path, atomic_write_text
+from cascade.fileio import atomic_path, atomic_write_json, atomic_write_text
 from cascade.stages.checkpoint import build_model, save_stage
 from cascade.stages.config import positive_share, to_yaml
 from cascade.stages.losses import ComboLoss
@@ -54,6 +54,8 @@ CONFIG_FILE = "config.yaml"
 SPLIT_FILE = "split.csv"
 METRICS_FILE = "metrics.csv"
 STATE_FILE = "state.pt"
+DATA_FILE = "data.json"
+"""Where the run's images and labels were (absolute paths), so ``cascade tune`` can find the validation fold."""
 BEST_KEY = {"cls": "val_auc", "seg": "val_mean_dice"}
 """The validation metric that picks ``best/`` (higher is better)."""
 
@@ -82,6 +84,8 @@ class RunData:
     train: list[Item]
     val: list[Item]
     fingerprint: str
+    sources: dict[str, str] = field(default_factory=dict)
+    """``images`` and ``labels``: the absolute paths the run was trained from (what ``data.json`` records)."""
 
 
 # ---------------------------------------------------------------------------------------------------- runtime
@@ -173,7 +177,8 @@ def load_run_data(config: dict[str, Any], images: Path, labels_path: Path) -> Ru
         raise ConfigError(f"{where}: no positive image in the training split; the segmenter needs masks to learn")
     if config["sampling"]["positive_share"] is not None and n_pos == 0:
         raise ConfigError(f"{where}: sampling.positive_share needs positive images in the training split")
-    return RunData(labels, folds, positive, train, val, split_fingerprint(folds))
+    sources = {"images": str(images.resolve()), "labels": str(labels_path.resolve())}
+    return RunData(labels, folds, positive, train, val, split_fingerprint(folds), sources)
 
 
 def make_cache(config: dict[str, Any], images: Path) -> PreprocessCache:
@@ -619,6 +624,7 @@ def _write_epoch(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / CONFIG_FILE, to_yaml(config))
         write_split_csv(out / SPLIT_FILE, run.folds, run.positive)
+        atomic_write_json(out / DATA_FILE, run.sources)
     metrics = {
         k: json_float(v) if isinstance(v, float) else v
         for k, v in row.items()
