@@ -217,7 +217,6 @@ class ThresholdSearch:
         self.grid = grid if grid is not None else Grid()
         self._tops = np.asarray(self.grid.top, dtype=np.float32)
         self._bottoms = np.asarray(self.grid.bottom, dtype=np.float32)
-        self._lowest = np.float32(min(self.grid.top[0], self.grid.bottom[0]))
         self._cls: list[float] = []
         self._scale: list[float] = []
         self._truth: list[int] = []
@@ -241,11 +240,9 @@ class ThresholdSearch:
         n_b, n_m = len(self._bottoms), len(self.grid.min_component)
         pred = np.zeros((n_b, n_m), dtype=np.int64)
         inter = np.zeros((n_b, n_m), dtype=np.int64)
-        above = seg >= self._lowest
-        values = np.sort(seg[above])
+        values = np.sort(seg[seg >= self._tops[0]])
         top_counts = values.size - np.searchsorted(values, self._tops, side="left")
-        if values.size:
-            self._box_stats(seg, truth, scale, pred, inter)
+        self._box_stats(seg, truth, scale, pred, inter)
         self._cls.append(float(cls_prob))
         self._scale.append(scale)
         self._truth.append(int(np.count_nonzero(truth)))
@@ -267,9 +264,10 @@ class ThresholdSearch:
             cols = np.flatnonzero(binary.any(axis=0))
             box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
             seg, truth, binary = seg[box], truth[box], np.ascontiguousarray(binary[box])
-            if min_px.max() <= 1:
-                pred[b] = np.count_nonzero(binary)
-                inter[b] = np.count_nonzero(binary & truth)
+            count = np.count_nonzero(binary)
+            if min_px.max() <= 1 or count < min_px[min_px > 1].min():  # no labelling needed: all or nothing kept
+                pred[b] = np.where(min_px <= count, count, 0)
+                inter[b] = np.where(min_px <= count, np.count_nonzero(binary & truth), 0)
                 continue
             areas, hits = component_sizes(binary, truth)
             keep = (areas[None, :] >= min_px[:, None]).astype(np.int64)
