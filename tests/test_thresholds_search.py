@@ -172,3 +172,12 @@ def test_default_grid_and_result_report_dict() -> None:
     best = data["breakdown"]["cls"]
     assert max(best["mean_dice"]) == pytest.approx(data["score"], abs=1e-12)
     assert len(data["cls_bottom"]["mean_dice"]) == len(Grid().cls)
+
+
+def test_separate_pixels_as_many_as_min_component_are_all_removed() -> None:
+    seg = np.zeros((1, 16, 16), np.float32)
+    seg[0, 2, 2] = seg[0, 9, 9] = 0.9  # two 1-pixel components: 2 pixels in all, none of them 2 pixels big
+    grid = Grid(cls=(0.0,), top=(0.5,), area=(0,), bottom=(0.5,), min_component=(0, 2 * PX))
+    result = tune([1.0], seg, seg > 0, grid=grid, progress=False)
+    assert result.scores.ravel().tolist() == [1.0, 0.0]
+    np.testing.assert_array_equal(result.scores, brute_force([1.0], seg, seg > 0, grid)[0])
