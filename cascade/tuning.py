@@ -1,0 +1,306 @@
+"""Tune a cascade from two training runs: predict their shared validation fold, search the thresholds, write MODEL_DIR.
+
+The flow behind ``cascade tune``:
+
+1. read both run folders (``best/`` stage folder, ``split.csv``, ``data.json``) and check that the classifier run is
+   a classifier run, the segmenter run a segmenter run, and that both validated on the same fold of the same split
+   (equal split fingerprint and fold number) — otherwise the thresholds would be tuned on images a stage trained on;
+2. list the validation fold's images (from the images folder and label file the runs recorded, or given);
+3. predict every validation image with both stages through :func:`cascade.pipeline.predict_probabilities` — the
+   exact code ``Cascade.predict_many`` runs, with the same preprocessing, batching and optional flip TTA — and
+   stream each image's map into :class:`cascade.thresholds.search.ThresholdSearch` (never all maps at once);
+4. write MODEL_DIR with :func:`cascade.modeldir.write_model_dir` (weights copied from each run's ``best/``), its
+   ``report/`` (``tune.json``, ``validation.json``, the PNG plots), all in a temporary folder renamed at the end.
+
+**Resolution.** The search scores each image at its **native** size: the segmenter's map is resized to the image's
+height x width exactly as inference does (bilinear, ``cv2.resize``), and the truth mask is decoded at that size.
+So the tuned score is the challenge metric on the validation fold, the number ``cascade predict`` followed by
+``cascade evaluate`` gives on those images; ``area`` and ``min_component`` stay pixels at 1024² (rescaled per
+image by :func:`cascade.thresholds.rule.area_scale`), as inference applies them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from cascade.data.index import scan_dicoms
+from cascade.data.labels import Labels, read_labels
+from cascade.data.splits import Split, read_split_csv, split_fingerprint
+from cascade.errors import CascadeError, ConfigError, LabelError, ModelError
+from cascade.fileio import atomic_write_json
+from cascade.modeldir import REPORT_DIR, _check_replaceable, write_model_dir
+from cascade.pipeline import ImageProbabilities, predict_probabilities
+from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config
+from cascade.stages.training import DATA_FILE, SPLIT_FILE
+from cascade.thresholds.report import write_tune_report
+from cascade.thresholds.search import Grid, ThresholdSearch, TuneResult
+
+STAGE_NAMES = {"cls": "classifier", "seg": "segmenter"}
+RESOLUTION = "native"
+"""What the search scores at (see the module docstring); recorded in ``cascade.json`` and the report."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """A training run folder as ``cascade tune`` needs it: its ``best/`` stage, split and recorded data paths."""
+
+    root: Path
+    stage: str
+    best: Path
+    config: dict[str, Any]
+    split: Split
+    fingerprint: str
+    fold: int
+    folds: int
+    sources: dict[str, str]
+
+    @property
+    def validation_ids(self) -> list[str]:
+        """ImageIds of the validation fold, sorted."""
+        return sorted(i for i, f in self.split.folds.items() if f == self.fold)
+
+
+@dataclass
+class TuneOutcome:
+    """What :func:`tune_runs` did: the search result, the written folder and the validation facts."""
+
+    model_dir: Path
+    result: TuneResult
+    metrics: dict[str, Any]
+    failed: list[str] = field(default_factory=list)
+    """One line per validation image that could not be read (file + reason); those images were left out."""
+    seconds: float = 0.0
+
+    @property
+    def report_dir(self) -> Path:
+        return self.model_dir / REPORT_DIR
+
+
+def read_run(directory: str | os.PathLike[str], stage: str) -> Run:
+    """Read and check a run folder written by ``cascade train`` for ``stage`` (``cls`` or ``seg``)."""
+    root = Path(directory)
+    flag = f"--{stage}"
+    if not root.is_dir():
+        raise ConfigError(f"{root}: no such run folder (give {flag} a folder written by 'cascade train')")
+    best = root / "best"
+    if not (best / CONFIG).is_file() or not (best / WEIGHTS).is_file():
+        raise ModelError(f"{best}: missing or incomplete (needs {CONFIG} and {WEIGHTS}); did an epoch of training finish?")
+    config = read_config(best)
+    found = config.get("stage")
+    if found != stage:
+        what = STAGE_NAMES.get(found, f"stage {found!r}") if isinstance(found, str) else f"stage {found!r}"
+        raise ModelError(f"{best / CONFIG}: this is a {what} run, but {flag} needs a {STAGE_NAMES[stage]} run")
+    for key in ("split_fingerprint", "fold", "folds", "preprocessing"):
+        if key not in config:
+            raise ModelError(f"{best / CONFIG}: no {key!r} (was it written by 'cascade train'?)")
+    if not (root / SPLIT_FILE).is_file():
+        raise ModelError(f"{root / SPLIT_FILE}: missing (the run's split is needed to find the validation fold)")
+    split = read_split_csv(root / SPLIT_FILE)
+    if split_fingerprint(split.folds) != config["split_fingerprint"]:
+        raise ModelError(f"{root / SPLIT_FILE}: does not match the split_fingerprint in {best / CONFIG}")
+    fold = config["fold"]
+    if fold not in split.folds.values():
+        raise ModelError(f"{root / SPLIT_FILE}: no image in validation fold {fold}")
+    return Run(root, stage, best, config, split, config["split_fingerprint"], fold, config["folds"], _sources(root))
+
+
+def _sources(root: Path) -> dict[str, str]:
+    path = root / DATA_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("images", "labels")):
+        raise ModelError(f"{path}: expected an object with the strings 'images' and 'labels'")
+    return {"images": data["images"], "labels": data["labels"]}
+
+
+def check_same_fold(cls_run: Run, seg_run: Run) -> None:
+    """Refuse two runs that did not validate on the same images (same split fingerprint and fold)."""
+    if cls_run.fingerprint != seg_run.fingerprint:
+        raise ConfigError(
+            f"{cls_run.root} and {seg_run.root}: the runs were trained on different splits (split fingerprints "
+            f"{cls_run.fingerprint[:12]}… and {seg_run.fingerprint[:12]}…); train both with the same --images, "
+            "--labels, --folds and --seed"
+        )
+    if cls_run.fold != seg_run.fold:
+        raise ConfigError(
+            f"{cls_run.root} and {seg_run.root}: the runs validate on different folds ({cls_run.fold} and "
+            f"{seg_run.fold}); each stage trained on the other's validation images. Train both with the same --fold"
+        )
+
+
+def _data_paths(cls_run: Run, seg_run: Run, images: str | os.PathLike[str] | None,
+                labels: str | os.PathLike[str] | None) -> tuple[Path, Path]:
+    """The images folder and label file: given ones win, else what the runs recorded in ``data.json``."""
+    recorded = seg_run.sources or cls_run.sources
+    chosen = {"images": images, "labels": labels}
+    for key, value in chosen.items():
+        if value is None:
+            if key not in recorded:
+                raise ConfigError(
+                    f"{seg_run.root}: no {DATA_FILE} records the training {key}; pass --images DIR and --labels CSV"
+                )
+            chosen[key] = recorded[key]
+    out = Path(chosen["images"]), Path(chosen["labels"])
+    if not out[0].exists():
+        raise ConfigError(f"{out[0]}: images folder not found (moved? pass --images DIR)")
+    if not out[1].is_file():
+        raise ConfigError(f"{out[1]}: label file not found (moved? pass --labels CSV)")
+    return out
+
+
+def validation_images(run: Run, images: Path, labels_path: Path) -> tuple[list[Path], Labels]:
+    """The DICOM paths of the run's validation fold (sorted by ImageId) and the labels, checked against the split."""
+    ids = run.validation_ids
+    labels = read_labels(labels_path)
+    index = scan_dicoms(images)
+    missing = [i for i in ids if i not in index.paths]
+    if missing:
+        raise ConfigError(
+            f"{images}: {len(missing)} validation image(s) of {run.root / SPLIT_FILE} not found (first: {missing[0]})"
+        )
+    unlabelled = [i for i in ids if i not in labels]
+    if unlabelled:
+        raise LabelError(
+            f"{labels_path}: {len(unlabelled)} validation image(s) have no labels (first: {unlabelled[0]})"
+        )
+    changed = [i for i in ids if labels.is_positive(i) != run.split.positive[i]]
+    if changed:
+        raise LabelError(
+            f"{labels_path}: ImageId {changed[0]} is {'positive' if labels.is_positive(changed[0]) else 'negative'} "
+            f"here but not in {run.root / SPLIT_FILE} ({len(changed)} such image(s)): not the labels the runs used"
+        )
+    return [index.paths[i] for i in ids], labels
+
+
+def native_map(probs: ImageProbabilities) -> np.ndarray:
+    """The segmenter's map at the image's own size, resized as ``Cascade`` does before applying the rule."""
+    seg = probs.seg_prob
+    assert seg is not None
+    if seg.shape != (probs.height, probs.width):
+        seg = cv2.resize(seg, (probs.width, probs.height), interpolation=cv2.INTER_LINEAR)
+    return seg
+
+
+def _stream(
+    predictions: Iterator[ImageProbabilities], labels: Labels, failed: list[str]
+) -> Iterator[tuple[float, np.ndarray, np.ndarray]]:
+    """(cls_prob, native map, native truth) per readable image; unreadable ones go to ``failed``."""
+    for probs in predictions:
+        if probs.error is not None:
+            failed.append(probs.error)
+            continue
+        yield probs.cls_prob, native_map(probs), labels.mask(probs.image_id, probs.height, probs.width)
+
+
+def validation_metrics(result: TuneResult, *, cls_run: Run, tta: bool, failed: int) -> dict[str, Any]:
+    """The ``metrics`` of ``cascade.json``: the chosen point's scores on the validation fold and how they were made."""
+    summary = result.summary.to_dict()
+    gated = float(np.mean(result.cls_probs >= result.thresholds.cls))
+    return {
+        "validation": {
+            "images": summary["images"],
+            "positives": result.positives,
+            "mean_dice": result.score,
+            "baseline_empty": result.baseline,
+            "dice_positive": summary["dice_positive"],
+            "sensitivity": summary["sensitivity"],
+            "specificity": summary["specificity"],
+            "confusion": summary["confusion"],
+            "classifier_auc": _json(result.classifier_auc),
+            "segmented_share": gated,
+            "min_sensitivity": result.min_sensitivity,
+            "resolution": RESOLUTION,
+            "tta": tta,
+            "fold": cls_run.fold,
+            "folds": cls_run.folds,
+            "split_fingerprint": cls_run.fingerprint,
+            "unreadable_images": failed,
+        }
+    }
+
+
+def _json(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def tune_runs(
+    cls_run: str | os.PathLike[str],
+    seg_run: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    min_sensitivity: float | None = None,
+    tta: bool = False,
+    batch_size: int = 16,
+    workers: int | None = None,
+    device: str = "auto",
+    images: str | os.PathLike[str] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    grid: Grid | None = None,
+    progress: bool = True,
+) -> TuneOutcome:
+    """Tune the thresholds of ``cls_run`` gating ``seg_run`` on their validation fold and write MODEL_DIR ``out``.
+
+    ``images`` / ``labels`` override the paths the runs recorded in ``data.json``. Every input is checked before
+    the (long) prediction starts; a failure leaves ``out`` untouched. Unreadable validation images are left out
+    and listed in ``TuneOutcome.failed`` (and in the report); if none is readable, the search raises.
+    """
+    start = time.perf_counter()
+    if min_sensitivity is not None and not 0.0 <= min_sensitivity <= 1.0:
+        raise ConfigError(f"--min-sensitivity must lie in [0, 1], got {min_sensitivity}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    target = Path(out)
+    _check_replaceable(target)
+    cls, seg = read_run(cls_run, "cls"), read_run(seg_run, "seg")
+    check_same_fold(cls, seg)
+    images_dir, labels_path = _data_paths(cls, seg, images, labels)
+    paths, truth = validation_images(cls, images_dir, labels_path)
+
+    failed: list[str] = []
+    predictions = predict_probabilities(
+        [cls.best], [seg.best], paths, batch_size=batch_size, workers=workers, tta=tta, device=device
+    )
+    if progress:
+        from tqdm.auto import tqdm
+
+        predictions = tqdm(predictions, total=len(paths), desc="validation fold", unit="img")
+    search = ThresholdSearch(grid)
+    for cls_prob, seg_map, mask in _stream(iter(predictions), truth, failed):
+        search.add(cls_prob, seg_map, mask)
+    if len(search) == 0:
+        raise CascadeError(f"{images_dir}: none of the {len(paths)} validation images could be read ({failed[0]})")
+    result = search.result(min_sensitivity)
+    metrics = validation_metrics(result, cls_run=cls, tta=tta, failed=len(failed))
+
+    with tempfile.TemporaryDirectory(prefix="cascade-tune-report-") as tmp:
+        files = write_tune_report(result, tmp)
+        context = {
+            **metrics["validation"],
+            "cls_run": str(cls.root),
+            "seg_run": str(seg.root),
+            "images": str(images_dir),
+            "labels": str(labels_path),
+            "unreadable": failed,
+            "seconds": time.perf_counter() - start,
+        }
+        atomic_write_json(Path(tmp) / "validation.json", context)
+        write_model_dir(
+            target, [cls.best], [seg.best], result.thresholds, metrics=metrics, tta=tta,
+            report_files=[*files, Path(tmp) / "validation.json"],
+        )
+    return TuneOutcome(target, result, metrics, failed, time.perf_counter() - start)
