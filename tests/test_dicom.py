@@ -16,7 +16,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import HTJ2KLossless, MPEG2MPML, SecondaryCaptureImageStorage
+from pydicom.uid import MPEG2MPML, HTJ2KLossless, SecondaryCaptureImageStorage
 
 from cascade.data.dicom import DicomImage, read_dicom, read_patient_key
 from cascade.errors import DicomError
