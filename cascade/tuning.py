@@ -293,8 +293,8 @@ def tune_runs(
             **metrics["validation"],
             "cls_run": str(cls.root),
             "seg_run": str(seg.root),
-            "images": str(images_dir),
-            "labels": str(labels_path),
+            "images_dir": str(images_dir),
+            "labels_file": str(labels_path),
             "unreadable": failed,
             "seconds": time.perf_counter() - start,
         }

@@ -1,0 +1,221 @@
+"""`cascade tune` on two tiny real runs: a complete MODEL_DIR whose thresholds and scores can be re-derived.
+
+The synthetic images are 96² while the tiny networks run at 64², so the native-resolution convention (maps resized
+to the image, areas rescaled) is exercised, not hidden by equal sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from cascade import Cascade
+from cascade.cli.main import main
+from cascade.data.labels import read_labels
+from cascade.data.splits import read_split_csv, split_fingerprint, write_split_csv
+from cascade.modeldir import read_model_dir
+from cascade.pipeline import predict_probabilities
+from cascade.stages.checkpoint import sha256_file
+from cascade.thresholds import dice, summarize, tune
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SIZE = 96
+REPORT_FILES = (
+    "tune.json", "validation.json", "operating_points.csv", "dice_cls_bottom.png", "dice_by_threshold.png",
+    "confusion.png", "roc.png", "operating_points.png",
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: one intra-op thread is much faster than two fighting for them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Synthetic data and a classifier and a segmenter run on the same split (4 epochs each)."""
+    from cascade.data.synth import generate
+
+    root = tmp_path_factory.mktemp("tune")
+    generate(root / "synth", images=64, positive_fraction=0.5, size=SIZE, seed=3, difficulty="easy", progress=False)
+    torch.set_num_threads(1)
+    for stage in ("cls", "seg"):
+        assert main([
+            "train", "--stage", stage, "--images", str(root / "synth" / "dicom-images-train"),
+            "--labels", str(root / "synth" / "train-rle.csv"), "--out", str(root / stage),
+            "--config", str(CONFIGS / f"tiny-{stage}.yaml"), "--cache-dir", str(root / "cache"),
+            "--epochs", "4", "--quiet",
+        ]) == 0
+    return root
+
+
+def tune_cli(runs: Path, out: Path, *extra: str, cls: Path | None = None, seg: Path | None = None) -> int:
+    return main([
+        "tune", "--cls", str(cls or runs / "cls"), "--seg", str(seg or runs / "seg"), "--out", str(out),
+        "--workers", "0", "--batch-size", "8", "--quiet", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def model(runs: Path) -> Path:
+    assert tune_cli(runs, runs / "model") == 0
+    return runs / "model"
+
+
+def validation(runs: Path) -> tuple[list[str], list[Path]]:
+    """The validation fold's ids and paths, found independently of cascade.tuning."""
+    split = read_split_csv(runs / "cls" / "split.csv")
+    fold = json.loads((runs / "cls" / "best" / "config.json").read_text())["fold"]
+    ids = sorted(i for i, f in split.folds.items() if f == fold)
+    paths = {p.stem: p for p in (runs / "synth" / "dicom-images-train").rglob("*.dcm")}
+    return ids, [paths[i] for i in ids]
+
+
+def manifest(model: Path) -> dict:
+    return json.loads((model / "cascade.json").read_text())
+
+
+def error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith("cascade tune: error: "), lines
+    return lines[-1]
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("state.pt", "last"))
+    return dst
+
+
+def test_writes_a_complete_model_folder_that_loads(runs: Path, model: Path, capsys) -> None:
+    assert tune_cli(runs, runs / "again") == 0  # the same runs, printed summary
+    out = capsys.readouterr().out
+    info = read_model_dir(model)  # verifies schema, every sha256, stages and preprocessing
+    for stage in ("cls", "seg"):
+        folder = model / ("classifier" if stage == "cls" else "segmenter")
+        assert sha256_file(folder / "model.safetensors") == sha256_file(runs / stage / "best" / "model.safetensors")
+    data = manifest(model)
+    ids, _ = validation(runs)
+    v = data["metrics"]["validation"]
+    assert v["images"] == len(ids) and v["resolution"] == "native" and v["tta"] is False
+    assert v["positives"] == sum(read_labels(runs / "synth" / "train-rle.csv").is_positive(i) for i in ids)
+    assert data["preprocessing"]["segmenter"] == {"size": 64, "mean": 0.5, "std": 0.25}
+    assert set(data["versions"]) == {"cascade", "torch", "timm", "smp"}
+    assert sorted(data["report"]) == sorted(f"report/{name}" for name in REPORT_FILES)
+    for name in REPORT_FILES:
+        assert (model / "report" / name).stat().st_size > 0, name
+    assert json.loads((model / "report" / "tune.json").read_text())["thresholds"] == data["thresholds"]
+    assert Cascade.from_pretrained(model, device="cpu").thresholds == info.thresholds
+    assert f"{v['images']} images, {v['positives']} positive" in out
+    assert f"mean Dice {v['mean_dice']:.4f} (all-empty baseline {v['baseline_empty']:.4f})" in out
+    assert "to the segmenter" in out and str(runs / "again" / "report") in out
+    assert not [p for p in runs.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+
+
+def test_thresholds_are_what_tune_finds_on_the_same_maps(runs: Path, model: Path) -> None:
+    ids, paths = validation(runs)
+    labels = read_labels(runs / "synth" / "train-rle.csv")
+    probs = list(predict_probabilities([runs / "cls" / "best"], [runs / "seg" / "best"], paths, workers=0,
+                                       device="cpu"))
+    assert [p.image_id for p in probs] == ids
+    maps = [cv2.resize(p.seg_prob, (p.width, p.height), interpolation=cv2.INTER_LINEAR) for p in probs]
+    masks = [labels.mask(i, SIZE, SIZE) for i in ids]
+    result = tune([p.cls_prob for p in probs], maps, masks, progress=False)
+    data = manifest(model)
+    assert data["thresholds"] == result.thresholds.to_dict()
+    assert data["metrics"]["validation"]["mean_dice"] == pytest.approx(result.score, abs=1e-12)
+    assert data["metrics"]["validation"]["confusion"] == result.confusion.to_dict()
+
+
+def test_reported_scores_equal_a_rescore_with_cascade_predict(runs: Path, model: Path) -> None:
+    """Cascade.predict one image at a time (masks at native size) against the truth gives the tuned numbers."""
+    ids, paths = validation(runs)
+    labels = read_labels(runs / "synth" / "train-rle.csv")
+    cascade = Cascade.from_pretrained(model, device="cpu")
+    preds = [cascade.predict(p) for p in paths]
+    truths = [labels.mask(i, SIZE, SIZE) for i in ids]
+    assert all(p.mask.shape == (SIZE, SIZE) for p in preds)
+    summary = summarize([dice(p.mask, t) for p, t in zip(preds, truths)], [p.positive for p in preds],
+                        [t.any() for t in truths])
+    v = manifest(model)["metrics"]["validation"]
+    assert v["mean_dice"] == pytest.approx(summary.mean_dice, abs=1e-12)
+    assert v["confusion"] == summary.confusion.to_dict()
+    gated = np.mean([p.probability >= cascade.thresholds.cls for p in preds])
+    assert v["segmented_share"] == pytest.approx(gated)
+
+
+def test_runs_on_different_folds_or_splits_are_refused(runs: Path, tmp_path: Path, capsys) -> None:
+    other_fold = copy_run(runs / "cls", tmp_path / "cls-fold1")
+    config = json.loads((other_fold / "best" / "config.json").read_text())
+    (other_fold / "best" / "config.json").write_text(json.dumps({**config, "fold": 1}))
+    assert tune_cli(runs, tmp_path / "m1", cls=other_fold) == 2
+    assert "validate on different folds (1 and 0)" in error_line(capsys)
+
+    other_split = copy_run(runs / "seg", tmp_path / "seg-split")
+    split = read_split_csv(other_split / "split.csv")
+    folds = {i: (f + 1) % 4 for i, f in split.folds.items()}
+    write_split_csv(other_split / "split.csv", folds, split.positive)
+    config = json.loads((other_split / "best" / "config.json").read_text())
+    (other_split / "best" / "config.json").write_text(json.dumps({**config, "split_fingerprint": split_fingerprint(folds)}))
+    assert tune_cli(runs, tmp_path / "m2", seg=other_split) == 2
+    assert "trained on different splits" in error_line(capsys)
+    assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()
+
+
+def test_wrong_stage_missing_best_and_bad_out_are_refused(runs: Path, tmp_path: Path, capsys) -> None:
+    assert tune_cli(runs, tmp_path / "m", cls=runs / "seg") == 2
+    assert "this is a segmenter run, but --cls needs a classifier run" in error_line(capsys)
+    assert tune_cli(runs, tmp_path / "m", seg=runs / "cls") == 2
+    assert "this is a classifier run, but --seg needs a segmenter run" in error_line(capsys)
+    no_best = copy_run(runs / "seg", tmp_path / "no-best")
+    shutil.rmtree(no_best / "best")
+    assert tune_cli(runs, tmp_path / "m", seg=no_best) == 2
+    assert f"{no_best / 'best'}: missing" in error_line(capsys)
+    assert tune_cli(runs, tmp_path / "m", cls=tmp_path / "absent") == 2
+    assert "no such run folder" in error_line(capsys)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    assert tune_cli(runs, precious) == 2
+    assert "refusing to replace it" in error_line(capsys)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "m").exists()
+
+
+def test_min_sensitivity_is_met_with_explicit_data_paths(runs: Path, model: Path, tmp_path: Path, capsys) -> None:
+    """Runs without data.json need --images/--labels; the constrained search meets its sensitivity."""
+    cls, seg = (copy_run(runs / s, tmp_path / s) for s in ("cls", "seg"))
+    (cls / "data.json").unlink()
+    (seg / "data.json").unlink()
+    assert tune_cli(runs, tmp_path / "m", cls=cls, seg=seg) == 2
+    assert "pass --images DIR and --labels CSV" in error_line(capsys)
+    data_args = ("--images", str(runs / "synth" / "dicom-images-train"), "--labels", str(runs / "synth" / "train-rle.csv"))
+    assert tune_cli(runs, tmp_path / "m", *data_args, "--min-sensitivity", "0.9", cls=cls, seg=seg) == 0
+    v = manifest(tmp_path / "m")["metrics"]["validation"]
+    assert v["min_sensitivity"] == 0.9 and v["sensitivity"] >= 0.9
+    assert v["mean_dice"] <= manifest(model)["metrics"]["validation"]["mean_dice"] + 1e-12
+    assert "subject to sensitivity ≥ 0.9" in capsys.readouterr().out
+
+
+def test_an_unreadable_validation_image_is_reported_and_left_out(runs: Path, model: Path, tmp_path: Path,
+                                                                  capsys) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(runs / "synth" / "dicom-images-train", images)
+    ids, paths = validation(runs)
+    broken = images / paths[0].relative_to(runs / "synth" / "dicom-images-train")
+    broken.write_bytes(b"not a dicom file")
+    assert tune_cli(runs, tmp_path / "m", "--images", str(images)) == 0
+    captured = capsys.readouterr()
+    assert f"left out of the search: {broken}" in captured.err
+    assert "1 unreadable (left out)" in captured.out
+    report = json.loads((tmp_path / "m" / "report" / "validation.json").read_text())
+    assert report["images"] == len(ids) - 1 and len(report["unreadable"]) == 1
