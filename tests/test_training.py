@@ -37,10 +37,10 @@ def synth(tmp_path_factory) -> Path:
     return out
 
 
-def train(synth: Path, out: Path, stage: str, *extra: str) -> int:
+def train(synth: Path, out: Path, stage: str, *extra: str, config: Path | None = None) -> int:
     return main([
         "train", "--stage", stage, "--images", str(synth / "dicom-images-train"), "--labels",
-        str(synth / "train-rle.csv"), "--out", str(out), "--config", str(CONFIGS / f"tiny-{stage}.yaml"),
+        str(synth / "train-rle.csv"), "--out", str(out), "--config", str(config or CONFIGS / f"tiny-{stage}.yaml"),
         "--cache-dir", str(synth.parent / f"{synth.name}-cache"), "--quiet", *extra,
     ])
 
@@ -104,9 +104,13 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 def test_resume_after_a_kill_matches_an_uninterrupted_run_bit_exactly(
     synth: Path, tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    with_ema = tmp_path / "ema.yaml"  # the EMA and the accumulation counters must survive the restart too
+    with_ema.write_text(
+        (CONFIGS / "tiny-seg.yaml").read_text().replace("ema: 0.0", "ema: 0.9").replace("accumulate: 1", "accumulate: 2")
+    )
     flags = ["--epochs", "3", "--workers", str(workers)]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert train(synth, straight, "seg", *flags) == 0
+    assert train(synth, straight, "seg", *flags, config=with_ema) == 0
 
     write_epoch = training._write_epoch
 
@@ -116,11 +120,11 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run_bit_exactly(
             raise KeyboardInterrupt
 
     monkeypatch.setattr(training, "_write_epoch", killed_after_epoch_2)
-    assert train(synth, killed, "seg", *flags) == 130
+    assert train(synth, killed, "seg", *flags, config=with_ema) == 130
     monkeypatch.undo()
     assert len(metrics(killed)) == 2
-    assert train(synth, killed, "seg", *flags) != 0  # without --resume a started run is refused
-    assert train(synth, killed, "seg", *flags, "--resume") == 0
+    assert train(synth, killed, "seg", *flags, config=with_ema) != 0  # without --resume a started run is refused
+    assert train(synth, killed, "seg", *flags, "--resume", config=with_ema) == 0
 
     a, b = _weights(straight), _weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -152,5 +156,5 @@ def test_two_process_gloo_run_validates_every_image_once(synth: Path, tmp_path: 
     assert all(int(r["train_images"]) >= len(split.folds) - n_val for r in rows)
     model, cfg = load_stage(run / "last")
     assert cfg["folds"] == 3 and sorted(p.name for p in run.iterdir()) == [
-        "best", "config.yaml", "last", "metrics.csv", "split.csv", "state.pt"
+        "best", "config.yaml", "data.json", "last", "metrics.csv", "split.csv", "state.pt"
     ]

@@ -529,7 +529,8 @@ def _train(
     model.to(rt.device)
     if config["runtime"]["channels_last"]:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["optim"]["lr"], weight_decay=config["optim"]["weight_decay"])
+    optim = config["optim"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim["lr"], weight_decay=optim["weight_decay"])
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp is torch.float16)
     ema = Ema(model, config["runtime"]["ema"]) if config["runtime"]["ema"] > 0 else None
     history: list[dict[str, Any]] = []
@@ -573,7 +574,8 @@ def _train(
         )
         if ema is not None:
             eval_model.load_state_dict(ema.state)
-        val = validation_metrics(config["stage"], gather_stats(predict_stats(eval_model, val_set, config, rt), rt), len(val_set))
+        gathered = gather_stats(predict_stats(eval_model, val_set, config, rt), rt)
+        val = validation_metrics(config["stage"], gathered, len(val_set))
         score = val[BEST_KEY[config["stage"]]]
         improved = _better(score, best)
         best = score if improved else best

@@ -101,7 +101,9 @@ def hub_state_dict(config: dict[str, Any], name: str) -> dict[str, torch.Tensor]
     model_name = config["network"]["model"] if config["stage"] == "cls" else config["network"]["encoder"]
     hint = "download the weights on a connected machine and pass --pretrained PATH to the file"
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("CASCADE_OFFLINE"):
-        raise ModelError(f"--pretrained {name}: cannot fetch hub weights for {model_name} offline (HF_HUB_OFFLINE); {hint}")
+        raise ModelError(
+            f"--pretrained {name}: cannot fetch hub weights for {model_name} offline (HF_HUB_OFFLINE); {hint}"
+        )
     try:
         if config["stage"] == "cls":
             import timm
