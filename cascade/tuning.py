@@ -95,7 +95,7 @@ def read_run(directory: str | os.PathLike[str], stage: str) -> Run:
         raise ConfigError(f"{root}: no such run folder (give {flag} a folder written by 'cascade train')")
     best = root / "best"
     if not (best / CONFIG).is_file() or not (best / WEIGHTS).is_file():
-        raise ModelError(f"{best}: missing or incomplete (needs {CONFIG} and {WEIGHTS}); did an epoch of training finish?")
+        raise ModelError(f"{best}: missing or incomplete (needs {CONFIG} and {WEIGHTS}); did a training epoch finish?")
     config = read_config(best)
     found = config.get("stage")
     if found != stage:

@@ -6,6 +6,8 @@ to the image, areas rescaled) is exercised, not hidden by equal sizes.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -67,9 +69,17 @@ def tune_cli(runs: Path, out: Path, *extra: str, cls: Path | None = None, seg: P
 
 
 @pytest.fixture(scope="module")
-def model(runs: Path) -> Path:
-    assert tune_cli(runs, runs / "model") == 0
-    return runs / "model"
+def tuned(runs: Path) -> tuple[Path, str]:
+    """The model folder tuned on the two runs, and what ``cascade tune`` printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert tune_cli(runs, runs / "model") == 0
+    return runs / "model", printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model(tuned: tuple[Path, str]) -> Path:
+    return tuned[0]
 
 
 def validation(runs: Path) -> tuple[list[str], list[Path]]:
@@ -96,9 +106,8 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_writes_a_complete_model_folder_that_loads(runs: Path, model: Path, capsys) -> None:
-    assert tune_cli(runs, runs / "again") == 0  # the same runs, printed summary
-    out = capsys.readouterr().out
+def test_writes_a_complete_model_folder_that_loads(runs: Path, tuned: tuple[Path, str]) -> None:
+    model, out = tuned
     info = read_model_dir(model)  # verifies schema, every sha256, stages and preprocessing
     for stage in ("cls", "seg"):
         folder = model / ("classifier" if stage == "cls" else "segmenter")
@@ -117,7 +126,7 @@ def test_writes_a_complete_model_folder_that_loads(runs: Path, model: Path, caps
     assert Cascade.from_pretrained(model, device="cpu").thresholds == info.thresholds
     assert f"{v['images']} images, {v['positives']} positive" in out
     assert f"mean Dice {v['mean_dice']:.4f} (all-empty baseline {v['baseline_empty']:.4f})" in out
-    assert "to the segmenter" in out and str(runs / "again" / "report") in out
+    assert "to the segmenter" in out and str(model / "report") in out
     assert not [p for p in runs.iterdir() if p.name.startswith(".")], "temporary folders left behind"
 
 
@@ -165,7 +174,8 @@ def test_runs_on_different_folds_or_splits_are_refused(runs: Path, tmp_path: Pat
     folds = {i: (f + 1) % 4 for i, f in split.folds.items()}
     write_split_csv(other_split / "split.csv", folds, split.positive)
     config = json.loads((other_split / "best" / "config.json").read_text())
-    (other_split / "best" / "config.json").write_text(json.dumps({**config, "split_fingerprint": split_fingerprint(folds)}))
+    config["split_fingerprint"] = split_fingerprint(folds)
+    (other_split / "best" / "config.json").write_text(json.dumps(config))
     assert tune_cli(runs, tmp_path / "m2", seg=other_split) == 2
     assert "trained on different splits" in error_line(capsys)
     assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()
@@ -198,7 +208,8 @@ def test_min_sensitivity_is_met_with_explicit_data_paths(runs: Path, model: Path
     (seg / "data.json").unlink()
     assert tune_cli(runs, tmp_path / "m", cls=cls, seg=seg) == 2
     assert "pass --images DIR and --labels CSV" in error_line(capsys)
-    data_args = ("--images", str(runs / "synth" / "dicom-images-train"), "--labels", str(runs / "synth" / "train-rle.csv"))
+    synth = runs / "synth"
+    data_args = ("--images", str(synth / "dicom-images-train"), "--labels", str(synth / "train-rle.csv"))
     assert tune_cli(runs, tmp_path / "m", *data_args, "--min-sensitivity", "0.9", cls=cls, seg=seg) == 0
     v = manifest(tmp_path / "m")["metrics"]["validation"]
     assert v["min_sensitivity"] == 0.9 and v["sensitivity"] >= 0.9

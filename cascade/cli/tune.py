@@ -45,8 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tune", help="tune the thresholds on the validation fold and write a model folder", description=DESCRIPTION
     )
-    p.add_argument("--cls", required=True, metavar="RUN_DIR", help="classifier run folder ('cascade train --stage cls')")
-    p.add_argument("--seg", required=True, metavar="RUN_DIR", help="segmenter run folder ('cascade train --stage seg')")
+    p.add_argument("--cls", required=True, metavar="RUN_DIR", help="classifier run ('cascade train --stage cls')")
+    p.add_argument("--seg", required=True, metavar="RUN_DIR", help="segmenter run ('cascade train --stage seg')")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write (replaced if it is one)")
     p.add_argument(
         "--min-sensitivity", type=_probability, metavar="X",
@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="B", help="images per batch (default 16)")
     p.add_argument("--device", default="auto", metavar="D", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--workers", type=_non_negative_int, metavar="N", help="decoding processes (default: half the cores)")
+    p.add_argument("--workers", type=_non_negative_int, metavar="N", help="decoding processes (default: half the CPUs)")
     p.add_argument("--images", metavar="DIR", help="images folder (default: the one the runs were trained on)")
     p.add_argument("--labels", metavar="CSV", help="label CSV (default: the one the runs were trained on)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
