@@ -24,7 +24,7 @@ from cascade.data.splits import read_split_csv, split_fingerprint, write_split_c
 from cascade.modeldir import read_model_dir
 from cascade.pipeline import predict_probabilities
 from cascade.stages.checkpoint import sha256_file
-from cascade.thresholds import dice, summarize, tune
+from cascade.thresholds import Summary, dice, summarize, tune
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SIZE = 96
@@ -145,8 +145,9 @@ def test_thresholds_are_what_tune_finds_on_the_same_maps(runs: Path, model: Path
     assert data["metrics"]["validation"]["confusion"] == result.confusion.to_dict()
 
 
-def test_reported_scores_equal_a_rescore_with_cascade_predict(runs: Path, model: Path) -> None:
-    """Cascade.predict one image at a time (masks at native size) against the truth gives the tuned numbers."""
+def rescore(runs: Path, model: Path) -> tuple[Summary, float]:
+    """Cascade.predict one validation image at a time (masks at native size) against the truth; and the share of
+    images whose classifier probability opens the gate."""
     ids, paths = validation(runs)
     labels = read_labels(runs / "synth" / "train-rle.csv")
     cascade = Cascade.from_pretrained(model, device="cpu")
@@ -155,11 +156,24 @@ def test_reported_scores_equal_a_rescore_with_cascade_predict(runs: Path, model:
     assert all(p.mask.shape == (SIZE, SIZE) for p in preds)
     summary = summarize([dice(p.mask, t) for p, t in zip(preds, truths)], [p.positive for p in preds],
                         [t.any() for t in truths])
+    return summary, float(np.mean([p.probability >= cascade.thresholds.cls for p in preds]))
+
+
+def test_reported_scores_equal_a_rescore_with_cascade_predict(runs: Path, model: Path) -> None:
+    summary, gated = rescore(runs, model)
     v = manifest(model)["metrics"]["validation"]
     assert v["mean_dice"] == pytest.approx(summary.mean_dice, abs=1e-12)
     assert v["confusion"] == summary.confusion.to_dict()
-    gated = np.mean([p.probability >= cascade.thresholds.cls for p in preds])
     assert v["segmented_share"] == pytest.approx(gated)
+
+
+def test_flip_tta_is_tuned_with_and_recorded_for_predict(runs: Path, tmp_path: Path) -> None:
+    assert tune_cli(runs, tmp_path / "m", "--tta") == 0
+    data = manifest(tmp_path / "m")
+    assert data["tta"] == {"hflip": True} and data["metrics"]["validation"]["tta"] is True
+    summary, _ = rescore(runs, tmp_path / "m")  # from_pretrained takes TTA from cascade.json
+    assert data["metrics"]["validation"]["mean_dice"] == pytest.approx(summary.mean_dice, abs=1e-12)
+    assert data["metrics"]["validation"]["confusion"] == summary.confusion.to_dict()
 
 
 def test_runs_on_different_folds_or_splits_are_refused(runs: Path, tmp_path: Path, capsys) -> None:
