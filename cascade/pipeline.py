@@ -168,10 +168,6 @@ def _decoded(pixels: np.ndarray, image_id: str, source: str, sizes: Iterable[int
     )
 
 
-def _init_worker(_: int) -> None:
-    cv2.setNumThreads(1)
-
-
 def _collate(items: list[_Decoded]) -> list[_Decoded]:
     return items
 
@@ -203,7 +199,6 @@ class _Engine:
             shuffle=False,
             num_workers=workers,
             collate_fn=_collate,
-            worker_init_fn=_init_worker if workers else None,
             prefetch_factor=2 if workers else None,
         )
         yield from loader

@@ -1,0 +1,155 @@
+"""Export a MODEL_DIR's networks to ONNX and check that ONNX Runtime reproduces PyTorch.
+
+Each member of each stage becomes ``<member>.onnx`` (``classifier.onnx``, ``segmenter.onnx``, ``classifier-1.onnx``
+…). The graph takes what :func:`cascade.data.preprocess.prepare_image` produces — ``image``: uint8
+``[batch, 1, height, width]`` at the stage's input size — and contains the normalisation and the sigmoid, so its
+output ``probability`` (``[batch]`` for the classifier, ``[batch, 1, height, width]`` for the segmenter) is what
+``Cascade`` thresholds. Batch is dynamic; height and width are dynamic where the network allows (convolutional
+ones do; the segmenter needs multiples of 32). ``cascade.json`` is copied beside the files for the thresholds, and
+``export.json`` records the inputs, dynamic axes and the measured parity.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cascade.data.preprocess import Preprocessing, normalize
+from cascade.errors import ConfigError, ModelError
+from cascade.fileio import atomic_path, atomic_write_json
+from cascade.modeldir import MANIFEST, read_model_dir
+from cascade.stages.checkpoint import load_stage
+
+TOLERANCE = 1e-4
+"""Largest absolute difference in probability allowed between ONNX Runtime and PyTorch (float32 on CPU)."""
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class ExportedMember:
+    """One exported network and how closely ONNX Runtime matched PyTorch on it."""
+
+    member: str
+    file: str
+    input_size: int
+    dynamic_spatial: bool
+    max_abs_diff: float
+
+
+class _WithPreprocessing(nn.Module):
+    """uint8 image → normalisation → network → sigmoid, so the ONNX graph is self-contained."""
+
+    def __init__(self, model: nn.Module, prep: Preprocessing) -> None:
+        super().__init__()
+        self.model = model
+        self.prep = prep
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(normalize(image, self.prep)))
+
+
+def export_onnx(
+    model_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, tolerance: float = TOLERANCE, seed: int = 0
+) -> list[ExportedMember]:
+    """Export every member of a MODEL_DIR to ``out`` and check each with ONNX Runtime on random inputs.
+
+    Raises ``ModelError`` when ONNX Runtime differs from PyTorch by more than ``tolerance`` (in probability).
+    """
+    try:
+        import onnxruntime  # noqa: F401  (the optional extra; checked before any work)
+    except ImportError:
+        raise ConfigError("ONNX export needs onnx and onnxruntime: pip install 'pneumothorax-cascade[onnx]'") from None
+    info = read_model_dir(model_dir)
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    results = []
+    for stage, dirs in (("classifier", info.classifiers), ("segmenter", info.segmenters)):
+        prep = info.preprocessing[stage]
+        for directory in dirs:
+            model, _ = load_stage(directory)
+            wrapped = _WithPreprocessing(model, prep).eval()
+            path = target / f"{directory.name}.onnx"
+            dynamic_spatial = _export(wrapped, path, prep.size)
+            checks = [(2, prep.size), (3, prep.size + 32 if dynamic_spatial else prep.size)]
+            diff = max(_parity(wrapped, path, rng, batch, size) for batch, size in checks)
+            if not diff <= tolerance:
+                raise ModelError(f"{path}: ONNX Runtime differs from PyTorch by {diff:.2e} > {tolerance:.0e}")
+            results.append(ExportedMember(directory.name, path.name, prep.size, dynamic_spatial, diff))
+    with atomic_path(target / MANIFEST) as tmp:
+        shutil.copyfile(Path(model_dir) / MANIFEST, tmp)
+    atomic_write_json(
+        target / "export.json",
+        {
+            "format": "onnx",
+            "opset": OPSET,
+            "input": "image: uint8 [batch, 1, height, width], the output of prepare_image at input_size",
+            "output": "probability: float32, [batch] (classifier) or [batch, 1, height, width] (segmenter)",
+            "tolerance": tolerance,
+            "members": [asdict(r) for r in results],
+        },
+    )
+    return results
+
+
+def _export(model: nn.Module, path: Path, size: int) -> bool:
+    """Write ``model`` as ONNX with a dynamic batch, and dynamic height/width if that exports; say which."""
+    example = torch.zeros(1, 1, size, size, dtype=torch.uint8)
+    spatial_out = {2: "height", 3: "width"} if _is_map(model, example) else {}
+    for dynamic_spatial in (True, False):
+        spatial = {2: "height", 3: "width"} if dynamic_spatial else {}
+        axes = {"image": {0: "batch", **spatial}, "probability": {0: "batch", **(spatial_out if spatial else {})}}
+        try:
+            with atomic_path(path) as tmp, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice and tracer warnings
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    str(tmp),
+                    dynamo=False,
+                    input_names=["image"],
+                    output_names=["probability"],
+                    dynamic_axes=axes,
+                    opset_version=OPSET,
+                )
+            return dynamic_spatial
+        except Exception as err:  # the exporter fails in many ways on architectures it cannot trace generically
+            if not dynamic_spatial:
+                raise ModelError(f"{path}: the network cannot be exported to ONNX ({type(err).__name__}: {err})")
+    raise AssertionError("unreachable")
+
+
+def _is_map(model: nn.Module, example: torch.Tensor) -> bool:
+    with torch.inference_mode():
+        return model(example).ndim == 4
+
+
+def _parity(model: nn.Module, path: Path, rng: np.random.Generator, batch: int, size: int) -> float:
+    """Largest absolute difference between ONNX Runtime and PyTorch on a random uint8 batch."""
+    import onnxruntime as ort
+
+    image = rng.integers(0, 256, size=(batch, 1, size, size), dtype=np.uint8)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["probability"], {"image": image})[0]
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(image)).numpy()
+    if got.shape != expected.shape:
+        raise ModelError(f"{path}: ONNX output shape {got.shape} differs from PyTorch {expected.shape}")
+    return float(np.abs(got - expected).max())
+
+
+def describe(results: list[ExportedMember]) -> str:
+    """One line per exported network, for the command's output."""
+    return "\n".join(
+        f"{r.file}: input {r.input_size}px, dynamic batch{' + height/width' if r.dynamic_spatial else ''}, "
+        f"max |ONNX - PyTorch| = {r.max_abs_diff:.1e}"
+        for r in results
+    )
+
