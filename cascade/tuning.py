@@ -22,7 +22,6 @@ image by :func:`cascade.thresholds.rule.area_scale`), as inference applies them.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -43,6 +42,7 @@ from cascade.modeldir import REPORT_DIR, _check_replaceable, write_model_dir
 from cascade.pipeline import ImageProbabilities, predict_probabilities
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config
 from cascade.stages.training import DATA_FILE, SPLIT_FILE
+from cascade.thresholds.metrics import json_float
 from cascade.thresholds.report import write_tune_report
 from cascade.thresholds.search import Grid, ThresholdSearch, TuneResult
 
@@ -221,7 +221,7 @@ def validation_metrics(result: TuneResult, *, cls_run: Run, tta: bool, failed: i
             "sensitivity": summary["sensitivity"],
             "specificity": summary["specificity"],
             "confusion": summary["confusion"],
-            "classifier_auc": _json(result.classifier_auc),
+            "classifier_auc": json_float(result.classifier_auc),
             "segmented_share": gated,
             "min_sensitivity": result.min_sensitivity,
             "resolution": RESOLUTION,
@@ -232,10 +232,6 @@ def validation_metrics(result: TuneResult, *, cls_run: Run, tta: bool, failed: i
             "unreadable_images": failed,
         }
     }
-
-
-def _json(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
 
 
 def tune_runs(

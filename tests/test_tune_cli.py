@@ -244,3 +244,19 @@ def test_an_unreadable_validation_image_is_reported_and_left_out(runs: Path, mod
     assert "1 unreadable (left out)" in captured.out
     report = json.loads((tmp_path / "m" / "report" / "validation.json").read_text())
     assert report["images"] == len(ids) - 1 and len(report["unreadable"]) == 1
+
+
+def test_labels_or_images_that_do_not_match_the_runs_are_refused(runs: Path, tmp_path: Path, capsys) -> None:
+    ids, _ = validation(runs)
+    labels = read_labels(runs / "synth" / "train-rle.csv")
+    flipped = next(i for i in ids if labels.is_positive(i))
+    other = tmp_path / "labels.csv"
+    rows = [f"{i},{rle}" for i, rles in labels.annotations.items() for rle in (rles if i != flipped else []) or ["-1"]]
+    other.write_text("ImageId,EncodedPixels\n" + "\n".join(rows) + "\n")
+    assert tune_cli(runs, tmp_path / "m", "--labels", str(other)) == 2
+    assert f"ImageId {flipped} is negative here but not in" in error_line(capsys)
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    assert tune_cli(runs, tmp_path / "m", "--images", str(empty)) == 2
+    assert f"{len(ids)} validation image(s) of {runs / 'cls' / 'split.csv'} not found" in error_line(capsys)
+    assert not (tmp_path / "m").exists()
