@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from cascade.thresholds.rule import apply_rule, area_scale
-from cascade.thresholds.search import Grid, ThresholdSearch, _first_best, tune
+from cascade.thresholds.search import Grid, ThresholdSearch, best_point, tune
 
 TARGET_RATIO = 100.0
 TARGET_MEMORY_MB = 1024.0
@@ -87,7 +87,7 @@ def part1(n: int, size: int, sample: int, seed: int) -> None:
     for index in np.ndindex(*SMALL_GRID.shape):
         table[index] = brute_force_point(cls, segs, masks, SMALL_GRID.point(index))
     brute_small = time.perf_counter() - t0
-    best = _first_best(table)
+    best = best_point(table)
     assert np.abs(table - result.scores).max() <= 1e-12, "score tables differ"
     assert best == result.best_index and SMALL_GRID.point(best) == result.thresholds, "best points differ"
     assert abs(table[best] - result.score) <= 1e-12, "best scores differ"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from cascade.errors import CascadeError, ConfigError
 from cascade.thresholds.rule import FIELDS
-from cascade.thresholds.search import Grid, ThresholdSearch, _first_best, evaluate_thresholds, tune
+from cascade.thresholds.search import Grid, ThresholdSearch, best_point, evaluate_thresholds, tune
 
 LEVELS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)  # probability values that sit on grid thresholds (ties)
 PX = 1024 * 1024 / 256  # one pixel of a 16 x 16 map, in pixels at 1024²
@@ -70,7 +70,7 @@ def test_search_equals_brute_force(case) -> None:
     np.testing.assert_allclose(result.scores, scores, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(result.tp, tp)
     np.testing.assert_array_equal(result.fp, fp)
-    assert result.best_index == _first_best(scores)
+    assert result.best_index == best_point(scores)
     assert result.score == pytest.approx(scores.max(), abs=1e-12)
     reference = evaluate_thresholds(cls, segs, masks, result.thresholds)
     assert result.summary.confusion == reference.confusion

@@ -100,7 +100,7 @@ class Grid:
         return cls(**{k: tuple(v) for k, v in data.items()})
 
 
-def _first_best(scores: np.ndarray, allowed: np.ndarray | None = None) -> tuple[int, ...] | None:
+def best_point(scores: np.ndarray, allowed: np.ndarray | None = None) -> tuple[int, ...] | None:
     """Index of the first point in C order within TIE_TOLERANCE of the best allowed score (None if none)."""
     masked = scores if allowed is None else np.where(allowed, scores, -np.inf)
     top = masked.max()
@@ -183,7 +183,7 @@ class TuneResult:
         sens = self.sensitivity_table
         rows = []
         for level in levels:
-            index = _first_best(self.scores, sens >= level) if self.positives else None
+            index = best_point(self.scores, sens >= level) if self.positives else None
             row: dict[str, Any] = {"min_sensitivity": level}
             row.update(self._point(index) if index is not None else {"thresholds": None, "mean_dice": None})
             rows.append(row)
@@ -211,21 +211,40 @@ class TuneResult:
 
 
 class ThresholdSearch:
-    """Streaming accumulator: ``add`` one image at a time, then ``result``; memory is O(images x grid axes)."""
+    """Streaming accumulator: ``add`` one image at a time, then ``result``; memory is O(images x grid axes).
+
+    The per-image statistics live in a few preallocated arrays that double when full: thousands of tiny
+    long-lived arrays between the 4 MB maps of a stream would fragment the heap and inflate the resident size.
+    """
 
     def __init__(self, grid: Grid | None = None) -> None:
         self.grid = grid if grid is not None else Grid()
         self._tops = np.asarray(self.grid.top, dtype=np.float32)
         self._bottoms = np.asarray(self.grid.bottom, dtype=np.float32)
-        self._cls: list[float] = []
-        self._scale: list[float] = []
-        self._truth: list[int] = []
-        self._top_counts: list[np.ndarray] = []
-        self._pred: list[np.ndarray] = []
-        self._inter: list[np.ndarray] = []
+        self._n = 0
+        _, n_t, _, n_b, n_m = self.grid.shape
+        self._stats = {
+            "cls": np.zeros(0),
+            "scale": np.zeros(0),
+            "truth": np.zeros(0, np.int64),
+            "top_counts": np.zeros((0, n_t), np.int64),
+            "pred": np.zeros((0, n_b, n_m), np.int64),
+            "inter": np.zeros((0, n_b, n_m), np.int64),
+        }
 
     def __len__(self) -> int:
-        return len(self._cls)
+        return self._n
+
+    def _row(self) -> int:
+        """Index of a fresh row in every statistics array (grown by doubling)."""
+        n = self._n
+        if n == len(self._stats["cls"]):
+            for key, old in self._stats.items():
+                new = np.zeros((max(256, 2 * n), *old.shape[1:]), old.dtype)
+                new[:n] = old
+                self._stats[key] = new
+        self._n += 1
+        return n
 
     def add(self, cls_prob: float, seg_prob: np.ndarray, mask: np.ndarray) -> None:
         """Record one image: its classifier probability, H x W probability map and H x W truth mask."""
@@ -237,18 +256,12 @@ class ThresholdSearch:
         if truth.shape != seg.shape:
             raise CascadeError(f"{where}: truth mask shape {truth.shape} differs from map shape {seg.shape}")
         scale = area_scale(*seg.shape)
-        n_b, n_m = len(self._bottoms), len(self.grid.min_component)
-        pred = np.zeros((n_b, n_m), dtype=np.int64)
-        inter = np.zeros((n_b, n_m), dtype=np.int64)
+        i = self._row()
+        st = self._stats
+        st["cls"][i], st["scale"][i], st["truth"][i] = float(cls_prob), scale, np.count_nonzero(truth)
         values = np.sort(seg[seg >= self._tops[0]])
-        top_counts = values.size - np.searchsorted(values, self._tops, side="left")
-        self._box_stats(seg, truth, scale, pred, inter)
-        self._cls.append(float(cls_prob))
-        self._scale.append(scale)
-        self._truth.append(int(np.count_nonzero(truth)))
-        self._top_counts.append(top_counts.astype(np.int64))
-        self._pred.append(pred)
-        self._inter.append(inter)
+        st["top_counts"][i] = values.size - np.searchsorted(values, self._tops, side="left")
+        self._box_stats(seg, truth, scale, st["pred"][i], st["inter"][i])
 
     def _box_stats(self, seg: np.ndarray, truth: np.ndarray, scale: float, pred: np.ndarray, inter: np.ndarray) -> None:
         """Fill pred/inter [bottom, min_component], labelling components on the bounding box of each level.
@@ -283,11 +296,12 @@ class ThresholdSearch:
             raise ConfigError(f"min_sensitivity must lie in [0, 1], got {min_sensitivity!r}")
         g = self.grid
         n_c, n_t, n_a, n_b, n_m = g.shape
-        cls = np.asarray(self._cls, dtype=np.float64)
-        truth = np.asarray(self._truth, dtype=np.int64)
+        st = {key: values[:n] for key, values in self._stats.items()}
+        cls = st["cls"]
+        truth = st["truth"]
         positive = truth > 0
-        pred = np.stack(self._pred)
-        dices = dice_from_counts(np.stack(self._inter), pred, truth[:, None, None])
+        pred = st["pred"]
+        dices = dice_from_counts(st["inter"], pred, truth[:, None, None])
         empty = (~positive).astype(np.float64)
         masked = pred > 0
         gains = np.concatenate(
@@ -300,8 +314,8 @@ class ThresholdSearch:
             dtype=np.float64,
         )
         cls_pass = cls[:, None] >= np.asarray(g.cls)[None, :]
-        area_px = np.asarray(g.area)[None, :] * np.asarray(self._scale)[:, None]
-        top_pass = np.stack(self._top_counts)[:, :, None] >= area_px[:, None, :]
+        area_px = np.asarray(g.area)[None, :] * st["scale"][:, None]
+        top_pass = st["top_counts"][:, :, None] >= area_px[:, None, :]
         totals = np.zeros((n_c * n_t * n_a, gains.shape[1]))
         for s in range(0, n, _CHUNK):
             gate = cls_pass[s : s + _CHUNK, :, None, None] & top_pass[s : s + _CHUNK, None]
@@ -314,9 +328,9 @@ class ThresholdSearch:
         allowed = None
         if min_sensitivity is not None:
             if not positive.any():
-                raise CascadeError("threshold search: --min-sensitivity needs positive images, and there are none")
+                raise CascadeError("threshold search: a minimum sensitivity needs positive images, and there are none")
             allowed = tp / positive.sum() >= min_sensitivity
-        best = _first_best(scores, allowed)
+        best = best_point(scores, allowed)
         if best is None:
             reach = float(tp.max() / positive.sum())
             raise CascadeError(
@@ -338,7 +352,7 @@ class ThresholdSearch:
             fp=fp,
             positives=int(positive.sum()),
             negatives=n_neg,
-            cls_probs=cls,
+            cls_probs=cls.copy(),
             truth_positive=positive,
             min_sensitivity=min_sensitivity,
         )
