@@ -81,6 +81,7 @@ def export_onnx(
             checks = [(2, prep.size), (3, prep.size + 32 if dynamic_spatial else prep.size)]
             diff = max(_parity(wrapped, path, rng, batch, size) for batch, size in checks)
             if not diff <= tolerance:
+                path.unlink()
                 raise ModelError(f"{path}: ONNX Runtime differs from PyTorch by {diff:.2e} > {tolerance:.0e}")
             results.append(ExportedMember(directory.name, path.name, prep.size, dynamic_spatial, diff))
     with atomic_path(target / MANIFEST) as tmp:

@@ -1,0 +1,126 @@
+"""`cascade predict`: submission CSV, bad files among good ones, overlays, bad model folders, exit statuses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cascade.cli.main import main
+from cascade.data.labels import read_labels
+from cascade.data.rle import rle_decode
+from cascade.data.synth import SynthSummary, generate
+from cascade.modeldir import MANIFEST
+from cascade.pipeline import Cascade
+from cascade.thresholds.rule import Thresholds
+from test_pipeline import make_model_dir
+
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> SynthSummary:
+    return generate(tmp_path_factory.mktemp("synth"), images=5, positive_fraction=0.4, size=SIZE, seed=7,
+                    progress=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, synth: SynthSummary) -> Path:
+    """Thresholds set from the networks' own outputs so that some images pass the gate and some do not."""
+    path = make_model_dir(tmp_path_factory.mktemp("m") / "model")
+    model = Cascade.from_pretrained(path, device="cpu")
+    probs = sorted(p.probability for p in model.predict_many(sorted(synth.paths.values()), workers=0))
+    th = Thresholds(cls=(probs[1] + probs[2]) / 2, top=0.0, area=0, bottom=0.0, min_component=0)
+    return make_model_dir(path, th)
+
+
+def test_folder_and_bad_files_give_csv_of_the_good_ones_and_exit_2(
+    synth: SynthSummary, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad_dir = tmp_path / "more" / "deep"
+    bad_dir.mkdir(parents=True)
+    (bad_dir / "broken.dcm").write_bytes(b"DICM" * 100)
+    truncated = bad_dir / "truncated.dcm"
+    first = sorted(synth.paths.values())[0]
+    truncated.write_bytes(first.read_bytes()[:600])
+    out = tmp_path / "sub.csv"
+    images = synth.labels.parent / "dicom-images-train"
+    status = main(["predict", str(model_dir), str(images), str(tmp_path / "more"), "--out", str(out),
+                   "--device", "cpu", "--workers", "1", "--batch-size", "2", "--overlays", str(tmp_path / "ov")])
+    captured = capsys.readouterr()
+    assert status == 2
+    assert "broken.dcm" in captured.err and "truncated.dcm" in captured.err
+    labels = read_labels(out)
+    assert sorted(labels.image_ids) == sorted(synth.paths)
+    model = Cascade.from_pretrained(model_dir, device="cpu")
+    positives = []
+    for image_id, path in synth.paths.items():
+        pred = model.predict(path)
+        assert np.array_equal(labels.mask(image_id, SIZE, SIZE), pred.mask)
+        if pred.positive:
+            positives.append(image_id)
+    assert 0 < len(positives) < len(synth.paths)
+    assert "5 images predicted" in captured.out and f"{len(positives)} positive" in captured.out
+    assert "2 failed" in captured.out and "images/s" in captured.out
+    overlays = sorted(p.stem for p in (tmp_path / "ov").glob("*.png"))
+    assert overlays == sorted(positives)
+    overlay = cv2.imread(str(tmp_path / "ov" / f"{positives[0]}.png"))
+    assert overlay.shape == (SIZE, SIZE, 3)
+    assert (overlay[..., 2].astype(int) - overlay[..., 0]).max() > 100, "the red outline is drawn"
+
+
+def test_all_good_exits_0_and_tta_flag_overrides_the_model_folder(
+    synth: SynthSummary, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["tta"] = {"hflip": True}
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    path = sorted(synth.paths.values())[0]
+    out = tmp_path / "sub.csv"
+    assert main(["predict", str(copy), str(path), "--out", str(out), "--device", "cpu", "--no-tta"]) == 0
+    assert "tta off" in capsys.readouterr().out
+    assert main(["predict", str(copy), str(path), "--out", str(out), "--device", "cpu", "--workers", "0"]) == 0
+    assert "tta on" in capsys.readouterr().out
+    rows = out.read_text().splitlines()
+    assert rows[0] == "ImageId,EncodedPixels" and len(rows) == 2 and rows[1].startswith(path.stem + ",")
+    rle_decode(rows[1].split(",", 1)[1], SIZE, SIZE)
+
+
+@pytest.mark.parametrize("damage", ["tamper", "schema", "missing"])
+def test_bad_model_folder_exits_2_with_one_line_and_writes_nothing(
+    synth: SynthSummary, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    if damage == "tamper":
+        weights = copy / "classifier" / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 1
+        weights.write_bytes(bytes(data))
+    elif damage == "schema":
+        (copy / MANIFEST).write_text((copy / MANIFEST).read_text().replace('"schema_version": 1', '"schema_version": 2'))
+    else:
+        (copy / "segmenter" / "config.json").unlink()
+    out = tmp_path / "sub.csv"
+    status = main(["predict", str(copy), str(sorted(synth.paths.values())[0]), "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and not out.exists()
+    assert err.startswith("cascade predict: error: ") and "\n" not in err and str(copy) in err
+
+
+def test_missing_input_and_bad_arguments_exit_2(model_dir: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sub.csv"
+    assert main(["predict", str(model_dir), str(tmp_path / "nowhere"), "--out", str(out), "--device", "cpu"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(model_dir), str(tmp_path / "empty"), "--out", str(out), "--device", "cpu"]) == 2
+    assert "no DICOM files" in capsys.readouterr().err
+    assert main(["predict", str(model_dir), str(tmp_path), "--out", str(out), "--batch-size", "0"]) == 2
+    assert not out.exists()
