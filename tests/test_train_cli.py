@@ -85,7 +85,7 @@ def test_bad_config_and_flags_are_refused(small: Path, tmp_path: Path, capsys) -
     assert train(small, tmp_path / "run", "--arch", "unet", stage="cls") == 2
     assert "--arch applies to the segmenter" in error_line(capsys)
     assert train(small, tmp_path / "run", "--init-from", str(tmp_path)) == 2
-    assert "not yet supported" in error_line(capsys)
+    assert "--init-from applies to the classifier" in error_line(capsys)
     assert train(small, tmp_path / "run", "--resume") == 2
     assert "nothing to resume" in error_line(capsys)
     assert not (tmp_path / "run").exists()

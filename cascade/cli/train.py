@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
+
+from cascade.errors import ConfigError
 
 
 def _positive_int(text: str) -> int:
@@ -28,6 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Train one stage on SIIM-layout data (DICOMs under --images, RLE labels in --labels) and write "
         "RUN_DIR: config.yaml, split.csv, metrics.csv, best/ and last/ (model.safetensors + config.json) and "
         "state.pt for --resume. Settings come from the stage defaults, then --config, then the flags below. "
+        "Recommended order: train the segmenter first (--stage seg), then the classifier from its encoder "
+        "(--stage cls --init-from SEG_RUN_DIR, same --images/--labels/--folds/--fold/--seed so both validate on the "
+        "same fold), then cascade tune --cls CLS_RUN_DIR --seg SEG_RUN_DIR. Without pretrained weights a classifier "
+        "trained from scratch on a few hundred images often stays at chance; the segmenter's encoder, taught by the "
+        "masks, gives it features to pool. "
         "Several GPUs: torchrun --nproc_per_node N -m cascade train ...",
     )
     p.add_argument("--stage", required=True, choices=("cls", "seg"), help="cls: image classifier; seg: segmenter")
@@ -52,7 +60,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--pretrained", metavar="PATH_OR_NAME",
         help="starting weights for the backbone/encoder: a local state dict (safetensors or torch) or a hub name",
     )
-    p.add_argument("--init-from", metavar="RUN_DIR", help="start from another run's weights (not yet supported)")
+    p.add_argument(
+        "--init-from", metavar="RUN_DIR",
+        help="cls: start the backbone from this segmenter run's encoder (its best/), which must be the same timm "
+        "architecture: seg encoder tu-NAME (or smp's resnetN) for classifier --encoder NAME; sets network.init_from",
+    )
+    p.add_argument(
+        "--freeze-backbone-epochs", type=_non_negative_int, metavar="N",
+        help="train only the head for the first N epochs (optim.freeze_backbone_epochs; default 0)",
+    )
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last finished epoch")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(func=run)
@@ -68,10 +84,13 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
     put("network", "model" if args.stage == "cls" else "encoder", args.encoder)
     if args.arch is not None and args.stage == "cls":
-        from cascade.errors import ConfigError
-
         raise ConfigError("--arch applies to the segmenter; for --stage cls choose the network with --encoder")
     put("network", "arch", args.arch)
+    if args.init_from is not None:
+        if args.stage != "cls":
+            raise ConfigError("--init-from applies to the classifier (--stage cls): it starts from a segmenter run")
+        put("network", "init_from", str(Path(args.init_from).expanduser().resolve()))
+    put("optim", "freeze_backbone_epochs", args.freeze_backbone_epochs)
     put("preprocessing", "size", args.image_size)
     put("optim", "epochs", args.epochs)
     put("optim", "batch_size", args.batch_size)
@@ -89,14 +108,9 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from cascade.errors import ConfigError
     from cascade.stages import config as cfg
     from cascade.stages import training
 
-    if args.init_from is not None:
-        raise ConfigError(f"--init-from {args.init_from}: not yet supported (planned); use --pretrained PATH instead")
     out = Path(args.out)
     if args.resume:
         training.check_run_dir(out, resume=True)

@@ -4,6 +4,10 @@ A run's configuration is built in three layers: the stage's defaults, then a YAM
 line flags. Every key is checked: an unknown key or a value of the wrong type or range raises ``ConfigError`` naming
 the dotted key (``optim.lr``) and the file it came from. The resolved configuration is what ``config.yaml`` in the
 run folder records, so ``--resume`` can rebuild the run from it.
+
+Two keys serve a classifier trained on little data (see docs/classifier-init.md): ``network.init_from`` names a
+segmenter run whose encoder starts the classifier's backbone, and ``optim.freeze_backbone_epochs`` keeps the
+backbone fixed for the first epochs so only the head learns.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ SHARE = (object, lambda v: v is None or _share(v), "null, a share in (0, 1] or a
 
 # section -> key -> (type, check, description); "network" differs by stage.
 NETWORK_SCHEMA: dict[str, dict[str, tuple[type, Check, str]]] = {
-    "cls": {"model": TEXT, "pool": TEXT, "drop_rate": _float(0.0, 1.0)},
+    "cls": {"model": TEXT, "pool": TEXT, "drop_rate": _float(0.0, 1.0), "init_from": OPTIONAL_TEXT},
     "seg": {"arch": _choice(tuple(ARCHS)), "encoder": TEXT},
 }
 SCHEMA: dict[str, dict[str, tuple[type, Check, str]]] = {
@@ -76,6 +80,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Check, str]]] = {
         "warmup_epochs": _float(0.0, 1000.0),
         "min_lr_ratio": _float(0.0, 1.0),
         "grad_clip": _float(0.0),
+        "freeze_backbone_epochs": _int(0, 10_000),
     },
     "loss": {"bce": _float(0.0), "dice": _float(0.0), "focal": _float(0.0), "focal_gamma": _float(0.0, 10.0)},
     "sampling": {"positive_share": SHARE},
@@ -102,12 +107,13 @@ COMMON_DEFAULTS: dict[str, Any] = {
         "warmup_epochs": 1.0,
         "min_lr_ratio": 0.01,
         "grad_clip": 1.0,
+        "freeze_backbone_epochs": 0,
     },
     "runtime": {"device": "auto", "amp": "auto", "channels_last": True, "compile": False, "ema": 0.0},
 }
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cls": {
-        "network": {"model": "resnet34", "pool": "avg", "drop_rate": 0.0},
+        "network": {"model": "resnet34", "pool": "avg", "drop_rate": 0.0, "init_from": None},
         "loss": {"bce": 1.0, "dice": 0.0, "focal": 0.0, "focal_gamma": 2.0},
         "sampling": {"positive_share": None},
     },
@@ -188,6 +194,12 @@ def validate(config: dict[str, Any], origin: str) -> dict[str, Any]:
             if not type_ok or not check(value):
                 raise ConfigError(f"{origin}: {section}.{key} must be {text}, got {value!r}")
             out[section][key] = value
+    optim = out["optim"]
+    if optim["freeze_backbone_epochs"] > optim["epochs"]:
+        raise ConfigError(
+            f"{origin}: optim.freeze_backbone_epochs {optim['freeze_backbone_epochs']} exceeds optim.epochs "
+            f"{optim['epochs']}"
+        )
     if out["data"]["fold"] >= out["data"]["folds"]:
         raise ConfigError(f"{origin}: data.fold {out['data']['fold']} must be below data.folds {out['data']['folds']}")
     loss = out["loss"]
@@ -233,7 +245,10 @@ def resume_config(
 ) -> dict[str, Any]:
     """The configuration of a run being resumed: its ``config.yaml``, with flags allowed to change only
     ``RESUME_MAY_CHANGE`` (anything else would make the resumed run differ from an uninterrupted one)."""
-    saved = validate(read_yaml(saved_path), str(saved_path))
+    raw = read_yaml(saved_path)
+    if raw.get("stage") in STAGES:  # a run saved before a key existed gets that key's default
+        raw = merge(defaults(raw["stage"]), raw, str(saved_path))
+    saved = validate(raw, str(saved_path))
     if saved["stage"] != stage:
         raise ConfigError(f"{saved_path}: the run trained stage {saved['stage']!r} but --stage is {stage!r}")
     config = saved

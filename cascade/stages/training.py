@@ -10,6 +10,9 @@ Reproducibility: every random draw of an epoch (sampler order, augmentation, dro
 seeded from ``(seed, epoch, rank)`` when the epoch starts, and the learning rate is a function of the step's
 position, so ``state.pt`` (weights, optimizer, GradScaler, EMA, epoch, best score, metric history) is all a resumed
 run needs to continue exactly as an uninterrupted one would (bit-identical on CPU with the same worker count).
+Whether the backbone is frozen (``optim.freeze_backbone_epochs``) is a function of the epoch too, and a frozen
+parameter has no AdamW state to lose. A classifier may start from a segmenter run's encoder (``network.init_from``,
+:func:`cascade.stages.weights.init_from_segmenter`); a resumed run takes its weights from ``state.pt`` instead.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from cascade.stages.checkpoint import build_model, save_stage
 from cascade.stages.config import positive_share, to_yaml
 from cascade.stages.losses import ComboLoss
 from cascade.stages.sampling import PositiveShareSampler
-from cascade.stages.weights import load_pretrained
+from cascade.stages.weights import init_from_segmenter, init_source, load_pretrained, set_backbone_trainable
 from cascade.thresholds.metrics import confusion, dice_from_counts, json_float, roc_auc, sensitivity, specificity
 
 CONFIG_FILE = "config.yaml"
@@ -245,12 +248,17 @@ class Ema:
                 self.state[key].copy_(value)
 
 
+def network_config(config: dict[str, Any]) -> dict[str, Any]:
+    """What ``build_model`` needs to rebuild the run's network (``network.init_from`` only says where training
+    started, so it stays in ``config.yaml``)."""
+    network = {k: v for k, v in config["network"].items() if k != "init_from"}
+    return {"stage": config["stage"], "in_chans": 1, **network}
+
+
 def stage_config(config: dict[str, Any], run: RunData, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
     """The ``config.json`` of a saved stage folder: network keys, preprocessing, split and the epoch's metrics."""
     return {
-        "stage": config["stage"],
-        "in_chans": 1,
-        **config["network"],
+        **network_config(config),
         "preprocessing": Preprocessing(**config["preprocessing"]).to_dict(),
         "split_fingerprint": run.fingerprint,
         "fold": config["data"]["fold"],
@@ -509,6 +517,11 @@ def _train(
     progress: bool,
 ) -> dict[str, Any]:
     check_run_dir(out, resume)
+    init_from = config["network"].get("init_from")
+    if init_from and pretrained:
+        raise ConfigError(f"--init-from {init_from} and --pretrained {pretrained}: choose one starting point")
+    if init_from and not resume:
+        init_source(config)
     run = load_run_data(config, images, labels)
     state = load_state(out / STATE_FILE) if resume else None
     if state is not None and state["split_fingerprint"] != run.fingerprint:
@@ -523,9 +536,13 @@ def _train(
     train_set, val_set = make_datasets(config, run, cache)
 
     seed_everything(config["seed"])
-    model = build_model({"stage": config["stage"], "in_chans": 1, **config["network"]})
+    model = build_model(network_config(config))
     if pretrained and state is None:
         load_pretrained(model, config, pretrained)
+    if init_from and state is None:
+        report = init_from_segmenter(model, config)
+        if rt.main and progress:
+            print(report.describe(), file=sys.stderr)
     model.to(rt.device)
     if config["runtime"]["channels_last"]:
         model.to(memory_format=torch.channels_last)
@@ -544,16 +561,9 @@ def _train(
             ema.updates = int(state["ema_updates"])
         history, best, start_epoch = list(state["history"]), float(state["best"]), int(state["epoch"])
 
-    train_model: nn.Module = model
-    if rt.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    if config["runtime"]["compile"]:
-        train_model = torch.compile(train_model)
     eval_model = model
     if ema is not None:
-        eval_model = build_model({"stage": config["stage"], "in_chans": 1, **config["network"]}).to(rt.device)
+        eval_model = build_model(network_config(config)).to(rt.device)
         if config["runtime"]["channels_last"]:
             eval_model.to(memory_format=torch.channels_last)
 
@@ -562,7 +572,12 @@ def _train(
     sampler = PositiveShareSampler(train_set.positive, shares, config["seed"], rt.rank, rt.world)
     criterion = ComboLoss.from_config(config["loss"])
     row: dict[str, Any] = history[-1] if history else {}
+    frozen: bool | None = None
     for epoch in range(start_epoch, epochs):
+        if frozen != (epoch < optim["freeze_backbone_epochs"]):
+            frozen = epoch < optim["freeze_backbone_epochs"]
+            set_backbone_trainable(model, config["stage"], not frozen)
+            train_model = wrap_for_training(model, config, rt)
         seed = epoch_seed(config["seed"], epoch, rt.rank)
         seed_everything(seed)
         if train_set.augment is not None and config["data"]["workers"] == 0:
@@ -609,6 +624,19 @@ def _train(
         if rt.world > 1:
             dist.barrier()
     return row
+
+
+def wrap_for_training(model: nn.Module, config: dict[str, Any], rt: Runtime) -> nn.Module:
+    """``model`` as the training step calls it: in DistributedDataParallel across processes, compiled when asked.
+    Built again whenever the backbone is frozen or unfrozen (DDP registers the parameters that need gradients)."""
+    out: nn.Module = model
+    if rt.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        out = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if config["runtime"]["compile"]:
+        out = torch.compile(out)
+    return out
 
 
 def _write_epoch(

@@ -11,6 +11,7 @@ weight name such as ``imagenet``) for hub weights; offline it fails at once with
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from cascade.errors import ModelError
+from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.")
 
@@ -130,3 +132,149 @@ def load_pretrained(model: nn.Module, config: dict[str, Any], source: str) -> in
     adapted = adapt_state_dict(state, target, head, origin)
     target.load_state_dict(adapted, strict=False)
     return len(adapted)
+
+
+# ------------------------------------------------------------------------------------- --init-from a segmenter run
+
+
+def timm_name_of_encoder(encoder: str) -> str:
+    """The timm architecture of an smp encoder: ``tu-NAME`` is timm ``NAME``; smp's own encoders keep their name
+    (smp's ``resnet*``/``resnext*`` are torchvision ResNets, whose weight names equal timm's)."""
+    return encoder[3:] if encoder.startswith("tu-") else encoder
+
+
+def _base_name(model: str) -> str:
+    """A timm model name without its pretrained tag (``resnet18.a1_in1k`` -> ``resnet18``)."""
+    return model.split(".", 1)[0]
+
+
+def segmenter_stage_dir(source: str | os.PathLike[str]) -> Path:
+    """The stage folder that ``--init-from`` reads: ``RUN_DIR/best`` of a training run, or a stage folder itself
+    (``model.safetensors`` + ``config.json``, such as ``MODEL_DIR/segmenter``)."""
+    path = Path(source).expanduser()
+    for candidate in (path / "best", path):
+        if (candidate / CONFIG).is_file() and (candidate / WEIGHTS).is_file():
+            return candidate
+    raise ModelError(
+        f"{source}: not a training run (no best/config.json and best/model.safetensors); "
+        "--init-from needs a finished segmenter run (cascade train --stage seg)"
+    )
+
+
+def _backbone_name_in_encoder(name: str, encoder: dict[str, torch.Tensor]) -> str | None:
+    """The encoder tensor holding backbone tensor ``name``: the same name, or — timm's ``features_only`` wrapper
+    flattens top-level ``nn.Sequential`` children — ``a_b.rest`` for ``a.b.rest`` (``stem.0.weight`` ->
+    ``stem_0.weight`` in ConvNeXt)."""
+    if name in encoder:
+        return name
+    head, _, rest = name.partition(".")
+    flat = head + "_" + rest
+    return flat if "." in rest and flat in encoder else None
+
+
+@dataclass(frozen=True)
+class InitReport:
+    """What ``--init-from`` did: the stage folder read, how many backbone tensors it set, and the backbone tensors
+    besides the head left as built (layers timm puts after the last feature stage, e.g. EfficientNet's
+    ``conv_head``/``bn2``: a segmentation encoder stops before them)."""
+
+    source: Path
+    loaded: int
+    left: tuple[str, ...]
+
+    def describe(self) -> str:
+        left = f"; also new (after the encoder's last stage): {', '.join(self.left)}" if self.left else ""
+        return (
+            f"--init-from {self.source}: {self.loaded} backbone tensors loaded from the segmenter's encoder, "
+            f"the head is new{left}"
+        )
+
+
+def encoder_to_backbone(
+    encoder: dict[str, torch.Tensor], backbone: nn.Module, head: tuple[str, ...], origin: str
+) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """Map a segmenter encoder's tensors onto a classifier backbone by name, exactly (no reshaping).
+
+    Every encoder tensor must find its place and keep its shape, and the backbone tensors without a source must be
+    the head or a tail after the last mapped tensor (layers past the last feature stage); anything else means the
+    two networks are not the same architecture, and ModelError says which tensor differs.
+    ``encoder`` is named as the timm model names its own tensors (an smp ``tu-`` encoder's ``model.`` removed).
+    Returns the tensors to load and the non-head backbone names left as built.
+    """
+    source = encoder
+    wanted = backbone.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    unmatched: list[str] = []
+    for name, ref in wanted.items():
+        if name.startswith(head):
+            continue
+        key = _backbone_name_in_encoder(name, source)
+        if key is None:
+            unmatched.append(name)
+            continue
+        if source[key].shape != ref.shape:
+            raise ModelError(
+                f"{origin}: encoder tensor {key!r} has shape {tuple(source[key].shape)}, "
+                f"the classifier's {name!r} needs {tuple(ref.shape)}"
+            )
+        if unmatched:
+            raise ModelError(f"{origin}: the classifier's {unmatched[0]!r} has no tensor in the segmenter's encoder")
+        mapped[name] = source[key].to(ref.dtype)
+        used.add(key)
+    unused = [k for k in source if k not in used]
+    if unused:
+        raise ModelError(f"{origin}: the encoder's {unused[0]!r} (and {len(unused) - 1} more) has no place in the classifier")
+    return mapped, tuple(unmatched)
+
+
+def init_source(config: dict[str, Any]) -> Path:
+    """The segmenter stage folder named by ``network.init_from``, checked to be a segmenter whose encoder is the
+    classifier's timm architecture (cheap: reads ``config.json`` only, so a run fails before any work)."""
+    source = config["network"]["init_from"]
+    stage_dir = segmenter_stage_dir(source)
+    seg = read_config(stage_dir)
+    origin = f"--init-from {source}"
+    if seg.get("stage") != "seg":
+        raise ModelError(
+            f"{origin}: a {seg.get('stage')!r} run; --init-from needs a segmenter run (cascade train --stage seg)"
+        )
+    encoder = str(seg.get("encoder", ""))
+    timm_name, model_name = timm_name_of_encoder(encoder), str(config["network"]["model"])
+    if _base_name(timm_name) != _base_name(model_name):
+        raise ModelError(
+            f"{origin}: the segmenter's encoder {encoder!r} is timm {timm_name!r} but the classifier is "
+            f"{model_name!r}; the architectures must match (train the classifier with --encoder {timm_name})"
+        )
+    return stage_dir
+
+
+def init_from_segmenter(model: nn.Module, config: dict[str, Any]) -> InitReport:
+    """Fill the classifier's backbone from the encoder of the segmenter run in ``network.init_from`` (its
+    ``best/``); ModelError naming both networks when they are not the same architecture."""
+    stage_dir = init_source(config)
+    weights = stage_dir / WEIGHTS
+    encoder = str(read_config(stage_dir)["encoder"])
+    prefix = "encoder.model." if encoder.startswith("tu-") else "encoder."
+    state = read_state_dict(weights)
+    encoder_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not encoder_state:
+        raise ModelError(f"{weights}: no {prefix}* tensors (is it the weights of a segmenter with encoder {encoder}?)")
+    backbone, head = target_module(model, "cls")
+    names = f"{encoder} -> {config['network']['model']}"
+    mapped, left = encoder_to_backbone(encoder_state, backbone, head, f"--init-from {stage_dir} ({names})")
+    backbone.load_state_dict(mapped, strict=False)
+    return InitReport(stage_dir, len(mapped), left)
+
+
+def set_backbone_trainable(model: nn.Module, stage: str, trainable: bool) -> int:
+    """Freeze (``trainable=False``) or unfreeze the backbone/encoder's parameters, never the head; returns how many
+    parameter tensors changed. Frozen parameters get no gradient, so AdamW leaves them (and their moments) exactly
+    as they are and backward skips their layers; BatchNorm running statistics still follow the data."""
+    target, head = target_module(model, stage)
+    changed = 0
+    for name, param in target.named_parameters():
+        if not name.startswith(head) and param.requires_grad != trainable:
+            param.requires_grad_(trainable)
+            changed += 1
+    return changed
