@@ -2,7 +2,8 @@
 
 Per image: decode (``read_dicom``), preprocess with the same code as training (``prepare_image`` at each stage's
 input size, then ``normalize``), run the classifier members (averaged probabilities, optional horizontal-flip
-TTA), run the segmenter members **only on images whose classifier probability clears ``cls``**, resize the
+TTA), run the segmenter members **only on images whose classifier probability clears ``cls``** (collected into
+full batches across classifier batches, order kept), resize the
 probability map to the image's native size and apply the rule (:func:`cascade.thresholds.rule.apply_rule`, areas
 rescaled by :func:`~cascade.thresholds.rule.area_scale` of the native size).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,32 +205,64 @@ class _Engine:
         )
         yield from loader
 
-    def run(self, batch: list[_Decoded], cls_threshold: float | None, tta: bool) -> list[ImageProbabilities]:
-        """Classify every readable image; segment those with ``cls_prob >= cls_threshold`` (all when None)."""
-        good = [i for i, item in enumerate(batch) if item.error is None]
-        cls_probs = np.full(len(batch), math.nan)
-        seg_probs: list[np.ndarray | None] = [None] * len(batch)
-        if good:
-            size = self.classifier.prep.size
-            cls_probs[good] = self.classifier(np.stack([batch[i].inputs[size] for i in good]), tta)
-            passing = [i for i in good if cls_threshold is None or float(cls_probs[i]) >= cls_threshold]
-            if passing:
-                size = self.segmenter.prep.size
-                maps = self.segmenter(np.stack([batch[i].inputs[size] for i in passing]), tta)
-                for i, seg in zip(passing, maps):
-                    seg_probs[i] = seg
-        return [
-            ImageProbabilities(
-                image_id=item.image_id,
-                source=item.source,
-                height=item.height,
-                width=item.width,
-                cls_prob=float(cls_probs[i]),
-                seg_prob=seg_probs[i],
-                error=item.error,
-            )
-            for i, item in enumerate(batch)
-        ]
+    def probabilities(
+        self, batches: Iterable[list[_Decoded]], batch_size: int, cls_threshold: float | None, tta: bool
+    ) -> Iterator[ImageProbabilities]:
+        """Classify each batch; segment the images with ``cls_prob >= cls_threshold`` (all when None); keep order.
+
+        Passing images are collected across classifier batches until ``batch_size`` wait, so the segmenter always
+        runs on full batches of only those images (a small gated batch would waste most of its speed on CPU).
+        """
+        pending: deque[_Pending] = deque()
+        waiting: list[_Pending] = []
+        for batch in batches:
+            entries = [_Pending(item) for item in batch]
+            good = [e for e in entries if e.item.error is None]
+            if good:
+                size = self.classifier.prep.size
+                probs = self.classifier(np.stack([e.item.inputs[size] for e in good]), tta)
+                for entry, prob in zip(good, probs):
+                    entry.cls_prob = float(prob)
+                    entry.waiting = cls_threshold is None or entry.cls_prob >= cls_threshold
+                waiting.extend(e for e in good if e.waiting)
+            pending.extend(entries)
+            while len(waiting) >= batch_size:
+                self._segment(waiting[:batch_size], tta)
+                del waiting[:batch_size]
+            while pending and not pending[0].waiting:
+                yield pending.popleft().result()
+        if waiting:
+            self._segment(waiting, tta)
+        while pending:
+            yield pending.popleft().result()
+
+    def _segment(self, entries: list[_Pending], tta: bool) -> None:
+        size = self.segmenter.prep.size
+        for entry, seg in zip(entries, self.segmenter(np.stack([e.item.inputs[size] for e in entries]), tta)):
+            entry.seg_prob = seg
+            entry.waiting = False
+
+
+@dataclass(eq=False)
+class _Pending:
+    """An image between the classifier and its result: ``waiting`` while its segmenter map is still due."""
+
+    item: _Decoded
+    cls_prob: float = math.nan
+    seg_prob: np.ndarray | None = None
+    waiting: bool = False
+
+    def result(self) -> ImageProbabilities:
+        item = self.item
+        return ImageProbabilities(
+            image_id=item.image_id,
+            source=item.source,
+            height=item.height,
+            width=item.width,
+            cls_prob=self.cls_prob,
+            seg_prob=self.seg_prob,
+            error=item.error,
+        )
 
 
 def _preprocessing(members: Sequence[tuple[nn.Module, dict[str, Any]]], stage: str) -> Preprocessing:
@@ -266,8 +300,7 @@ def predict_probabilities(
     the exact computation ``Cascade.predict_many`` makes, so thresholds tuned on it mean the same at inference.
     """
     engine = _Engine([_load_member(m) for m in classifiers], [_load_member(m) for m in segmenters], device)
-    for batch in engine.batches(sources, batch_size, workers):
-        yield from engine.run(batch, None, tta)
+    yield from engine.probabilities(engine.batches(sources, batch_size, workers), batch_size, None, tta)
 
 
 class Cascade:
@@ -335,7 +368,8 @@ class Cascade:
             image = read_dicom(x)
             image_id = Path(x).stem if isinstance(x, (str, os.PathLike)) else image.image_id
             item = _decoded(image.pixels, image_id, image.source, self._engine.sizes)
-        return self._finish(self._engine.run([item], self.thresholds.cls, self.tta)[0])
+        (probs,) = self._engine.probabilities([[item]], 1, self.thresholds.cls, self.tta)
+        return self._finish(probs)
 
     def predict_many(
         self,
@@ -349,10 +383,10 @@ class Cascade:
 
         ``gate=False`` runs the segmenter on every image (same answers, slower: the baseline of the benchmark).
         """
+        batches = self._engine.batches(sources, batch_size, workers)
         cls_threshold = self.thresholds.cls if gate else None
-        for batch in self._engine.batches(sources, batch_size, workers):
-            for probs in self._engine.run(batch, cls_threshold, self.tta):
-                yield self._finish(probs)
+        for probs in self._engine.probabilities(batches, batch_size, cls_threshold, self.tta):
+            yield self._finish(probs)
 
     def _finish(self, probs: ImageProbabilities) -> Prediction:
         """Apply the thresholds at the image's native size."""
@@ -362,13 +396,19 @@ class Cascade:
         if probs.seg_prob is None:
             mask = np.zeros(shape, dtype=bool)
         else:
-            seg = probs.seg_prob
-            if seg.shape != shape:
-                seg = cv2.resize(seg, (probs.width, probs.height), interpolation=cv2.INTER_LINEAR)
-            mask = apply_rule(probs.cls_prob, seg, self.thresholds, area_scale(*shape))
+            mask = apply_rule(probs.cls_prob, native_map(probs), self.thresholds, area_scale(*shape))
         positive = bool(mask.any())
         rle = rle_encode(mask) if positive else EMPTY
         return Prediction(probs.cls_prob, positive, mask, rle, probs.image_id, probs.source)
+
+
+def native_map(probs: ImageProbabilities) -> np.ndarray:
+    """The segmenter's probability map resized (bilinear) to the image's own size: where the rule is applied."""
+    if probs.seg_prob is None:
+        raise ConfigError(f"{probs.source}: no segmentation map (the image was gated out or failed)")
+    if probs.seg_prob.shape == (probs.height, probs.width):
+        return probs.seg_prob
+    return cv2.resize(probs.seg_prob, (probs.width, probs.height), interpolation=cv2.INTER_LINEAR)
 
 
 def _array_pixels(x: np.ndarray) -> np.ndarray:

@@ -163,11 +163,12 @@ def test_segmenter_runs_only_on_images_the_classifier_passes(model_dir: Path, pa
     assert 0 < sum(passing) < len(paths)
     model.thresholds = Thresholds(cls=cls, top=0.0, area=0, bottom=0.0, min_component=0)
     seen = _count_segmenter_images(model)
-    gated = list(model.predict_many(paths, batch_size=4, workers=1))
+    gated = list(model.predict_many(paths, batch_size=2, workers=1))
     assert sum(seen) == sum(passing)
+    assert seen == [2] * (sum(passing) // 2) + [sum(passing) % 2] * (sum(passing) % 2), "full segmenter batches"
     assert [p.positive for p in gated] == passing, "bottom 0 gives a full mask exactly when the gate passes"
     seen.clear()
-    opened = list(model.predict_many(paths, batch_size=4, workers=0, gate=False))
+    opened = list(model.predict_many(paths, batch_size=2, workers=0, gate=False))
     assert sum(seen) == len(paths)
     for g, o in zip(gated, opened):
         assert g.probability == o.probability and np.array_equal(g.mask, o.mask)
