@@ -161,6 +161,9 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
         raise ModelError(f"{path}: tta.hflip must be true or false, got {tta!r}")
     members = _get(manifest, "members", dict, path)
     hashes = _get(manifest, "sha256", dict, path)
+    recorded_preps = _get(manifest, "preprocessing", dict, path)
+    metrics = _get(manifest, "metrics", dict, path)
+    versions = _get(manifest, "versions", dict, path)
     stage_dirs: dict[str, list[Path]] = {}
     preprocessing: dict[str, Preprocessing] = {}
     for stage in STAGES:
@@ -175,7 +178,7 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
             dirs.append(root / name)
         stage_dirs[stage] = dirs
         preprocessing[stage] = _stage_preprocessing([read_config(d) for d in dirs], stage, root)
-        recorded = manifest.get("preprocessing", {}).get(stage)
+        recorded = recorded_preps.get(stage)
         if recorded is not None and recorded != preprocessing[stage].to_dict():
             raise ModelError(
                 f"{path}: preprocessing.{stage} {recorded} differs from what the {stage} was trained with "
@@ -188,8 +191,8 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
         classifiers=stage_dirs["classifier"],
         segmenters=stage_dirs["segmenter"],
         preprocessing=preprocessing,
-        metrics=dict(manifest.get("metrics") or {}),
-        versions=dict(manifest.get("versions") or {}),
+        metrics=metrics,
+        versions=versions,
     )
 
 

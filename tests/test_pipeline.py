@@ -264,9 +264,12 @@ def _edit_manifest(path: Path, **changes: Any) -> None:
         (lambda d: _edit_manifest(d / MANIFEST, thresholds={"cls": 2}), r"cascade.json: thresholds"),
         (lambda d: _edit_manifest(d / MANIFEST, members={"classifier": ["../x"], "segmenter": ["segmenter"]}),
          r"must be a folder name"),
+        (lambda d: _edit_manifest(d / MANIFEST, preprocessing={"classifier": {**PREP, "size": 128}, "segmenter": PREP}),
+         r"preprocessing.classifier .* differs from what the classifier was trained with"),
     ],
     ids=["changed", "truncated", "no-config", "no-weights", "bad-json", "no-manifest", "schema", "thresholds",
-         "escape"],
+         "escape",
+         "preprocessing"],
 )
 def test_damaged_model_folder_is_refused_with_one_clear_error(model_dir: Path, tmp_path: Path, damage: Any,
                                                               message: str) -> None:
