@@ -78,14 +78,15 @@ def network_settings(model: Cascade, size: int, batch: int, repeats: int) -> Non
 
         return statistics.median(timed(run, repeats)) / batch * 1000
 
+    settings = [
+        ("contiguous     no_grad       ", torch.contiguous_format, torch.no_grad),
+        ("contiguous     inference_mode", torch.contiguous_format, torch.inference_mode),
+        ("channels_last  inference_mode", torch.channels_last, torch.inference_mode),
+    ]
     rows = []
     for threads in sorted({1, base_threads}):
         torch.set_num_threads(threads)
-        rows.append((f"threads={threads} contiguous     no_grad       ", forward(torch.contiguous_format, torch.no_grad)))
-        rows.append((f"threads={threads} contiguous     inference_mode", forward(torch.contiguous_format,
-                                                                                  torch.inference_mode)))
-        rows.append((f"threads={threads} channels_last  inference_mode", forward(torch.channels_last,
-                                                                                  torch.inference_mode)))
+        rows += [(f"threads={threads} {name}", forward(fmt, mode)) for name, fmt, mode in settings]
     torch.set_num_threads(base_threads)
     for net in (cls, seg):
         net.to(memory_format=torch.channels_last)
@@ -146,7 +147,7 @@ def main() -> None:
             print(f"  {name}: median {statistics.median(total) * 1000:7.1f}  p95 {p95(total) * 1000:7.1f}  "
                   f"decoding {statistics.median(decode) * 1000:.1f} ms = {share:.0%}")
 
-    network_settings(model, args.input_size, args.batch_size, max(3, args.repeats // 3))
+    network_settings(model, args.input_size, min(args.batch_size, 4), max(2, args.repeats // 4))
 
 
 if __name__ == "__main__":

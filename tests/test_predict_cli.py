@@ -104,7 +104,8 @@ def test_bad_model_folder_exits_2_with_one_line_and_writes_nothing(
         data[len(data) // 2] ^= 1
         weights.write_bytes(bytes(data))
     elif damage == "schema":
-        (copy / MANIFEST).write_text((copy / MANIFEST).read_text().replace('"schema_version": 1', '"schema_version": 2'))
+        text = (copy / MANIFEST).read_text()
+        (copy / MANIFEST).write_text(text.replace('"schema_version": 1', '"schema_version": 2'))
     else:
         (copy / "segmenter" / "config.json").unlink()
     out = tmp_path / "sub.csv"

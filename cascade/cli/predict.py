@@ -34,7 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default 16)")
     p.add_argument("--device", default="auto", metavar="D", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="decoding processes (default: half the cores)")
+    p.add_argument(
+        "--workers", type=int, default=None, metavar="N", help="decoding processes (default: half the cores)"
+    )
     p.add_argument("--overlays", metavar="DIR", help="also write a PNG per positive image: mask outline + probability")
     p.set_defaults(func=run)
 
