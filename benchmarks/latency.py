@@ -13,18 +13,21 @@ The networks have random weights (speed does not depend on them); the classifier
 percentile of its own probabilities so that 22% of the images pass the gate, as a classifier that passes exactly
 the positives would. Run: ``python benchmarks/latency.py [--images 60] [--input-size 512]``.
 
-Measured on the project's 2-core CPU while other jobs kept its load at 3-5 (absolute times are several times
-what an idle machine gives; ratios within one run are what to read), resnet18 + U-Net ResNet34 at 512², 60 images:
+Measured on the project's 2-core CPU shared with other jobs (load 1.5-5, so absolute times are several times an idle
+machine's and vary between runs; read the ratios within one run), resnet18 + U-Net ResNet34 at 512², 60 images,
+two runs:
 
-- gate 2.30 images/s vs gate open 0.97 images/s: **2.38x**, identical answers. Before the segmenter collected
-  passing images into full batches across classifier batches it ran on the 1-3 passing images of each batch of 8,
-  and the ratio was 1.98x in the same conditions.
-- ``Cascade.predict``: negative median 741 ms (p95 767), positive 2426 ms (p95 2724); decoding a synthetic 1024²
-  JPEG DICOM 4 ms (≤1%); a real SIIM DICOM decodes in 9 ms and resizes to 512² in 3 ms.
-- networks alone, batch 4 at 512², ms per image: 1 thread: contiguous + no_grad 2055, contiguous +
-  inference_mode 1882, channels_last + inference_mode 791; 2 threads: 1259 / 1331 / 1178. channels_last is the
-  big win (kept on CPU and CUDA); inference_mode vs no_grad is noise; on this contended machine 1 thread beat 2,
-  so the library leaves the thread count to the caller (``torch.set_num_threads``).
+- gate 2.30 / 2.44 images/s vs gate open 0.97 / 1.14 images/s: **2.38x / 2.14x**, identical answers. Before the
+  segmenter collected passing images into full batches across classifier batches it ran on the 1-3 passing images
+  of each batch of 8, and the ratio was 1.98x. The ratio is bounded by (c + s) / (c + 0.22 s) for classifier and
+  segmenter costs c and s: a classifier trained at a smaller input (256-384²) raises it most.
+- ``Cascade.predict``: negative median 741 / 233 ms (p95 767 / 275), positive 2426 / 2486 ms (p95 2724 / 2534);
+  decoding a synthetic 1024² JPEG DICOM takes 4 ms (≤2%); a real SIIM DICOM decodes in 9 ms, resizes to 512² in 3.
+- networks alone, batch 4 at 512², ms per image (two runs): 1 thread: contiguous + no_grad 2055 / 830, contiguous
+  + inference_mode 1882 / 846, channels_last + inference_mode 791 / 642; 2 threads: 1259 / 1470, 1331 / 1256,
+  1178 / 1025. channels_last is the consistent win (kept on CPU and CUDA); inference_mode vs no_grad is noise; on
+  this contended machine 1 thread beat 2, so the library leaves the thread count to the caller
+  (``torch.set_num_threads``).
 """
 
 from __future__ import annotations
