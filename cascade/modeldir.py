@@ -94,7 +94,7 @@ def write_model_dir(
     th = thresholds if isinstance(thresholds, Thresholds) else Thresholds.from_dict(thresholds)
     if not classifiers or not segmenters:
         raise ModelError(f"{target}: a model folder needs at least one classifier and one segmenter")
-    _check_replaceable(target)
+    check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
@@ -251,7 +251,8 @@ def _write_member(folder: Path, source: Member, stage: str) -> dict[str, Any]:
     return config
 
 
-def _check_replaceable(target: Path) -> None:
+def check_replaceable(target: Path) -> None:
+    """Refuse to overwrite anything but an existing model folder or an empty folder (callers check before work)."""
     if target.exists() and not (
         target.is_dir() and ((target / MANIFEST).is_file() or not any(target.iterdir()))
     ):

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from cascade.data.index import scan_dicoms
@@ -38,8 +37,8 @@ from cascade.data.labels import Labels, read_labels
 from cascade.data.splits import Split, read_split_csv, split_fingerprint
 from cascade.errors import CascadeError, ConfigError, LabelError, ModelError
 from cascade.fileio import atomic_write_json
-from cascade.modeldir import REPORT_DIR, _check_replaceable, write_model_dir
-from cascade.pipeline import ImageProbabilities, predict_probabilities
+from cascade.modeldir import REPORT_DIR, check_replaceable, write_model_dir
+from cascade.pipeline import ImageProbabilities, native_map, predict_probabilities
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config
 from cascade.stages.training import DATA_FILE, SPLIT_FILE
 from cascade.thresholds.metrics import json_float
@@ -187,15 +186,6 @@ def validation_images(run: Run, images: Path, labels_path: Path) -> tuple[list[P
     return [index.paths[i] for i in ids], labels
 
 
-def native_map(probs: ImageProbabilities) -> np.ndarray:
-    """The segmenter's map at the image's own size, resized as ``Cascade`` does before applying the rule."""
-    seg = probs.seg_prob
-    assert seg is not None
-    if seg.shape != (probs.height, probs.width):
-        seg = cv2.resize(seg, (probs.width, probs.height), interpolation=cv2.INTER_LINEAR)
-    return seg
-
-
 def _stream(
     predictions: Iterator[ImageProbabilities], labels: Labels, failed: list[str]
 ) -> Iterator[tuple[float, np.ndarray, np.ndarray]]:
@@ -261,7 +251,7 @@ def tune_runs(
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     target = Path(out)
-    _check_replaceable(target)
+    check_replaceable(target)
     cls, seg = read_run(cls_run, "cls"), read_run(seg_run, "seg")
     check_same_fold(cls, seg)
     images_dir, labels_path = _data_paths(cls, seg, images, labels)
