@@ -7,8 +7,9 @@ means the gate is in use), the tuned mean Dice next to the best mean Dice withou
 the share of negative validation images the gate stops before the segmenter runs.
 
 The networks and their settings are the repository's tiny configurations: ``configs/tiny-seg.yaml`` for the
-segmenter and ``configs/tiny-cls-from-seg.yaml`` for both classifiers (they differ only in ``network.init_from``);
-only size, epochs and data change here.
+segmenter (with batches of 16: at its 8 the segmenter collapsed to empty masks on this data) and
+``configs/tiny-cls-from-seg.yaml`` for both classifiers (they differ only in ``network.init_from``); only size,
+epochs and data change here.
 
     python benchmarks/classifier_init.py [--work DIR] [--images 640] [--size 128] [--seg-epochs 12]
                                          [--cls-epochs 20] [--threads 1]
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
           f"drawn at {2 * args.size}px, trained at {args.size}px ({time.perf_counter() - start:.0f}s)", flush=True)
 
     seg = work / "seg"
-    seconds = train("seg", "tiny-seg.yaml", args, args.seg_epochs, data, seg)
+    seconds = train("seg", "tiny-seg.yaml", args, args.seg_epochs, data, seg, optim={"batch_size": 16})
     with open(seg / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     best = max(rows, key=lambda r: float(r["val_mean_dice"]))
