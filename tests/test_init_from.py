@@ -244,3 +244,13 @@ def test_on_realistic_data_the_initialised_classifier_beats_one_from_scratch(tmp
         training.train(config, images, labels, tmp_path / name, progress=False)
         auc[name] = max(float(r["val_auc"]) for r in _metrics(tmp_path / name))
     assert auc["scratch"] < 0.6 < auc["init"], auc
+
+
+def test_a_run_saved_before_these_keys_existed_still_resumes(tmp_path: Path) -> None:
+    from cascade.stages import config as cfg
+
+    old = cfg.resolve("cls", CONFIGS / "tiny-cls.yaml")
+    del old["network"]["init_from"], old["optim"]["freeze_backbone_epochs"]
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml(old))
+    resumed = cfg.resume_config(tmp_path / "config.yaml", "cls")
+    assert resumed["network"]["init_from"] is None and resumed["optim"]["freeze_backbone_epochs"] == 0
