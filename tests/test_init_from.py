@@ -109,6 +109,16 @@ def test_same_name_but_different_tensors_is_refused(tmp_path: Path) -> None:
     save_file(state, str(weights))
     with pytest.raises(ModelError, match=r"layer1\.0\.conv1\.weight' has shape \(3, 3, 3, 3\)"):
         init_from_segmenter(build_cls("test_resnet"), cls_config("test_resnet", run))
+    del state["encoder.model.layer1.0.conv1.weight"]
+    save_file(state, str(weights))
+    with pytest.raises(ModelError, match=r"the classifier's 'layer1\.0\.conv1\.weight' has no tensor in the segmenter"):
+        init_from_segmenter(build_cls("test_resnet"), cls_config("test_resnet", run))
+    state["encoder.model.layer1.0.conv1.weight"] = seg_run(tmp_path / "again", "tu-test_resnet")[1].state_dict()[
+        "encoder.model.layer1.0.conv1.weight"]
+    state["encoder.model.extra.weight"] = torch.zeros(1)
+    save_file(state, str(weights))
+    with pytest.raises(ModelError, match=r"the encoder's 'extra\.weight' \(and 0 more\) has no place"):
+        init_from_segmenter(build_cls("test_resnet"), cls_config("test_resnet", run))
 
 
 def test_a_classifier_run_or_a_non_run_is_refused(tmp_path: Path) -> None:

@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(--stage cls --init-from SEG_RUN_DIR, same --images/--labels/--folds/--fold/--seed so both validate on the "
         "same fold), then cascade tune --cls CLS_RUN_DIR --seg SEG_RUN_DIR. Without pretrained weights a classifier "
         "trained from scratch on a few hundred images often stays at chance; the segmenter's encoder, taught by the "
-        "masks, gives it features to pool. "
+        "masks, gives it features to start from (fine-tune them at a lower learning rate: "
+        "configs/tiny-cls-from-seg.yaml, docs/classifier-init.md). "
         "Several GPUs: torchrun --nproc_per_node N -m cascade train ...",
     )
     p.add_argument("--stage", required=True, choices=("cls", "seg"), help="cls: image classifier; seg: segmenter")

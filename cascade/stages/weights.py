@@ -224,7 +224,9 @@ def encoder_to_backbone(
         used.add(key)
     unused = [k for k in source if k not in used]
     if unused:
-        raise ModelError(f"{origin}: the encoder's {unused[0]!r} (and {len(unused) - 1} more) has no place in the classifier")
+        raise ModelError(
+            f"{origin}: the encoder's {unused[0]!r} (and {len(unused) - 1} more) has no place in the classifier"
+        )
     return mapped, tuple(unmatched)
 
 
