@@ -1,6 +1,6 @@
-"""Tune a cascade from two training runs: predict their shared validation fold, search the thresholds, write MODEL_DIR.
+"""Tune a cascade from training runs: predict their validation folds, search the thresholds, write MODEL_DIR.
 
-The flow behind ``cascade tune``:
+The flow behind ``cascade tune`` (one classifier and one segmenter run, or a fold ensemble of K of each):
 
 1. read both run folders (``best/`` stage folder, ``split.csv``, ``data.json``) and check that the classifier run is
    a classifier run, the segmenter run a segmenter run, and that both validated on the same fold of the same split
@@ -11,6 +11,15 @@ The flow behind ``cascade tune``:
    stream each image's map into :class:`cascade.thresholds.search.ThresholdSearch` (never all maps at once);
 4. write MODEL_DIR with :func:`cascade.modeldir.write_model_dir` (weights copied from each run's ``best/``), its
    ``report/`` (``tune.json``, ``validation.json``, the PNG plots), all in a temporary folder renamed at the end.
+
+**Fold ensembles.** Given K classifier and K segmenter runs of one split, the runs are paired by fold (exactly one
+of each stage per fold; a subset of the split's folds is allowed, each fold at most once). Each fold's validation
+images are predicted by that fold's two models only, so no model scores an image it trained on, and all folds'
+maps stream into one search: the thresholds are tuned on the out-of-fold predictions of every given fold. MODEL_DIR
+holds the K classifiers and K segmenters as members, averaged at prediction by :class:`cascade.Cascade`. Known
+caveat: the averaged ensemble is a little sharper and better calibrated than any single fold model, so the
+thresholds tuned on single-model probabilities are slightly off for it (the challenge winners accepted the same),
+and the recorded score is the out-of-fold score of the single fold models, not of the ensemble.
 
 **Resolution.** The search scores each image at its **native** size: the segmenter's map is resized to the image's
 height x width exactly as inference does (bilinear, ``cv2.resize``), and the truth mask is decoded at that size.
@@ -25,7 +34,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +89,8 @@ class TuneOutcome:
     failed: list[str] = field(default_factory=list)
     """One line per validation image that could not be read (file + reason); those images were left out."""
     seconds: float = 0.0
+    image_ids: list[str] = field(default_factory=list)
+    """The ImageIds the search scored, in the order it saw them (fold by fold)."""
 
     @property
     def report_dir(self) -> Path:
@@ -127,19 +138,65 @@ def _sources(root: Path) -> dict[str, str]:
     return {"images": data["images"], "labels": data["labels"]}
 
 
+def check_same_split(a: Run, b: Run) -> None:
+    """Refuse two runs trained on different splits (split fingerprint or number of folds)."""
+    if a.fingerprint != b.fingerprint or a.folds != b.folds:
+        raise ConfigError(
+            f"{a.root} and {b.root}: the runs were trained on different splits (split fingerprints "
+            f"{a.fingerprint[:12]}… and {b.fingerprint[:12]}…, {a.folds} and {b.folds} folds); train all runs with "
+            "the same --images, --labels, --folds and --seed"
+        )
+
+
 def check_same_fold(cls_run: Run, seg_run: Run) -> None:
     """Refuse two runs that did not validate on the same images (same split fingerprint and fold)."""
-    if cls_run.fingerprint != seg_run.fingerprint:
-        raise ConfigError(
-            f"{cls_run.root} and {seg_run.root}: the runs were trained on different splits (split fingerprints "
-            f"{cls_run.fingerprint[:12]}… and {seg_run.fingerprint[:12]}…); train both with the same --images, "
-            "--labels, --folds and --seed"
-        )
+    check_same_split(cls_run, seg_run)
     if cls_run.fold != seg_run.fold:
         raise ConfigError(
             f"{cls_run.root} and {seg_run.root}: the runs validate on different folds ({cls_run.fold} and "
             f"{seg_run.fold}); each stage trained on the other's validation images. Train both with the same --fold"
         )
+
+
+def pair_folds(cls_runs: Sequence[Run], seg_runs: Sequence[Run]) -> list[tuple[Run, Run]]:
+    """(classifier, segmenter) per fold, sorted by fold: one run of each stage per fold, all of one split.
+
+    A subset of the split's folds is allowed (each fold at most once); the runs of one stage must share their
+    preprocessing, since an ensemble's members read one input.
+    """
+    if len(cls_runs) == 1 and len(seg_runs) == 1:
+        check_same_fold(cls_runs[0], seg_runs[0])
+        return [(cls_runs[0], seg_runs[0])]
+    first = cls_runs[0]
+    for run in [*cls_runs[1:], *seg_runs]:
+        check_same_split(first, run)
+    by_fold: dict[str, dict[int, Run]] = {}
+    for stage, runs in (("cls", cls_runs), ("seg", seg_runs)):
+        seen: dict[int, Run] = {}
+        for run in runs:
+            if run.fold in seen:
+                raise ConfigError(
+                    f"{seen[run.fold].root} and {run.root}: both --{stage} runs validate on fold {run.fold}; "
+                    f"give one {STAGE_NAMES[stage]} run per fold"
+                )
+            if run.config["preprocessing"] != runs[0].config["preprocessing"]:
+                raise ConfigError(
+                    f"{runs[0].best / CONFIG} and {run.best / CONFIG}: the {STAGE_NAMES[stage]} runs were trained "
+                    f"with different preprocessing ({runs[0].config['preprocessing']} and "
+                    f"{run.config['preprocessing']}); an ensemble's members must share one input"
+                )
+            seen[run.fold] = run
+        by_fold[stage] = seen
+    for stage, other in (("cls", "seg"), ("seg", "cls")):
+        unpaired = sorted(set(by_fold[stage]) - set(by_fold[other]))
+        if unpaired:
+            fold = unpaired[0]
+            raise ConfigError(
+                f"{by_fold[stage][fold].root}: no --{other} run validates on fold {fold} (the --{other} runs cover "
+                f"folds {', '.join(map(str, sorted(by_fold[other])))}); give one classifier and one segmenter run "
+                "per fold"
+            )
+    return [(by_fold["cls"][f], by_fold["seg"][f]) for f in sorted(by_fold["cls"])]
 
 
 def _data_paths(cls_run: Run, seg_run: Run, images: str | os.PathLike[str] | None,
@@ -162,88 +219,112 @@ def _data_paths(cls_run: Run, seg_run: Run, images: str | os.PathLike[str] | Non
     return out
 
 
-def validation_images(run: Run, images: Path, labels_path: Path) -> tuple[list[Path], Labels]:
-    """The DICOM paths of the run's validation fold (sorted by ImageId) and the labels, checked against the split."""
-    ids = run.validation_ids
+def validation_images(runs: Sequence[Run], images: Path, labels_path: Path) -> tuple[list[list[Path]], Labels]:
+    """The DICOM paths of each run's validation fold (sorted by ImageId) and the labels, checked against the split."""
     labels = read_labels(labels_path)
     index = scan_dicoms(images)
-    missing = [i for i in ids if i not in index.paths]
-    if missing:
-        raise ConfigError(
-            f"{images}: {len(missing)} validation image(s) of {run.root / SPLIT_FILE} not found (first: {missing[0]})"
-        )
-    unlabelled = [i for i in ids if i not in labels]
-    if unlabelled:
-        raise LabelError(
-            f"{labels_path}: {len(unlabelled)} validation image(s) have no labels (first: {unlabelled[0]})"
-        )
-    changed = [i for i in ids if labels.is_positive(i) != run.split.positive[i]]
-    if changed:
-        raise LabelError(
-            f"{labels_path}: ImageId {changed[0]} is {'positive' if labels.is_positive(changed[0]) else 'negative'} "
-            f"here but not in {run.root / SPLIT_FILE} ({len(changed)} such image(s)): not the labels the runs used"
-        )
-    return [index.paths[i] for i in ids], labels
+    out = []
+    for run in runs:
+        ids = run.validation_ids
+        missing = [i for i in ids if i not in index.paths]
+        if missing:
+            raise ConfigError(
+                f"{images}: {len(missing)} validation image(s) of {run.root / SPLIT_FILE} not found "
+                f"(first: {missing[0]})"
+            )
+        unlabelled = [i for i in ids if i not in labels]
+        if unlabelled:
+            raise LabelError(
+                f"{labels_path}: {len(unlabelled)} validation image(s) have no labels (first: {unlabelled[0]})"
+            )
+        changed = [i for i in ids if labels.is_positive(i) != run.split.positive[i]]
+        if changed:
+            raise LabelError(
+                f"{labels_path}: ImageId {changed[0]} is "
+                f"{'positive' if labels.is_positive(changed[0]) else 'negative'} here but not in "
+                f"{run.root / SPLIT_FILE} ({len(changed)} such image(s)): not the labels the runs used"
+            )
+        out.append([index.paths[i] for i in ids])
+    return out, labels
 
 
 def _stream(
-    predictions: Iterator[ImageProbabilities], labels: Labels, failed: list[str]
-) -> Iterator[tuple[float, np.ndarray, np.ndarray]]:
-    """(cls_prob, native map, native truth) per readable image; unreadable ones go to ``failed``."""
+    predictions: Iterator[ImageProbabilities], labels: Labels, failed: list[str], bar: Any = None
+) -> Iterator[tuple[str, float, np.ndarray, np.ndarray]]:
+    """(image_id, cls_prob, native map, native truth) per readable image; unreadable ones go to ``failed``."""
     for probs in predictions:
+        if bar is not None:
+            bar.update()
         if probs.error is not None:
             failed.append(probs.error)
             continue
-        yield probs.cls_prob, native_map(probs), labels.mask(probs.image_id, probs.height, probs.width)
+        yield probs.image_id, probs.cls_prob, native_map(probs), labels.mask(probs.image_id, probs.height, probs.width)
 
 
-def validation_metrics(result: TuneResult, *, cls_run: Run, tta: bool, failed: int) -> dict[str, Any]:
-    """The ``metrics`` of ``cascade.json``: the chosen point's scores on the validation fold and how they were made."""
+def validation_metrics(
+    result: TuneResult, *, pairs: Sequence[tuple[Run, Run]], images_per_fold: Sequence[int], tta: bool, failed: int
+) -> dict[str, Any]:
+    """The ``metrics`` of ``cascade.json``: the chosen point's scores on the validation images and how they were made.
+
+    A single pair records its ``fold``; a fold ensemble records ``fold: null`` and ``out_of_fold`` (the folds and
+    the images scored on each), since its thresholds were tuned on every fold's out-of-fold predictions.
+    """
     summary = result.summary.to_dict()
     gated = float(np.mean(result.cls_probs >= result.thresholds.cls))
-    return {
-        "validation": {
-            "images": summary["images"],
-            "positives": result.positives,
-            "mean_dice": result.score,
-            "baseline_empty": result.baseline,
-            "dice_positive": summary["dice_positive"],
-            "sensitivity": summary["sensitivity"],
-            "specificity": summary["specificity"],
-            "confusion": summary["confusion"],
-            "classifier_auc": json_float(result.classifier_auc),
-            "segmented_share": gated,
-            "min_sensitivity": result.min_sensitivity,
-            "resolution": RESOLUTION,
-            "tta": tta,
-            "fold": cls_run.fold,
-            "folds": cls_run.folds,
-            "split_fingerprint": cls_run.fingerprint,
-            "unreadable_images": failed,
-        }
+    first = pairs[0][0]
+    validation: dict[str, Any] = {
+        "images": summary["images"],
+        "positives": result.positives,
+        "mean_dice": result.score,
+        "baseline_empty": result.baseline,
+        "dice_positive": summary["dice_positive"],
+        "sensitivity": summary["sensitivity"],
+        "specificity": summary["specificity"],
+        "confusion": summary["confusion"],
+        "classifier_auc": json_float(result.classifier_auc),
+        "segmented_share": gated,
+        "min_sensitivity": result.min_sensitivity,
+        "resolution": RESOLUTION,
+        "tta": tta,
+        "fold": first.fold if len(pairs) == 1 else None,
+        "folds": first.folds,
+        "split_fingerprint": first.fingerprint,
+        "unreadable_images": failed,
     }
+    if len(pairs) > 1:
+        validation["out_of_fold"] = {
+            "folds": [cls.fold for cls, _ in pairs],
+            "images_per_fold": list(images_per_fold),
+        }
+    return {"validation": validation}
+
+
+PathArg = str | os.PathLike[str]
 
 
 def tune_runs(
-    cls_run: str | os.PathLike[str],
-    seg_run: str | os.PathLike[str],
-    out: str | os.PathLike[str],
+    cls_runs: PathArg | Sequence[PathArg],
+    seg_runs: PathArg | Sequence[PathArg],
+    out: PathArg,
     *,
     min_sensitivity: float | None = None,
     tta: bool = False,
     batch_size: int = 16,
     workers: int | None = None,
     device: str = "auto",
-    images: str | os.PathLike[str] | None = None,
-    labels: str | os.PathLike[str] | None = None,
+    images: PathArg | None = None,
+    labels: PathArg | None = None,
     grid: Grid | None = None,
     progress: bool = True,
 ) -> TuneOutcome:
-    """Tune the thresholds of ``cls_run`` gating ``seg_run`` on their validation fold and write MODEL_DIR ``out``.
+    """Tune the thresholds of the classifier run(s) gating the segmenter run(s) and write MODEL_DIR ``out``.
 
-    ``images`` / ``labels`` override the paths the runs recorded in ``data.json``. Every input is checked before
-    the (long) prediction starts; a failure leaves ``out`` untouched. Unreadable validation images are left out
-    and listed in ``TuneOutcome.failed`` (and in the report); if none is readable, the search raises.
+    One run per stage tunes on their shared validation fold. Several runs per stage (a fold ensemble) are paired by
+    fold (:func:`pair_folds`); each fold's validation images are predicted by its own pair only and all of them
+    feed one search; MODEL_DIR gets every run as a member of its stage. ``images`` / ``labels`` override the paths
+    the runs recorded in ``data.json``. Every input is checked before the (long) prediction starts; a failure
+    leaves ``out`` untouched. Unreadable validation images are left out and listed in ``TuneOutcome.failed`` (and
+    in the report); if none is readable, the search raises.
     """
     start = time.perf_counter()
     if min_sensitivity is not None and not 0.0 <= min_sensitivity <= 1.0:
@@ -252,33 +333,47 @@ def tune_runs(
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     target = Path(out)
     check_replaceable(target)
-    cls, seg = read_run(cls_run, "cls"), read_run(seg_run, "seg")
-    check_same_fold(cls, seg)
-    images_dir, labels_path = _data_paths(cls, seg, images, labels)
-    paths, truth = validation_images(cls, images_dir, labels_path)
+    pairs = pair_folds([read_run(r, "cls") for r in _as_list(cls_runs)],
+                       [read_run(r, "seg") for r in _as_list(seg_runs)])
+    images_dir, labels_path = _data_paths(*pairs[0], images, labels)
+    fold_paths, truth = validation_images([cls for cls, _ in pairs], images_dir, labels_path)
+    total = sum(len(p) for p in fold_paths)
 
     failed: list[str] = []
-    predictions = predict_probabilities(
-        [cls.best], [seg.best], paths, batch_size=batch_size, workers=workers, tta=tta, device=device
-    )
+    searched: list[str] = []
+    per_fold: list[int] = []
+    search = ThresholdSearch(grid)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        predictions = tqdm(predictions, total=len(paths), desc="validation fold", unit="img")
-    search = ThresholdSearch(grid)
-    for cls_prob, seg_map, mask in _stream(iter(predictions), truth, failed):
-        search.add(cls_prob, seg_map, mask)
+        bar = tqdm(total=total, desc="validation fold" if len(pairs) == 1 else "out-of-fold", unit="img")
+    for (cls, seg), paths in zip(pairs, fold_paths):
+        before = len(search)
+        predictions = predict_probabilities(
+            [cls.best], [seg.best], paths, batch_size=batch_size, workers=workers, tta=tta, device=device
+        )
+        for image_id, cls_prob, seg_map, mask in _stream(predictions, truth, failed, bar):
+            search.add(cls_prob, seg_map, mask)
+            searched.append(image_id)
+        per_fold.append(len(search) - before)
+    if bar is not None:
+        bar.close()
     if len(search) == 0:
-        raise CascadeError(f"{images_dir}: none of the {len(paths)} validation images could be read ({failed[0]})")
+        raise CascadeError(f"{images_dir}: none of the {total} validation images could be read ({failed[0]})")
     result = search.result(min_sensitivity)
-    metrics = validation_metrics(result, cls_run=cls, tta=tta, failed=len(failed))
+    metrics = validation_metrics(result, pairs=pairs, images_per_fold=per_fold, tta=tta, failed=len(failed))
 
     with tempfile.TemporaryDirectory(prefix="cascade-tune-report-") as tmp:
         files = write_tune_report(result, tmp)
+        runs: dict[str, Any] = (
+            {"cls_run": str(pairs[0][0].root), "seg_run": str(pairs[0][1].root)} if len(pairs) == 1
+            else {"runs": [{"fold": c.fold, "cls_run": str(c.root), "seg_run": str(s.root), "images": n}
+                           for (c, s), n in zip(pairs, per_fold)]}
+        )
         context = {
             **metrics["validation"],
-            "cls_run": str(cls.root),
-            "seg_run": str(seg.root),
+            **runs,
             "images_dir": str(images_dir),
             "labels_file": str(labels_path),
             "unreadable": failed,
@@ -286,7 +381,11 @@ def tune_runs(
         }
         atomic_write_json(Path(tmp) / "validation.json", context)
         write_model_dir(
-            target, [cls.best], [seg.best], result.thresholds, metrics=metrics, tta=tta,
-            report_files=[*files, Path(tmp) / "validation.json"],
+            target, [c.best for c, _ in pairs], [s.best for _, s in pairs], result.thresholds, metrics=metrics,
+            tta=tta, report_files=[*files, Path(tmp) / "validation.json"],
         )
-    return TuneOutcome(target, result, metrics, failed, time.perf_counter() - start)
+    return TuneOutcome(target, result, metrics, failed, time.perf_counter() - start, searched)
+
+
+def _as_list(runs: PathArg | Sequence[PathArg]) -> list[PathArg]:
+    return [runs] if isinstance(runs, (str, os.PathLike)) else list(runs)

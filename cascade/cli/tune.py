@@ -1,4 +1,4 @@
-"""`cascade tune`: two training runs → a self-contained MODEL_DIR with thresholds tuned on their validation fold."""
+"""`cascade tune`: training runs → a self-contained MODEL_DIR with thresholds tuned on their validation fold(s)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,16 @@ mask thresholds that maximise mean per-image Dice (the challenge metric, scored 
 write MODEL_DIR: cascade.json (thresholds, preprocessing, validation metrics, versions, sha256 of the weights),
 classifier/ and segmenter/ (copied from each run's best/) and report/ (tune.json, validation.json,
 operating_points.csv and PNG plots). The images and labels are found where the runs recorded them (data.json)
-unless --images / --labels say otherwise."""
+unless --images / --labels say otherwise.
+
+Fold ensemble: give several runs to --cls and --seg (e.g. folds 0..K-1 of one split, trained with the same
+--images, --labels, --folds and --seed). Runs are paired by fold: each fold needs exactly one classifier and one
+segmenter run; a subset of the split's folds is allowed (each fold at most once), and the thresholds are then tuned
+on those folds' images only. Each fold's validation images are predicted by that fold's two models only
+(out-of-fold: no model sees an image it trained on), all folds feed one threshold search, and MODEL_DIR holds every
+run as a member of its stage (classifier/, classifier-1/, ...), averaged at prediction. Caveat: the averaged
+ensemble is a little sharper and better calibrated than the single fold models whose out-of-fold probabilities the
+thresholds were tuned on, so the recorded score is the single models' out-of-fold score, not the ensemble's."""
 
 
 def _probability(text: str) -> float:
@@ -45,8 +54,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tune", help="tune the thresholds on the validation fold and write a model folder", description=DESCRIPTION
     )
-    p.add_argument("--cls", required=True, metavar="RUN_DIR", help="classifier run ('cascade train --stage cls')")
-    p.add_argument("--seg", required=True, metavar="RUN_DIR", help="segmenter run ('cascade train --stage seg')")
+    p.add_argument(
+        "--cls", required=True, nargs="+", metavar="RUN_DIR",
+        help="classifier run ('cascade train --stage cls'); several: one per fold, a fold ensemble",
+    )
+    p.add_argument(
+        "--seg", required=True, nargs="+", metavar="RUN_DIR",
+        help="segmenter run ('cascade train --stage seg'); several: one per fold, paired with --cls by fold",
+    )
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write (replaced if it is one)")
     p.add_argument(
         "--min-sensitivity", type=_probability, metavar="X",
@@ -75,8 +90,16 @@ def summary_lines(outcome: TuneOutcome) -> list[str]:
     th = outcome.result.thresholds
     mode = "" if v["min_sensitivity"] is None else f" subject to sensitivity ≥ {v['min_sensitivity']:g}"
     c = v["confusion"]
+    oof = v.get("out_of_fold")
+    where = (
+        f"validation fold {v['fold']} of {v['folds']}" if oof is None
+        else f"out-of-fold on folds {', '.join(map(str, oof['folds']))} of {v['folds']} (each by its own pair)"
+    )
+    members = (
+        "" if oof is None else f" with {len(oof['folds'])} classifiers and {len(oof['folds'])} segmenters (averaged)"
+    )
     return [
-        f"validation fold {v['fold']} of {v['folds']}: {v['images']} images, {v['positives']} positive"
+        f"{where}: {v['images']} images, {v['positives']} positive"
         + (f", {v['unreadable_images']} unreadable (left out)" if v["unreadable_images"] else "")
         + f"; scored at native resolution{', flip TTA' if v['tta'] else ''}",
         f"thresholds{mode}: cls {th.cls:g}, top {th.top:g}, area {th.area:g} px, bottom {th.bottom:g}, "
@@ -86,7 +109,7 @@ def summary_lines(outcome: TuneOutcome) -> list[str]:
         f"sensitivity {_num(v['sensitivity'], 3)}, specificity {_num(v['specificity'], 3)} "
         f"(tp {c['tp']}, fp {c['fp']}, fn {c['fn']}, tn {c['tn']}), classifier AUC {_num(v['classifier_auc'])}",
         f"the gate sends {100 * v['segmented_share']:.1f}% of images to the segmenter",
-        f"model folder {outcome.model_dir}, report in {outcome.report_dir} ({outcome.seconds:.1f} s)",
+        f"model folder {outcome.model_dir}{members}, report in {outcome.report_dir} ({outcome.seconds:.1f} s)",
     ]
 
 
