@@ -123,7 +123,7 @@ def read_split_csv(path: str | os.PathLike[str]) -> Split:
     return split
 
 
-def read_groups(paths: Mapping[str, Path]) -> dict[str, str | None]:
+def read_groups(paths: Mapping[str, Path], progress: bool = True) -> dict[str, str | None]:
     """Patient key per ImageId from the DICOM headers (None when absent or unreadable, which is logged).
 
     The keys are hashes of PatientID: keep them in memory for ``make_folds``, never write them out.
@@ -131,7 +131,7 @@ def read_groups(paths: Mapping[str, Path]) -> dict[str, str | None]:
     from cascade.data.dicom import read_patient_key  # pydicom is only needed here, not to split
 
     groups: dict[str, str | None] = {}
-    for image_id, path in tqdm(paths.items(), desc="patient keys", unit="file", disable=len(paths) < 100):
+    for image_id, path in tqdm(paths.items(), desc="patient keys", unit="file", disable=not progress or len(paths) < 100):
         try:
             groups[image_id] = read_patient_key(path)
         except DicomError as err:

@@ -13,6 +13,7 @@ backbone fixed for the first epochs so only the head learns.
 from __future__ import annotations
 
 import copy
+from importlib import resources
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -132,6 +133,30 @@ def defaults(stage: str) -> dict[str, Any]:
     return {"stage": stage, **copy.deepcopy(COMMON_DEFAULTS), **copy.deepcopy(STAGE_DEFAULTS[stage])}
 
 
+def shipped_configs() -> list[str]:
+    """Names of the configurations shipped with cascade (the YAML files of the repository's ``configs/``)."""
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("cascade.configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def shipped_config(name: str) -> Path:
+    """Path of a shipped configuration by name (e.g. ``seg-unet-resnet34-512``)."""
+    path = resources.files("cascade.configs") / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no shipped configuration named {name!r} (shipped: {', '.join(shipped_configs())})")
+    return Path(str(path))
+
+
+def find_config(name_or_path: str | os.PathLike[str]) -> Path:
+    """``--config`` value → a YAML file: an existing path, else the name of a shipped configuration."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.suffix or len(path.parts) > 1:
+        raise ConfigError(f"{path}: no such configuration file")
+    return shipped_config(str(name_or_path))
+
+
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a configuration YAML file (a mapping) with a clear error when missing or malformed."""
     try:
@@ -216,6 +241,7 @@ def resolve(
     """Defaults of ``stage`` ← ``config_file`` ← ``overrides`` (a nested mapping, e.g. from flags), validated."""
     config = defaults(stage)
     if config_file is not None:
+        config_file = find_config(config_file)
         data = read_yaml(config_file)
         if data.get("stage", stage) != stage:
             raise ConfigError(f"{config_file}: configures stage {data['stage']!r} but --stage is {stage!r}")
@@ -253,6 +279,7 @@ def resume_config(
         raise ConfigError(f"{saved_path}: the run trained stage {saved['stage']!r} but --stage is {stage!r}")
     config = saved
     if config_file is not None:
+        config_file = find_config(config_file)
         config = merge(config, read_yaml(config_file), str(config_file))
     if overrides:
         config = merge(config, overrides, "command line")

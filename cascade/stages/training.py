@@ -89,6 +89,8 @@ class RunData:
     fingerprint: str
     sources: dict[str, str] = field(default_factory=dict)
     """``images`` and ``labels``: the absolute paths the run was trained from (what ``data.json`` records)."""
+    description: str = ""
+    """What was read and how it was split, in a few lines for the user."""
 
 
 # ---------------------------------------------------------------------------------------------------- runtime
@@ -151,7 +153,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 # ---------------------------------------------------------------------------------------------------- inputs
 
 
-def load_run_data(config: dict[str, Any], images: Path, labels_path: Path) -> RunData:
+def load_run_data(config: dict[str, Any], images: Path, labels_path: Path, progress: bool = True) -> RunData:
     """Read labels, find the images, split into folds (grouped by patient) and check the run can train."""
     labels = read_labels(labels_path)
     index = scan_dicoms(images)
@@ -168,7 +170,7 @@ def load_run_data(config: dict[str, Any], images: Path, labels_path: Path) -> Ru
     ids = [item.image_id for item in items]
     positive = {item.image_id: item.positive for item in items}
     data = config["data"]
-    groups = read_groups({item.image_id: item.path for item in items})
+    groups = read_groups({item.image_id: item.path for item in items}, progress)
     folds = make_folds(ids, positive, groups, data["folds"], config["seed"])
     train = [item for item in items if folds[item.image_id] != data["fold"]]
     val = [item for item in items if folds[item.image_id] == data["fold"]]
@@ -181,7 +183,13 @@ def load_run_data(config: dict[str, Any], images: Path, labels_path: Path) -> Ru
     if config["sampling"]["positive_share"] is not None and n_pos == 0:
         raise ConfigError(f"{where}: sampling.positive_share needs positive images in the training split")
     sources = {"images": str(images.resolve()), "labels": str(labels_path.resolve())}
-    return RunData(labels, folds, positive, train, val, split_fingerprint(folds), sources)
+    description = (
+        f"labels: {labels.summary}\nimages: {matched.report()}"
+        + (f", {len(index.duplicates)} duplicate ImageIds (first file kept)" if index.duplicates else "")
+        + f"\nsplit: fold {data['fold']} of {data['folds']} validates: {len(train)} training images "
+        f"({n_pos} positive), {len(val)} validation images ({sum(item.positive for item in val)} positive)"
+    )
+    return RunData(labels, folds, positive, train, val, split_fingerprint(folds), sources, description)
 
 
 def make_cache(config: dict[str, Any], images: Path) -> PreprocessCache:
@@ -522,7 +530,9 @@ def _train(
         raise ConfigError(f"--init-from {init_from} and --pretrained {pretrained}: choose one starting point")
     if init_from and not resume:
         init_source(config)
-    run = load_run_data(config, images, labels)
+    run = load_run_data(config, images, labels, progress and rt.main)
+    if rt.main and progress:
+        print(run.description, file=sys.stderr)
     state = load_state(out / STATE_FILE) if resume else None
     if state is not None and state["split_fingerprint"] != run.fingerprint:
         raise ConfigError(f"{out}: the images, labels or split differ from the run being resumed")
