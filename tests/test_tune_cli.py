@@ -116,6 +116,7 @@ def test_writes_a_complete_model_folder_that_loads(runs: Path, tuned: tuple[Path
     ids, _ = validation(runs)
     v = data["metrics"]["validation"]
     assert v["images"] == len(ids) and v["resolution"] == "native" and v["tta"] is False
+    assert v["fold"] == 0 and v["folds"] == 4 and "out_of_fold" not in v  # the single-pair record is unchanged
     assert v["positives"] == sum(read_labels(runs / "synth" / "train-rle.csv").is_positive(i) for i in ids)
     assert data["preprocessing"]["segmenter"] == {"size": 64, "mean": 0.5, "std": 0.25}
     assert set(data["versions"]) == {"cascade", "torch", "timm", "smp"}
@@ -124,7 +125,7 @@ def test_writes_a_complete_model_folder_that_loads(runs: Path, tuned: tuple[Path
         assert (model / "report" / name).stat().st_size > 0, name
     assert json.loads((model / "report" / "tune.json").read_text())["thresholds"] == data["thresholds"]
     assert Cascade.from_pretrained(model, device="cpu").thresholds == info.thresholds
-    assert f"{v['images']} images, {v['positives']} positive" in out
+    assert f"validation fold 0 of 4: {v['images']} images, {v['positives']} positive" in out
     assert f"mean Dice {v['mean_dice']:.4f} (all-empty baseline {v['baseline_empty']:.4f})" in out
     assert "to the segmenter" in out and str(model / "report") in out
     assert not [p for p in runs.iterdir() if p.name.startswith(".")], "temporary folders left behind"
