@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -204,3 +206,16 @@ def test_help_explains_fold_pairing_and_the_calibration_caveat(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     assert "a subset of the split's folds is allowed (each fold at most once)" in text
     assert "better calibrated than the single fold models" in text
+
+
+def test_the_documented_commands_parse() -> None:
+    """Every `cascade …` line of docs/fold-ensembles.md parses (loop variables set to fold 0 of 5)."""
+    from cascade.cli.main import build_parser
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "fold-ensembles.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)```", doc, flags=re.DOTALL)
+    lines = [line.strip() for b in blocks for line in b.replace("\\\n", " ").splitlines()]
+    commands = [line.replace("$K", "5").replace("$fold", "0") for line in lines if line.startswith("cascade ")]
+    assert [shlex.split(c)[1] for c in commands] == ["train", "train", "tune", "predict"]
+    parsed = [build_parser().parse_args(shlex.split(c)[1:]) for c in commands]
+    assert (parsed[2].cls, parsed[2].seg) == (["runs/cls-f*"], ["runs/seg-f*"])
