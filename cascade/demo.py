@@ -24,13 +24,14 @@ from cascade.fileio import atomic_write_text
 class DemoPlan:
     """Sizes of the demo: the default fits in about ten minutes on two CPU cores; ``quick`` is for tests."""
 
-    train_images: int = 400
+    train_images: int = 500
     test_images: int = 150
+    positive_fraction: float = 0.4
     synth_size: int = 256
     image_size: int = 128
     difficulty: str = "realistic"
-    seg_epochs: int = 12
-    cls_epochs: int = 10
+    seg_epochs: int = 24
+    cls_epochs: int = 24
     overlays: int = 4
 
 
@@ -86,10 +87,11 @@ def run_demo(out: str | Path, plan: DemoPlan = DemoPlan(), *, progress: bool = T
               "--seed", "0", "--image-size", size, "--device", "cpu", "--cache-dir", str(root / "cache")]
 
     synth_size = str(plan.synth_size)
+    share = str(plan.positive_fraction)
     _run("synth (train)", ["synth", str(data), "--images", str(plan.train_images), "--size", synth_size,
-                           "--difficulty", plan.difficulty, "--seed", "1", *quiet], seconds)
+                           "--positive-fraction", share, "--difficulty", plan.difficulty, "--seed", "1", *quiet], seconds)
     _run("synth (test)", ["synth", str(test), "--images", str(plan.test_images), "--size", synth_size,
-                          "--difficulty", plan.difficulty, "--seed", "2", *quiet], seconds)
+                          "--positive-fraction", share, "--difficulty", plan.difficulty, "--seed", "2", *quiet], seconds)
     _run("train segmenter", ["train", "--stage", "seg", *common, "--out", str(seg_run),
                              "--config", "demo-seg", "--epochs", str(plan.seg_epochs),
                              *quiet], seconds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import math
 import numpy as np
 import pytest
 import torch
@@ -148,3 +149,13 @@ def test_pretrained_hub_name_fails_at_once_offline(monkeypatch: pytest.MonkeyPat
     model = build_model({"stage": "cls", "in_chans": 1, **config["network"]})
     with pytest.raises(ModelError, match=r"--pretrained imagenet: cannot fetch hub weights .* offline"):
         load_pretrained(model, config, "imagenet")
+
+
+def test_an_all_empty_segmenter_is_never_the_best_checkpoint() -> None:
+    from cascade.stages.training import selection_score
+
+    empty = {"val_mean_dice": 0.6, "val_dice_pos": 0.0}  # predicts nothing: scores the all-empty baseline
+    learning = {"val_mean_dice": 0.4, "val_dice_pos": 0.3}
+    assert math.isnan(selection_score("seg", empty))
+    assert selection_score("seg", learning) == 0.4
+    assert selection_score("cls", {"val_auc": 0.7}) == 0.7

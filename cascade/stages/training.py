@@ -479,6 +479,18 @@ def _better(value: float, best: float) -> bool:
     return not math.isnan(value) and (math.isnan(best) or value > best)
 
 
+def selection_score(stage: str, val: dict[str, Any]) -> float:
+    """The number ``best/`` is chosen by: the classifier's ROC AUC, the segmenter's mean Dice at 0.5.
+
+    A segmenter that finds nothing on every positive validation image is never chosen (nan): predicting nothing
+    scores the all-empty baseline, which beats an early, still noisy segmenter, and would hand ``tune`` and
+    ``--init-from`` untrained weights.
+    """
+    if stage == "seg" and val.get("val_dice_pos") == 0.0:
+        return math.nan
+    return float(val[BEST_KEY[stage]])
+
+
 def oom_message(config: dict[str, Any]) -> str:
     """The one-line advice when a batch does not fit in GPU memory."""
     return (
@@ -601,8 +613,8 @@ def _train(
             eval_model.load_state_dict(ema.state)
         gathered = gather_stats(predict_stats(eval_model, val_set, config, rt), rt)
         val = validation_metrics(config["stage"], gathered, len(val_set))
-        score = val[BEST_KEY[config["stage"]]]
-        improved = _better(score, best)
+        score = selection_score(config["stage"], val)
+        improved = _better(score, best) or (math.isnan(best) and not (out / "best").exists())
         best = score if improved else best
         row = {
             "epoch": epoch + 1,
