@@ -15,7 +15,6 @@ missing file or malformed JSON is refused with one clear :class:`~cascade.errors
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -30,7 +29,7 @@ from torch import nn
 from cascade import __version__
 from cascade.data.preprocess import Preprocessing
 from cascade.errors import CascadeError, ModelError
-from cascade.fileio import atomic_write_json
+from cascade.fileio import atomic_write_json, read_json_object
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config, save_stage, sha256_file
 from cascade.thresholds.rule import Thresholds
 
@@ -139,14 +138,7 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
     path = root / MANIFEST
     if not root.is_dir():
         raise ModelError(f"{root}: not a folder (a model folder holds {MANIFEST}, classifier/ and segmenter/)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{path}: missing (is {root} a model folder written by 'cascade tune'?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(manifest, dict):
-        raise ModelError(f"{path}: expected a JSON object")
+    manifest = read_json_object(path, f"is {root} a model folder written by 'cascade tune'?")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ModelError(

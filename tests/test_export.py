@@ -14,7 +14,7 @@ from cascade.data.preprocess import prepare_image
 from cascade.errors import ModelError
 from cascade.onnx_export import TOLERANCE, export_onnx
 from cascade.pipeline import predict_probabilities
-from test_pipeline import make_model_dir, one_thread  # noqa: F401  (autouse fixture)
+from test_pipeline import make_model_dir
 
 ort = pytest.importorskip("onnxruntime", reason="ONNX export needs the optional extra 'onnx'")
 

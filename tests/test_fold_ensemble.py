@@ -34,15 +34,6 @@ SIZE = 96
 FOLDS = 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread is much faster than two fighting for them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """Synthetic data; a classifier and a segmenter run for each of the 2 folds of one split (3 epochs each)."""

@@ -17,15 +17,6 @@ from cascade.stages.weights import init_from_segmenter, set_backbone_trainable
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread is much faster than two fighting for them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def seg_run(root: Path, encoder: str, stage: str = "seg", seed: int = 0) -> tuple[Path, torch.nn.Module]:
     """A run folder whose ``best/`` holds a randomly initialised network, as ``cascade train`` writes it."""
     torch.manual_seed(seed)

@@ -29,15 +29,6 @@ SEG_CONFIG = {"stage": "seg", "arch": "unet", "encoder": "tu-resnet10t", "in_cha
 OPEN = Thresholds(cls=0.0, top=0.0, area=0.0, bottom=0.5, min_component=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread is faster than two fighting for them (and leaves the other core free)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_stage(config: dict[str, Any], seed: int, bias: float | None = None) -> tuple[torch.nn.Module, dict]:
     """A randomly initialised tiny network; ``bias`` sets its output layer's bias (to force the gate open/shut)."""
     torch.manual_seed(seed)

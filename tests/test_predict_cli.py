@@ -17,7 +17,7 @@ from cascade.data.synth import SynthSummary, generate
 from cascade.modeldir import MANIFEST
 from cascade.pipeline import Cascade
 from cascade.thresholds.rule import Thresholds
-from test_pipeline import make_model_dir, one_thread  # noqa: F401  (autouse fixture)
+from test_pipeline import make_model_dir
 
 SIZE = 96
 

@@ -109,12 +109,21 @@ def test_closed_gate_gives_the_empty_baseline() -> None:
     assert result.confusion.tp == 0 and result.confusion.fp == 0
 
 
-def test_all_negative_maps_tie_and_the_first_point_wins() -> None:
+def test_all_negative_maps_tie_and_the_middle_gate_wins() -> None:
     segs = np.zeros((3, 8, 8), np.float32)
     result = tune([0.9, 0.1, 0.5], segs, np.zeros_like(segs, bool), grid=SMALL_GRID, progress=False)
     assert result.score == 1.0 and (result.scores == 1.0).all()
-    assert result.best_index == (0, 0, 0, 0, 0)
-    assert result.thresholds == SMALL_GRID.point((0, 0, 0, 0, 0))
+    middle = (len(SMALL_GRID.cls) - 1) // 2
+    assert result.best_index == (middle, 0, 0, 0, 0)
+    assert result.thresholds == SMALL_GRID.point((middle, 0, 0, 0, 0))
+
+
+def test_a_tied_range_of_gates_gives_its_middle_and_never_a_lower_score() -> None:
+    scores = np.zeros((6, 1, 1, 2, 1))
+    scores[1:5, 0, 0, 1, 0] = 0.8  # gates 1..4 tie at the best score, at bottom index 1
+    scores[5, 0, 0, 0, 0] = 0.7
+    assert best_point(scores) == (2, 0, 0, 1, 0)
+    assert best_point(scores, allowed=scores < 0.75) == (5, 0, 0, 0, 0)
 
 
 def test_streamed_input_gives_the_same_result_as_arrays() -> None:

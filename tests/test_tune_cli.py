@@ -34,15 +34,6 @@ REPORT_FILES = (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread is much faster than two fighting for them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """Synthetic data and a classifier and a segmenter run on the same split (4 epochs each)."""

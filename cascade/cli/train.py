@@ -7,21 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cascade.cli.argtypes import non_negative_int, positive_int
 from cascade.errors import ConfigError
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,15 +33,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="YAML", help="configuration file (e.g. configs/seg-unet-resnet34-512.yaml)")
     p.add_argument("--encoder", metavar="NAME", help="cls: timm model name; seg: smp encoder or tu-<timm model>")
     p.add_argument("--arch", metavar="ARCH", help="seg: unet, unetplusplus, fpn, deeplabv3plus, ...")
-    p.add_argument("--image-size", type=_positive_int, metavar="PX", help="network input size (square)")
-    p.add_argument("--epochs", type=_positive_int, metavar="N")
-    p.add_argument("--batch-size", type=_positive_int, metavar="B", help="per process (per GPU under torchrun)")
-    p.add_argument("--folds", type=_positive_int, metavar="K", help="number of folds of the split")
-    p.add_argument("--fold", type=_non_negative_int, metavar="I", help="validation fold (0-based)")
-    p.add_argument("--seed", type=_non_negative_int, metavar="S", help="seed of the split and of training")
+    p.add_argument("--image-size", type=positive_int, metavar="PX", help="network input size (square)")
+    p.add_argument("--epochs", type=positive_int, metavar="N")
+    p.add_argument("--batch-size", type=positive_int, metavar="B", help="per process (per GPU under torchrun)")
+    p.add_argument("--folds", type=positive_int, metavar="K", help="number of folds of the split")
+    p.add_argument("--fold", type=non_negative_int, metavar="I", help="validation fold (0-based)")
+    p.add_argument("--seed", type=non_negative_int, metavar="S", help="seed of the split and of training")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when available")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (default auto)")
-    p.add_argument("--workers", type=_non_negative_int, metavar="N", help="DataLoader worker processes")
+    p.add_argument("--workers", type=non_negative_int, metavar="N", help="DataLoader worker processes")
     p.add_argument("--cache-dir", metavar="DIR", help="preprocessing cache folder (default ~/.cache/cascade/...)")
     p.add_argument("--no-cache", action="store_true", help="decode every image each epoch (no disk cache)")
     p.add_argument(
@@ -67,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "architecture: seg encoder tu-NAME (or smp's resnetN) for classifier --encoder NAME; sets network.init_from",
     )
     p.add_argument(
-        "--freeze-backbone-epochs", type=_non_negative_int, metavar="N",
+        "--freeze-backbone-epochs", type=non_negative_int, metavar="N",
         help="train only the head for the first N epochs (optim.freeze_backbone_epochs; default 0)",
     )
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last finished epoch")

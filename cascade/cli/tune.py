@@ -7,6 +7,8 @@ import math
 import sys
 from typing import TYPE_CHECKING
 
+from cascade.cli.argtypes import non_negative_int, positive_int, probability
+
 if TYPE_CHECKING:
     from cascade.tuning import TuneOutcome
 
@@ -28,28 +30,6 @@ run as a member of its stage (classifier/, classifier-1/, ...), averaged at pred
 ensemble is a little sharper and better calibrated than the single fold models whose out-of-fold probabilities the
 thresholds were tuned on, so the recorded score is the single models' out-of-fold score, not the ensemble's."""
 
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tune", help="tune the thresholds on the validation fold and write a model folder", description=DESCRIPTION
@@ -64,16 +44,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write (replaced if it is one)")
     p.add_argument(
-        "--min-sensitivity", type=_probability, metavar="X",
+        "--min-sensitivity", type=probability, metavar="X",
         help="best mean Dice among the thresholds whose image-level sensitivity is at least X (triage)",
     )
     p.add_argument(
         "--tta", action=argparse.BooleanOptionalAction, default=False,
         help="horizontal-flip test-time augmentation while tuning; recorded in cascade.json for predict (default off)",
     )
-    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="B", help="images per batch (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="B", help="images per batch (default 16)")
     p.add_argument("--device", default="auto", metavar="D", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--workers", type=_non_negative_int, metavar="N", help="decoding processes (default: half the CPUs)")
+    p.add_argument("--workers", type=non_negative_int, metavar="N", help="decoding processes (default: half the CPUs)")
     p.add_argument("--images", metavar="DIR", help="images folder (default: the one the runs were trained on)")
     p.add_argument("--labels", metavar="CSV", help="label CSV (default: the one the runs were trained on)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

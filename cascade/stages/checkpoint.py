@@ -6,7 +6,6 @@ Nothing here unpickles: weights are safetensors and metadata is JSON, so a model
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cascade.errors import CascadeError, ModelError
-from cascade.fileio import atomic_path, atomic_write_json
+from cascade.fileio import atomic_path, atomic_write_json, read_json_object
 from cascade.stages.classifier import build_classifier
 from cascade.stages.segmenter import build_segmenter
 
@@ -51,16 +50,7 @@ def save_stage(directory: str | os.PathLike[str], model: nn.Module, config: dict
 
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a stage folder's ``config.json`` with a clear error when missing or malformed."""
-    path = Path(directory) / CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{path}: missing (a stage folder needs {CONFIG} and {WEIGHTS})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(Path(directory) / CONFIG, f"a stage folder needs {CONFIG} and {WEIGHTS}")
 
 
 def load_stage(directory: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:

@@ -13,9 +13,12 @@ the score is ``mean_i e_i + mean_i gate_i(cls, top, area) · (d_i(b, m) − e_i)
 matrix (images × cls·top·area) with the Dice gains (images × bottom·min_component), done in chunks of images.
 The per-image statistics take about 1 KB per image with the default grid, so 12,047 images stay near 15 MB.
 
-Ties: the best point is the **first in grid order** (axes cls, top, area, bottom, min_component, each ascending;
-C order) whose score is within ``TIE_TOLERANCE`` of the maximum — so a tie goes to the lowest classifier gate, then
-the lowest top, and so on. The tolerance only absorbs floating-point summation order.
+Ties (scores within ``TIE_TOLERANCE`` of the maximum; the tolerance only absorbs floating-point summation order):
+the classifier gate goes to the **middle** of the tied ``cls`` values (the lower one of the two middle values),
+then the first tied point in grid order (top, area, bottom, min_component, each ascending). Often a whole range of
+gates scores the same on the validation fold — every negative below it is already rejected by the top/area rule;
+the lowest would switch the gate off (the segmenter runs on every image), the highest sits where the next positive
+would be lost. The middle lets the gate skip the segmenter on the images it can, with margin on both sides.
 """
 
 from __future__ import annotations
@@ -101,13 +104,16 @@ class Grid:
 
 
 def best_point(scores: np.ndarray, allowed: np.ndarray | None = None) -> tuple[int, ...] | None:
-    """Index of the first point in C order within TIE_TOLERANCE of the best allowed score (None if none)."""
+    """Index of the best allowed score (None if none), ties broken as the module docstring says."""
     masked = scores if allowed is None else np.where(allowed, scores, -np.inf)
     top = masked.max()
     if not np.isfinite(top):
         return None
-    flat = int(np.flatnonzero(masked.ravel() >= top - TIE_TOLERANCE)[0])
-    return tuple(int(i) for i in np.unravel_index(flat, scores.shape))
+    tied = masked >= top - TIE_TOLERANCE
+    tied_cls = np.flatnonzero(tied.reshape(tied.shape[0], -1).any(axis=1))
+    cls = int(tied_cls[(tied_cls.size - 1) // 2])
+    rest = int(np.flatnonzero(tied[cls].ravel())[0])
+    return (cls, *(int(i) for i in np.unravel_index(rest, scores.shape[1:])))
 
 
 @dataclass
