@@ -22,7 +22,7 @@ from cascade.fileio import atomic_write_text
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of the demo: the default fits in about ten minutes on two CPU cores; ``quick`` is for tests."""
+    """Sizes of the demo: the default takes about 3–4 minutes on two CPU cores; ``quick`` is for tests."""
 
     train_images: int = 500
     test_images: int = 150

@@ -8,7 +8,7 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the whole workflow on synthetic data (about 10 minutes on 2 CPU cores)",
+        help="run the whole workflow on synthetic data (a few minutes on 2 CPU cores)",
         description="Generate a synthetic SIIM-layout dataset and a held-out test folder, train the segmenter, "
         "train the classifier from the segmenter's encoder, tune the thresholds, predict the test folder, "
         "evaluate it and write DIR/report.md (headline numbers beside the all-empty baseline, tuning plots, "
@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "as a walk-through of the real workflow. Needs no data, no GPU and no network.",
     )
     p.add_argument("--out", default="cascade-demo", metavar="DIR", help="folder to create (default ./cascade-demo)")
-    p.add_argument("--quick", action="store_true", help="a much smaller run (about a minute): checks, not results")
+    p.add_argument("--quick", action="store_true", help="a much smaller run (under a minute): checks the path, not the results")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
