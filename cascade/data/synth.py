@@ -458,7 +458,7 @@ def _write_dicom(path: Path, pixels: np.ndarray, uids: dict[str, str], patient: 
     ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
     ds.Modality, ds.ConversionType = "CR", "WSD"
     ds.SeriesDescription = f"view: {extra['view']}"
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient, patient, ""
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient, patient, ""  # anonymous: a fake UUID per patient
     ds.PatientSex, ds.PatientAge = extra["sex"], extra["age"]
     ds.BodyPartExamined, ds.ViewPosition = "CHEST", extra["view"]
     ds.StudyInstanceUID, ds.SeriesInstanceUID = uids["study"], uids["series"]
