@@ -123,7 +123,7 @@ def _export(model: nn.Module, path: Path, size: int) -> bool:
             return dynamic_spatial
         except Exception as err:  # the exporter fails in many ways on architectures it cannot trace generically
             if not dynamic_spatial:
-                raise ModelError(f"{path}: the network cannot be exported to ONNX ({type(err).__name__}: {err})")
+                raise ModelError(f"{path}: the network cannot be exported to ONNX ({type(err).__name__}: {err})") from None
     raise AssertionError("unreachable")
 
 

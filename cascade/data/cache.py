@@ -150,4 +150,6 @@ class PreprocessCache:
         except OSError as exc:
             if not self._write_failed:
                 self._write_failed = True
-                warnings.warn(f"{self.folder}: cannot write to the preprocessing cache ({exc}); decoding every time")
+                warnings.warn(
+                    f"{self.folder}: cannot write to the preprocessing cache ({exc}); decoding every time", stacklevel=2
+                )
