@@ -18,6 +18,7 @@ from typing import Any
 
 from cascade.errors import CascadeError, ConfigError
 from cascade.fileio import atomic_write_text
+from cascade.thresholds.metrics import format_number
 
 
 @dataclass(frozen=True)
@@ -127,9 +128,6 @@ def write_report(
     validation = manifest.get("metrics", {}).get("validation", {})
     th = manifest["thresholds"]
 
-    def num(x: Any) -> str:
-        return "n/a" if x is None else f"{x:.4f}"
-
     lines = [
         "# cascade demo report",
         "",
@@ -143,10 +141,10 @@ def write_report(
         "",
         "| metric | cascade | all-empty baseline |",
         "|---|---|---|",
-        f"| mean Dice (challenge metric) | **{num(summary['mean_dice'])}** | {num(baseline)} |",
-        f"| Dice on true positives | {num(summary['dice_positive'])} | – |",
-        f"| sensitivity (image level) | {num(summary['sensitivity'])} | 0.0000 |",
-        f"| specificity (image level) | {num(summary['specificity'])} | 1.0000 |",
+        f"| mean Dice (challenge metric) | **{format_number(summary['mean_dice'])}** | {format_number(baseline)} |",
+        f"| Dice on true positives | {format_number(summary['dice_positive'])} | – |",
+        f"| sensitivity (image level) | {format_number(summary['sensitivity'])} | 0.0000 |",
+        f"| specificity (image level) | {format_number(summary['specificity'])} | 1.0000 |",
         "",
         f"Confusion matrix on {images} images: tp {c['tp']}, fp {c['fp']}, fn {c['fn']}, tn {c['tn']}. "
         "The all-empty baseline predicts no pneumothorax anywhere; its mean Dice is the share of negative images.",
@@ -158,8 +156,9 @@ def write_report(
         f"classifier gate `cls` {th['cls']:.2f}, `top` {th['top']:.2f}, `area` {th['area']:g} px (at 1024²), "
         f"`bottom` {th['bottom']:.2f}, `min_component` {th['min_component']:g} px (at 1024²).",
         "",
-        f"Validation mean Dice {num(validation.get('mean_dice'))} against the all-empty "
-        f"{num(validation.get('baseline_empty'))}; classifier ROC AUC {num(validation.get('classifier_auc'))}; "
+        f"Validation mean Dice {format_number(validation.get('mean_dice'))} against the all-empty "
+        f"{format_number(validation.get('baseline_empty'))}; "
+        f"classifier ROC AUC {format_number(validation.get('classifier_auc'))}; "
         f"the gate sent {100 * validation.get('segmented_share', float('nan')):.0f}% of the validation images "
         "to the segmenter.",
         "",

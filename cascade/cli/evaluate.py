@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 SHOWN_IDS = 5
 
@@ -33,10 +32,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _num(value: float) -> str:
-    """Four decimals, or n/a for an undefined ratio (nan, e.g. sensitivity without positive images)."""
-    return f"{value:.4f}" if math.isfinite(value) else "n/a"
-
 
 def _first(ids: list[str]) -> str:
     more = f", … (+{len(ids) - SHOWN_IDS} more)" if len(ids) > SHOWN_IDS else ""
@@ -49,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cascade.data.labels import read_labels
     from cascade.errors import ConfigError, LabelError
-    from cascade.thresholds.metrics import dice, summarize
+    from cascade.thresholds.metrics import dice, format_number, summarize
 
     height, width = args.size
     if height <= 0 or width <= 0:
@@ -75,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(dices, pred_pos, true_pos)
     c = summary.confusion
     print(f"images           {summary.images} ({int(true_pos.sum())} positive in the labels)")
-    print(f"mean Dice        {_num(summary.mean_dice)}")
-    print(f"Dice positive    {_num(summary.dice_positive)} (mean over the {c.tp} true positives)")
-    print(f"sensitivity      {_num(summary.sensitivity)}")
-    print(f"specificity      {_num(summary.specificity)}")
+    print(f"mean Dice        {format_number(summary.mean_dice)}")
+    print(f"Dice positive    {format_number(summary.dice_positive)} (mean over the {c.tp} true positives)")
+    print(f"sensitivity      {format_number(summary.sensitivity)}")
+    print(f"specificity      {format_number(summary.specificity)}")
     print(f"confusion        tp {c.tp}  fp {c.fp}  fn {c.fn}  tn {c.tn}")
     if missing:
         note = f"{len(missing)} labelled image(s) absent from the submission, scored as empty"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from typing import TYPE_CHECKING
 
@@ -60,12 +59,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _num(value: float | None, digits: int = 4) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
 
 def summary_lines(outcome: TuneOutcome) -> list[str]:
     """The lines ``cascade tune`` prints: what was searched, the chosen thresholds and their validation scores."""
+    from cascade.thresholds.metrics import format_number
+
     v = outcome.metrics["validation"]
     th = outcome.result.thresholds
     mode = "" if v["min_sensitivity"] is None else f" subject to sensitivity ≥ {v['min_sensitivity']:g}"
@@ -84,10 +82,11 @@ def summary_lines(outcome: TuneOutcome) -> list[str]:
         + f"; scored at native resolution{', flip TTA' if v['tta'] else ''}",
         f"thresholds{mode}: cls {th.cls:g}, top {th.top:g}, area {th.area:g} px, bottom {th.bottom:g}, "
         f"min_component {th.min_component:g} px (areas at 1024²)",
-        f"mean Dice {_num(v['mean_dice'])} (all-empty baseline {_num(v['baseline_empty'])}), "
-        f"Dice on true positives {_num(v['dice_positive'])}",
-        f"sensitivity {_num(v['sensitivity'], 3)}, specificity {_num(v['specificity'], 3)} "
-        f"(tp {c['tp']}, fp {c['fp']}, fn {c['fn']}, tn {c['tn']}), classifier AUC {_num(v['classifier_auc'])}",
+        f"mean Dice {format_number(v['mean_dice'])} (all-empty baseline {format_number(v['baseline_empty'])}), "
+        f"Dice on true positives {format_number(v['dice_positive'])}",
+        f"sensitivity {format_number(v['sensitivity'], 3)}, specificity {format_number(v['specificity'], 3)} "
+        f"(tp {c['tp']}, fp {c['fp']}, fn {c['fn']}, tn {c['tn']}), "
+        f"classifier AUC {format_number(v['classifier_auc'])}",
         f"the gate sends {100 * v['segmented_share']:.1f}% of images to the segmenter",
         f"model folder {outcome.model_dir}{members}, report in {outcome.report_dir} ({outcome.seconds:.1f} s)",
     ]

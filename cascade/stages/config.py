@@ -13,10 +13,10 @@ backbone fixed for the first epochs so only the head learns.
 from __future__ import annotations
 
 import copy
-from importlib import resources
 import math
 import os
 from collections.abc import Callable, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 

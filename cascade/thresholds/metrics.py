@@ -95,6 +95,12 @@ def json_float(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def format_number(value: float | None, digits: int = 4) -> str:
+    """``value`` with ``digits`` decimals for people, or ``n/a`` when undefined (None, nan: e.g. sensitivity
+    without positive images)."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
 @dataclass(frozen=True)
 class Summary:
     """What `cascade evaluate` prints and `tune` reports for one setting."""

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from cascade.fileio import atomic_path, atomic_write_json, atomic_write_text
-from cascade.thresholds.metrics import Confusion, Summary, json_float, sensitivity, specificity
+from cascade.thresholds.metrics import Confusion, Summary, format_number, json_float, sensitivity, specificity
 from cascade.thresholds.rule import FIELDS
 from cascade.thresholds.search import TuneResult
 
@@ -35,9 +35,6 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _fmt(value: float | None, digits: int = 4) -> str:
-    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
-
 
 def plot_confusion(c: Confusion, path: Path, title: str) -> Path:
     """2 x 2 image-level confusion matrix with counts and row shares."""
@@ -51,7 +48,8 @@ def plot_confusion(c: Confusion, path: Path, title: str) -> Path:
         ax.text(j, i, f"{count}\n({100 * shares[i, j]:.1f}%)", ha="center", va="center", color=colour, fontsize=12)
     ax.set_xticks([0, 1], ["predicted positive", "predicted empty"])
     ax.set_yticks([0, 1], ["truly positive", "truly negative"])
-    ax.set_title(f"{title}\nsensitivity {_fmt(sensitivity(c), 3)}, specificity {_fmt(specificity(c), 3)}")
+    rates = f"sensitivity {format_number(sensitivity(c), 3)}, specificity {format_number(specificity(c), 3)}"
+    ax.set_title(f"{title}\n{rates}")
     return _save(fig, path)
 
 
@@ -135,7 +133,7 @@ def _op_rows(result: TuneResult) -> list[list[Any]]:
 def plot_operating_points(result: TuneResult, path: Path) -> Path:
     """The operating-point table (best mean Dice at each minimum sensitivity) as a figure."""
     rows = _op_rows(result)
-    cells = [[_fmt(v, 4) if i < 4 else ("n/a" if v is None else f"{v:g}") for i, v in enumerate(r)] for r in rows]
+    cells = [[format_number(v) if i < 4 else ("n/a" if v is None else f"{v:g}") for i, v in enumerate(r)] for r in rows]
     for r, raw in zip(cells, rows):
         r[0] = f"≥ {raw[0]:g}"
     fig = Figure(figsize=(11, 0.6 + 0.32 * (len(rows) + 1)))
@@ -178,7 +176,7 @@ def plot_dice_histogram(dices: np.ndarray, true_positive: np.ndarray, path: Path
     ax.hist(values, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
     ax.set_xlabel("per-image Dice")
     ax.set_ylabel("truly positive images")
-    mean = _fmt(float(values.mean()) if values.size else None)
+    mean = format_number(float(values.mean()) if values.size else None)
     ax.set_title(f"Dice on the {values.size} truly positive images (mean {mean})")
     return _save(fig, path)
 
@@ -193,7 +191,7 @@ def write_evaluate_report(
     """Write ``evaluate.json`` (summary + ``extra``), the confusion matrix and the Dice histogram."""
     out = Path(out_dir)
     atomic_write_json(out / "evaluate.json", {**summary.to_dict(), **(extra or {})})
-    title = f"Mean Dice {_fmt(json_float(summary.mean_dice))} over {summary.images} images"
+    title = f"Mean Dice {format_number(json_float(summary.mean_dice))} over {summary.images} images"
     return [
         out / "evaluate.json",
         plot_confusion(summary.confusion, out / "confusion.png", title),
