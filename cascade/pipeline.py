@@ -19,7 +19,7 @@ import math
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,8 @@ class Prediction:
     image_id: str = ""
     source: str = ""
     error: str | None = None
+    header: Dataset | None = field(default=None, repr=False)
+    """The source's DICOM header without pixels (what a DICOM SEG references); None for arrays and failures."""
 
     @property
     def ok(self) -> bool:
@@ -75,6 +77,7 @@ class ImageProbabilities:
     seg_prob: np.ndarray | None
     """float32 map at the segmenter's input size; None when gated out or failed."""
     error: str | None = None
+    header: Dataset | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,6 +90,7 @@ class _Decoded:
     width: int = 0
     inputs: dict[int, np.ndarray] | None = None
     error: str | None = None
+    header: Dataset | None = None
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -157,16 +161,19 @@ class _DecodeDataset(TorchDataset):
             return _Decoded(image_id=path.stem, source=str(path), error=str(err))
         except Exception as err:  # one broken file must not stop a batch run, whatever the decoder raised
             return _Decoded(image_id=path.stem, source=str(path), error=f"{path}: cannot read ({type(err).__name__})")
-        return _decoded(image.pixels, path.stem, str(path), self.sizes)
+        return _decoded(image.pixels, path.stem, str(path), self.sizes, image.header)
 
 
-def _decoded(pixels: np.ndarray, image_id: str, source: str, sizes: Iterable[int]) -> _Decoded:
+def _decoded(
+    pixels: np.ndarray, image_id: str, source: str, sizes: Iterable[int], header: Dataset | None = None
+) -> _Decoded:
     return _Decoded(
         image_id=image_id,
         source=source,
         height=pixels.shape[0],
         width=pixels.shape[1],
         inputs={size: prepare_image(pixels, size) for size in sizes},
+        header=header,
     )
 
 
@@ -262,6 +269,7 @@ class _Pending:
             cls_prob=self.cls_prob,
             seg_prob=self.seg_prob,
             error=item.error,
+            header=item.header,
         )
 
 
@@ -367,7 +375,7 @@ class Cascade:
         else:
             image = read_dicom(x)
             image_id = Path(x).stem if isinstance(x, (str, os.PathLike)) else image.image_id
-            item = _decoded(image.pixels, image_id, image.source, self._engine.sizes)
+            item = _decoded(image.pixels, image_id, image.source, self._engine.sizes, image.header)
         (probs,) = self._engine.probabilities([[item]], 1, self.thresholds.cls, self.tta)
         return self._finish(probs)
 
@@ -399,7 +407,7 @@ class Cascade:
             mask = apply_rule(probs.cls_prob, native_map(probs), self.thresholds, area_scale(*shape))
         positive = bool(mask.any())
         rle = rle_encode(mask) if positive else EMPTY
-        return Prediction(probs.cls_prob, positive, mask, rle, probs.image_id, probs.source)
+        return Prediction(probs.cls_prob, positive, mask, rle, probs.image_id, probs.source, header=probs.header)
 
 
 def native_map(probs: ImageProbabilities) -> np.ndarray:

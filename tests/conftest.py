@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,3 +36,50 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Tiny real networks (random weights) for inference tests: imported by test modules with ``from conftest import``.
+PREP = {"size": 64, "mean": 0.5, "std": 0.25}
+CLS_CONFIG = {"stage": "cls", "model": "resnet10t", "in_chans": 1, "preprocessing": PREP}
+SEG_CONFIG = {"stage": "seg", "arch": "unet", "encoder": "tu-resnet10t", "in_chans": 1, "preprocessing": PREP}
+
+
+def _open_thresholds() -> Any:
+    from cascade.thresholds.rule import Thresholds
+
+    return Thresholds(cls=0.0, top=0.0, area=0.0, bottom=0.5, min_component=0.0)
+
+
+OPEN = _open_thresholds()
+"""Every image passes the gate and every pixel over 0.5 is kept."""
+
+
+def tiny_stage(config: dict[str, Any], seed: int, bias: float | None = None) -> tuple[Any, dict]:
+    """A randomly initialised tiny network; ``bias`` sets its output layer's bias (to force the gate open/shut)."""
+    import torch
+
+    from cascade.stages.checkpoint import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(config).eval()
+    if bias is not None:
+        head = model.backbone.get_classifier() if config["stage"] == "cls" else model.segmentation_head[0]
+        with torch.no_grad():
+            head.bias.fill_(bias)
+    return model, dict(config)
+
+
+def make_model_dir(
+    path: Path,
+    thresholds: Any = OPEN,
+    *,
+    cls_bias: float | None = None,
+    seg_bias: float | None = None,
+    classifiers: int = 1,
+    tta: bool = False,
+) -> Path:
+    """A MODEL_DIR of tiny random networks written by the one writer."""
+    from cascade.modeldir import write_model_dir
+
+    cls = [tiny_stage(CLS_CONFIG, seed=i, bias=cls_bias) for i in range(classifiers)]
+    return write_model_dir(path, cls, [tiny_stage(SEG_CONFIG, seed=10, bias=seg_bias)], thresholds, tta=tta)

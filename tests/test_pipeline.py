@@ -20,39 +20,9 @@ from cascade.data.synth import SynthSummary, generate
 from cascade.errors import CascadeError, ModelError
 from cascade.modeldir import MANIFEST, read_model_dir, write_model_dir
 from cascade.pipeline import Cascade, predict_probabilities
-from cascade.stages.checkpoint import build_model, sha256_file
+from cascade.stages.checkpoint import sha256_file
 from cascade.thresholds.rule import Thresholds
-
-PREP = {"size": 64, "mean": 0.5, "std": 0.25}
-CLS_CONFIG = {"stage": "cls", "model": "resnet10t", "in_chans": 1, "preprocessing": PREP}
-SEG_CONFIG = {"stage": "seg", "arch": "unet", "encoder": "tu-resnet10t", "in_chans": 1, "preprocessing": PREP}
-OPEN = Thresholds(cls=0.0, top=0.0, area=0.0, bottom=0.5, min_component=0.0)
-
-
-def tiny_stage(config: dict[str, Any], seed: int, bias: float | None = None) -> tuple[torch.nn.Module, dict]:
-    """A randomly initialised tiny network; ``bias`` sets its output layer's bias (to force the gate open/shut)."""
-    torch.manual_seed(seed)
-    model = build_model(config).eval()
-    if bias is not None:
-        head = model.backbone.get_classifier() if config["stage"] == "cls" else model.segmentation_head[0]
-        with torch.no_grad():
-            head.bias.fill_(bias)
-    return model, dict(config)
-
-
-def make_model_dir(
-    path: Path,
-    thresholds: Thresholds = OPEN,
-    *,
-    cls_bias: float | None = None,
-    seg_bias: float | None = None,
-    classifiers: int = 1,
-    tta: bool = False,
-) -> Path:
-    """A MODEL_DIR of tiny random networks written by the one writer."""
-    cls = [tiny_stage(CLS_CONFIG, seed=i, bias=cls_bias) for i in range(classifiers)]
-    return write_model_dir(path, cls, [tiny_stage(SEG_CONFIG, seed=10, bias=seg_bias)], thresholds, tta=tta)
-
+from conftest import CLS_CONFIG, OPEN, PREP, SEG_CONFIG, make_model_dir, tiny_stage
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> SynthSummary:

@@ -20,7 +20,7 @@ import hashlib
 import io
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -62,6 +62,9 @@ class DicomImage:
     pixel_spacing: tuple[float, float] | None
     patient_key: str | None
     source: str
+    header: Dataset | None = field(default=None, repr=False)
+    """The file's header without its pixel data: the identifiers a DICOM SEG of this image must reference and
+    copy (patient, study, series, SOP instance). Carried, never logged; None for an array input."""
 
 
 def read_dicom(source: DicomSource) -> DicomImage:
@@ -89,7 +92,16 @@ def read_dicom(source: DicomSource) -> DicomImage:
         pixel_spacing=_pixel_spacing(ds, name),
         patient_key=_patient_key(ds, name),
         source=name,
+        header=_without_pixels(ds),
     )
+
+
+def _without_pixels(ds: Dataset) -> Dataset:
+    """A shallow copy of ``ds`` without the pixel data, so results can carry the header cheaply."""
+    header = Dataset({tag: ds.get_item(tag) for tag in ds.keys() if tag.group != 0x7FE0})
+    header.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+    header.file_meta = getattr(ds, "file_meta", Dataset())
+    return header
 
 
 def read_patient_key(path: str | os.PathLike[str]) -> str | None:
