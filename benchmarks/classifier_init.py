@@ -6,9 +6,9 @@ Printed per classifier: validation ROC AUC per epoch and of ``best/``, the tuned
 means the gate is in use), the tuned mean Dice next to the best mean Dice without a classifier (``cls = 0``), and
 the share of negative validation images the gate stops before the segmenter runs.
 
-The networks and their settings are the repository's tiny configurations: ``configs/tiny-seg.yaml`` for the
+The networks and their settings are the repository's tiny configurations: ``cascade/configs/tiny-seg.yaml`` for the
 segmenter (with batches of 16: at its 8 the segmenter collapsed to empty masks on this data) and
-``configs/tiny-cls-from-seg.yaml`` for both classifiers (they differ only in ``network.init_from``); only size,
+``cascade/configs/tiny-cls-from-seg.yaml`` for both classifiers (they differ only in ``network.init_from``); only size,
 epochs and data change here.
 
     python benchmarks/classifier_init.py [--work DIR] [--images 640] [--size 128] [--seg-epochs 18]
@@ -36,7 +36,7 @@ from cascade.stages import config as cfg  # noqa: E402
 from cascade.stages import training  # noqa: E402
 from cascade.tuning import tune_runs  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
 
 
 def overrides(args: argparse.Namespace, epochs: int, cache: Path) -> dict:

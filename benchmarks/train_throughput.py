@@ -64,7 +64,7 @@ def sync(rt: training.Runtime) -> None:
 
 
 def bench_stage(stage: str, size: int, data: Path, args: argparse.Namespace, cache_root: Path) -> None:
-    config = cfg.resolve(stage, Path(__file__).resolve().parents[1] / "configs" / f"tiny-{stage}.yaml", {
+    config = cfg.resolve(stage, Path(__file__).resolve().parents[1] / "cascade" / "configs" / f"tiny-{stage}.yaml", {
         "preprocessing": {"size": size},
         "optim": {"batch_size": args.batch_size, "grad_clip": 0.0},
         "data": {"workers": args.workers, "cache_dir": str(cache_root), "augment": "light"},

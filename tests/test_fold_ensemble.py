@@ -29,7 +29,7 @@ from cascade.stages.checkpoint import sha256_file
 from cascade.thresholds import tune
 from cascade.tuning import tune_runs
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
 SIZE = 96
 FOLDS = 2
 

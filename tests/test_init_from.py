@@ -14,7 +14,7 @@ from cascade.errors import ModelError
 from cascade.stages.checkpoint import build_model, save_stage
 from cascade.stages.weights import init_from_segmenter, set_backbone_trainable
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
 
 
 def seg_run(root: Path, encoder: str, stage: str = "seg", seed: int = 0) -> tuple[Path, torch.nn.Module]:

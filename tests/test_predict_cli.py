@@ -134,7 +134,7 @@ def test_end_to_end_synth_train_tune_predict_beats_the_all_empty_baseline(tmp_pa
 
     from cascade.thresholds import mean_dice
 
-    configs = Path(__file__).resolve().parents[1] / "configs"
+    configs = Path(__file__).resolve().parents[1] / "cascade" / "configs"
     train = generate(tmp_path / "train", images=160, positive_fraction=0.5, size=SIZE, seed=3, progress=False)
     held = generate(tmp_path / "held", images=40, positive_fraction=0.5, size=SIZE, seed=11, progress=False)
     threads = torch.get_num_threads()

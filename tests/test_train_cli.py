@@ -8,7 +8,7 @@ import pytest
 
 from cascade.cli.main import main
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
 
 
 @pytest.fixture(scope="module")

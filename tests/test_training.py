@@ -16,7 +16,7 @@ from cascade.stages.checkpoint import build_model, load_stage
 from cascade.stages import training
 from cascade.stages.training import STATE_FILE
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from cascade.stages.sampling import PositiveShareSampler, epoch_indices
 from cascade.stages.training import lr_factor
 from cascade.stages.weights import load_pretrained
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

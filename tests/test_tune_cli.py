@@ -26,7 +26,7 @@ from cascade.pipeline import predict_probabilities
 from cascade.stages.checkpoint import sha256_file
 from cascade.thresholds import Summary, dice, summarize, tune
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
 SIZE = 96
 REPORT_FILES = (
     "tune.json", "validation.json", "operating_points.csv", "dice_cls_bottom.png", "dice_by_threshold.png",

@@ -23,14 +23,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "same fold), then cascade tune --cls CLS_RUN_DIR --seg SEG_RUN_DIR. Without pretrained weights a classifier "
         "trained from scratch on a few hundred images often stays at chance; the segmenter's encoder, taught by the "
         "masks, gives it features to start from (fine-tune them at a lower learning rate: "
-        "configs/tiny-cls-from-seg.yaml, docs/classifier-init.md). "
+        "cascade/configs/tiny-cls-from-seg.yaml, docs/classifier-init.md). "
         "Several GPUs: torchrun --nproc_per_node N -m cascade train ...",
     )
     p.add_argument("--stage", required=True, choices=("cls", "seg"), help="cls: image classifier; seg: segmenter")
     p.add_argument("--images", required=True, metavar="DIR", help="folder searched recursively for *.dcm")
     p.add_argument("--labels", required=True, metavar="CSV", help="label CSV (ImageId, EncodedPixels)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to create (absent or empty)")
-    p.add_argument("--config", metavar="YAML", help="configuration file (e.g. configs/seg-unet-resnet34-512.yaml)")
+    p.add_argument("--config", metavar="YAML", help="configuration file (a path, or a shipped name such as seg-unet-resnet34-512)")
     p.add_argument("--encoder", metavar="NAME", help="cls: timm model name; seg: smp encoder or tu-<timm model>")
     p.add_argument("--arch", metavar="ARCH", help="seg: unet, unetplusplus, fpn, deeplabv3plus, ...")
     p.add_argument("--image-size", type=positive_int, metavar="PX", help="network input size (square)")

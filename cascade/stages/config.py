@@ -134,7 +134,7 @@ def defaults(stage: str) -> dict[str, Any]:
 
 
 def shipped_configs() -> list[str]:
-    """Names of the configurations shipped with cascade (the YAML files of the repository's ``configs/``)."""
+    """Names of the configurations shipped with cascade (the YAML files of the package's ``cascade/configs/``)."""
     return sorted(p.name[: -len(".yaml")] for p in resources.files("cascade.configs").iterdir()
                   if p.name.endswith(".yaml"))
 
