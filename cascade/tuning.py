@@ -284,6 +284,8 @@ def validation_metrics(
         "classifier_auc": json_float(result.classifier_auc),
         "segmented_share": gated,
         "min_sensitivity": result.min_sensitivity,
+        "standard_error": json_float(result.standard_error),
+        "warnings": result.warnings(),
         "resolution": RESOLUTION,
         "tta": tta,
         "fold": first.fold if len(pairs) == 1 else None,
@@ -345,9 +347,9 @@ def tune_runs(
     search = ThresholdSearch(grid)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from cascade.progress import progress_bar
 
-        bar = tqdm(total=total, desc="validation fold" if len(pairs) == 1 else "out-of-fold", unit="img")
+        bar = progress_bar(total=total, desc="validation fold" if len(pairs) == 1 else "out-of-fold", unit="img")
     for (cls, seg), paths in zip(pairs, fold_paths):
         before = len(search)
         predictions = predict_probabilities(

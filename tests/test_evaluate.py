@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cascade.cli.evaluate import LABEL_WIDTH
 from cascade.cli.main import main
 from cascade.data.rle import rle_encode
 
@@ -24,14 +25,14 @@ def _write(path: Path, rows: list[tuple[str, str]], header: str = "ImageId,Encod
 
 
 def _lines(out: str) -> dict[str, str]:
-    return {line[:17].strip(): line[17:].strip() for line in out.splitlines()}
+    return {line[:LABEL_WIDTH].strip(): line[LABEL_WIDTH:].strip() for line in out.splitlines()}
 
 
 def test_submission_equal_to_the_real_labels_scores_one(shared_data: Path, capsys) -> None:
     labels = shared_data / "siim" / "train-rle-sample.csv"
     assert main(["evaluate", str(labels), "--labels", str(labels), "--quiet"]) == 0
     out = _lines(capsys.readouterr().out)
-    assert out["mean Dice"] == "1.0000"
+    assert out["mean Dice"].startswith("1.0000 (all-empty baseline 0.5000, difference 0.5000)")
     assert out["images"].startswith("10 (5 positive")
     assert out["confusion"] == "tp 5  fp 0  fn 0  tn 5"
 
@@ -42,8 +43,10 @@ def test_real_labels_against_an_empty_submission(shared_data: Path, tmp_path: Pa
     sub = _write(tmp_path / "sub.csv", [(i, "-1") for i in dict.fromkeys(ids)])
     assert main(["evaluate", str(sub), "--labels", str(labels), "--quiet"]) == 0
     out = _lines(capsys.readouterr().out)
-    assert out["mean Dice"] == "0.5000"  # the 5 negatives score 1, the 5 positives 0
-    assert out["sensitivity"] == "0.0000" and out["Dice positive"].startswith("n/a")
+    # the 5 negatives score 1, the 5 positives 0: exactly the all-empty baseline
+    assert out["mean Dice"].startswith("0.5000 (all-empty baseline 0.5000, difference 0.0000)")
+    assert out["sensitivity"] == "0.0000" and out["Dice on true positives"].startswith("n/a")
+    assert out["Dice on all positives"].startswith("0.0000 (mean over the 5 labelled positives")
 
 
 def test_hand_computed_scores_missing_ids_and_union(tmp_path: Path, capsys) -> None:
@@ -67,12 +70,14 @@ def test_hand_computed_scores_missing_ids_and_union(tmp_path: Path, capsys) -> N
     assert main(args) == 0
     out = _lines(capsys.readouterr().out)
     expected = (2 * 2 / 6 + 0 + 1 + 0 + 1) / 5
-    assert out["mean Dice"] == f"{expected:.4f}"
+    assert out["mean Dice"].startswith(f"{expected:.4f} (all-empty baseline {3 / 5:.4f}")
     assert out["confusion"] == "tp 1  fp 1  fn 1  tn 2"
     assert out["missing"].startswith("1 labelled image(s)") and out["missing"].endswith(": e")
     data = json.loads((report / "evaluate.json").read_text())
     assert data["mean_dice"] == pytest.approx(expected)
     assert data["dice_positive"] == pytest.approx(2 / 3)
+    assert data["dice_all_positives"] == pytest.approx((2 / 3 + 0) / 2)  # "d" was missed: it counts as 0
+    assert data["baseline_empty"] == pytest.approx(3 / 5)
     assert data["missing_from_submission"] == {"count": 1, "first": ["e"]}
     assert (report / "confusion.png").stat().st_size > 1000 and (report / "dice_positive.png").exists()
 
@@ -83,6 +88,7 @@ def test_errors_exit_2_with_one_clear_line(tmp_path: Path, capsys) -> None:
     assert main(["evaluate", str(unknown), "--labels", str(labels), "--size", "8", "8", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown.csv: 1 ImageId(s) not in the labels" in err and "zz" in err
+    assert "--ignore-unknown" in err
     malformed = _write(tmp_path / "malformed.csv", [("a", "3 x")])
     assert main(["evaluate", str(malformed), "--labels", str(labels), "--quiet"]) == 2
     assert "malformed.csv:row 2" in capsys.readouterr().err
@@ -91,3 +97,26 @@ def test_errors_exit_2_with_one_clear_line(tmp_path: Path, capsys) -> None:
     assert "big.csv:row 2" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "absent.csv"), "--labels", str(labels)]) == 2
     assert "absent.csv" in capsys.readouterr().err
+
+
+def test_only_submitted_and_ignore_unknown_choose_what_is_scored(tmp_path: Path, capsys) -> None:
+    labels = _write(tmp_path / "labels.csv", [("a", _square(0, 0, 2)), ("b", "-1"), ("c", _square(4, 4, 2))])
+    sub = _write(tmp_path / "sub.csv", [("a", _square(0, 0, 2)), ("b", "-1"), ("zz", "-1")])
+    base = ["evaluate", str(sub), "--labels", str(labels), "--size", "8", "8", "--quiet"]
+    assert main(base) == 2  # zz has no label
+    capsys.readouterr()
+    assert main([*base, "--ignore-unknown"]) == 0
+    out = _lines(capsys.readouterr().out)
+    assert out["ignored"] == "1 submitted ImageId(s) without a label: zz"
+    assert out["mean Dice"].startswith(f"{2 / 3:.4f}")  # c is missing and scores 0 as an empty prediction
+    assert out["missing"].endswith(": c")
+    report = tmp_path / "report"
+    assert main([*base, "--ignore-unknown", "--only-submitted", "--report", str(report)]) == 0
+    out = _lines(capsys.readouterr().out)
+    assert out["images"].startswith("2 (1 positive")
+    assert out["mean Dice"].startswith("1.0000 (all-empty baseline 0.5000")
+    assert "missing" not in out
+    data = json.loads((report / "evaluate.json").read_text())
+    assert data["images"] == 2 and data["only_submitted"] is True
+    assert data["unknown_ignored"] == {"count": 1, "first": ["zz"]}
+    assert data["missing_from_submission"]["count"] == 0

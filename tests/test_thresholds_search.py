@@ -190,3 +190,55 @@ def test_separate_pixels_as_many_as_min_component_are_all_removed() -> None:
     result = tune([1.0], seg, seg > 0, grid=grid, progress=False)
     assert result.scores.ravel().tolist() == [1.0, 0.0]
     np.testing.assert_array_equal(result.scores, brute_force([1.0], seg, seg > 0, grid)[0])
+
+
+def test_warnings_name_a_small_fold_with_its_uncertainty_and_a_near_chance_classifier() -> None:
+    cls, segs, masks = _synthetic()  # 24 images, 12 positive: under the 50 a user should trust
+    result = tune(cls, segs, masks, grid=SMALL_GRID, progress=False)
+    small = [w for w in result.warnings() if "too few" in w]
+    assert len(small) == 1 and "24 images, 12 positive" in small[0]
+    per_image = result.per_image_dice
+    assert per_image is not None and per_image.mean() == pytest.approx(result.score, abs=1e-12)
+    expected = 1.96 * per_image.std(ddof=1) / np.sqrt(per_image.size)
+    assert f"±{expected:.4f}" in small[0]
+    assert not any("near chance" in w for w in result.warnings())
+    shuffled = tune(np.random.default_rng(1).permutation(np.linspace(0, 1, 24)), segs, masks, grid=SMALL_GRID,
+                    progress=False)
+    assert shuffled.classifier_auc < 0.6
+    assert any("near chance" in w for w in shuffled.warnings())
+    big_cls, big_segs, big_masks = _synthetic(n=60)
+    assert not any("too few" in w for w in tune(big_cls, big_segs, big_masks, grid=SMALL_GRID,
+                                                 progress=False).warnings())
+
+
+def test_warnings_name_a_best_point_on_the_edge_of_a_searched_range_but_not_at_natural_bounds() -> None:
+    cls, segs, masks = _synthetic()
+    wide = tune(cls, segs, masks, grid=SMALL_GRID, progress=False)
+    assert wide.thresholds.bottom == 0.4  # inside its range (0.2..0.6): no edge warning for bottom
+    assert not any("best bottom" in w for w in wide.warnings())
+    narrow = tune(cls, segs, masks, grid=Grid(cls=SMALL_GRID.cls, top=SMALL_GRID.top, area=SMALL_GRID.area,
+                                              min_component=(0,), bottom=(0.6, 0.7)), progress=False)
+    assert narrow.thresholds.bottom == 0.6
+    edge = [w for w in narrow.warnings() if "best bottom" in w]
+    assert edge == ["the best bottom (0.6) is the lowest value searched (0.6..0.7): the optimum may lie beyond it; "
+                    "widen the range with --grid (a YAML file: bottom: [values])"]
+    off = tune(cls, segs, masks, grid=Grid(cls=(0.0, 0.5), top=(0.5,), area=(0, 100), bottom=(0.4,),
+                                           min_component=(0, 10)), progress=False)
+    assert not any(f"best {name} (0)" in w for w in off.warnings() for name in ("cls", "area", "min_component"))
+
+
+def test_read_grid_replaces_the_named_ranges_and_refuses_bad_files(tmp_path) -> None:
+    from cascade.thresholds.search import read_grid
+
+    good = tmp_path / "grid.yaml"
+    good.write_text("bottom: [0.05, 0.1, 0.8]\ncls: [0.0, 0.99]\n")
+    grid = read_grid(good)
+    assert grid.bottom == (0.05, 0.1, 0.8) and grid.cls == (0.0, 0.99) and grid.top == Grid().top
+    for text, message in [("bogus: [1]\n", "unknown threshold"), ("bottom: [0.5, 0.2]\n", "strictly increasing"),
+                          ("- 1\n", "maps threshold names"), ("bottom: [\n", "not a readable YAML")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            read_grid(bad)
+    with pytest.raises(ConfigError, match="no such grid file"):
+        read_grid(tmp_path / "absent.yaml")

@@ -233,6 +233,10 @@ def test_an_unreadable_validation_image_is_reported_and_left_out(runs: Path, mod
     assert tune_cli(runs, tmp_path / "m", "--images", str(images)) == 0
     captured = capsys.readouterr()
     assert f"left out of the search: {broken}" in captured.err
+    # the tiny validation fold is under the trusted size: said on stderr and recorded in the model folder
+    assert f"{len(ids) - 1} images," in captured.err and "too few to trust" in captured.err
+    warnings = manifest(tmp_path / "m")["metrics"]["validation"]["warnings"]
+    assert any("too few to trust" in w for w in warnings)
     assert "1 unreadable (left out)" in captured.out
     report = json.loads((tmp_path / "m" / "report" / "validation.json").read_text())
     assert report["images"] == len(ids) - 1 and len(report["unreadable"]) == 1

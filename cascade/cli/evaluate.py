@@ -4,22 +4,36 @@ from __future__ import annotations
 
 import argparse
 
-SHOWN_IDS = 5
+LABEL_WIDTH = 24
+"""Width of the label column of the printed summary (values start at this column)."""
+
+DESCRIPTION = """\
+Print the challenge metric (mean per-image Dice; an image with empty truth and empty prediction scores 1) beside
+the all-empty baseline (the score of predicting nothing anywhere: the share of negative images), the Dice on true
+positives (images both labelled and predicted positive), the Dice on all positives (misses as 0), the image-level
+confusion matrix, sensitivity and specificity. Both files are read like label files: several rows of one ImageId
+are united into one mask. By default every labelled image is scored, and a labelled image absent from the
+submission counts as an empty prediction (as in the challenge) and is listed; --only-submitted scores just the
+images the submission names. A submitted ImageId without a label is an error unless --ignore-unknown."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="score a submission CSV against labels (mean per-image Dice, confusion matrix, ...)",
-        description="Print the challenge metric (mean per-image Dice; an image with empty truth and empty "
-        "prediction scores 1), the mean Dice on true positives, the image-level confusion matrix, sensitivity "
-        "and specificity. Both files are read like label files: several rows of one ImageId are united into one "
-        "mask (so a '-1' row beside an RLE row adds nothing). Images in the labels but not in the submission "
-        "count as empty predictions and are listed; a submission ImageId absent from the labels is an error.",
+        help="score a submission CSV against labels (mean per-image Dice, baseline, confusion matrix, ...)",
+        description=DESCRIPTION,
     )
     p.add_argument("submission", metavar="SUBMISSION_CSV", help="ImageId,EncodedPixels file to score")
     p.add_argument("--labels", required=True, metavar="CSV", help="the truth: a label CSV (.gz allowed)")
     p.add_argument("--report", metavar="DIR", help="also write evaluate.json and PNG plots into DIR")
+    p.add_argument(
+        "--only-submitted", action="store_true",
+        help="score only the labelled images the submission names (e.g. one fold), not every labelled image",
+    )
+    p.add_argument(
+        "--ignore-unknown", action="store_true",
+        help="leave out submitted ImageIds that have no label (counted) instead of failing",
+    )
     p.add_argument(
         "--size",
         nargs=2,
@@ -32,61 +46,56 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def summary_lines(evaluation: object) -> list[str]:
+    """The lines ``cascade evaluate`` prints for an :class:`~cascade.evaluation.Evaluation`."""
+    from cascade.evaluation import Evaluation, first_ids
+    from cascade.thresholds.metrics import format_number
 
-def _first(ids: list[str]) -> str:
-    more = f", … (+{len(ids) - SHOWN_IDS} more)" if len(ids) > SHOWN_IDS else ""
-    return ", ".join(ids[:SHOWN_IDS]) + more
+    assert isinstance(evaluation, Evaluation)
+    s = evaluation.summary
+    c = s.confusion
+    rows = [
+        ("images", f"{s.images} ({c.tp + c.fn} positive in the labels)"),
+        ("mean Dice", f"{format_number(s.mean_dice)} (all-empty baseline {format_number(s.baseline_empty)}, "
+                      f"difference {format_number(s.mean_dice - s.baseline_empty)})"),
+        ("Dice on true positives", f"{format_number(s.dice_positive)} (mean over the {c.tp} images labelled and "
+                                   "predicted positive)"),
+        ("Dice on all positives", f"{format_number(s.dice_all_positives)} (mean over the {c.tp + c.fn} labelled "
+                                  "positives, misses as 0)"),
+        ("sensitivity", format_number(s.sensitivity)),
+        ("specificity", format_number(s.specificity)),
+        ("confusion", f"tp {c.tp}  fp {c.fp}  fn {c.fn}  tn {c.tn}"),
+    ]
+    if evaluation.missing:
+        rows.append(("missing", f"{len(evaluation.missing)} labelled image(s) absent from the submission, scored "
+                                f"as empty (--only-submitted skips them): {first_ids(evaluation.missing)}"))
+    if evaluation.unknown:
+        rows.append(("ignored", f"{len(evaluation.unknown)} submitted ImageId(s) without a label: "
+                                f"{first_ids(evaluation.unknown)}"))
+    return [f"{label:<{LABEL_WIDTH}}{value}" for label, value in rows]
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    from tqdm.auto import tqdm
+    from cascade.evaluation import score_submission
 
-    from cascade.data.labels import read_labels
-    from cascade.errors import ConfigError, LabelError
-    from cascade.thresholds.metrics import dice, format_number, summarize
-
-    height, width = args.size
-    if height <= 0 or width <= 0:
-        raise ConfigError(f"--size must be two positive integers, got {height} {width}")
-    truth = read_labels(args.labels)
-    sub = read_labels(args.submission)
-    unknown = [i for i in sub.image_ids if i not in truth]
-    if unknown:
-        raise LabelError(
-            f"{args.submission}: {len(unknown)} ImageId(s) not in the labels {args.labels}: {_first(unknown)}"
-        )
-    missing = [i for i in truth.image_ids if i not in sub]
-    dices = np.ones(len(truth), dtype=np.float64)
-    pred_pos = np.zeros(len(truth), dtype=bool)
-    true_pos = np.zeros(len(truth), dtype=bool)
-    ids = tqdm(truth.image_ids, desc="evaluate", unit="img", disable=args.quiet)
-    for k, image_id in enumerate(ids):
-        true_pos[k] = truth.is_positive(image_id)
-        pred_pos[k] = image_id in sub and sub.is_positive(image_id)
-        if true_pos[k] or pred_pos[k]:  # both empty: Dice 1 without decoding anything
-            predicted = sub.mask(image_id, height, width) if pred_pos[k] else np.zeros((height, width), bool)
-            dices[k] = dice(predicted, truth.mask(image_id, height, width))
-    summary = summarize(dices, pred_pos, true_pos)
-    c = summary.confusion
-    print(f"images           {summary.images} ({int(true_pos.sum())} positive in the labels)")
-    print(f"mean Dice        {format_number(summary.mean_dice)}")
-    print(f"Dice positive    {format_number(summary.dice_positive)} (mean over the {c.tp} true positives)")
-    print(f"sensitivity      {format_number(summary.sensitivity)}")
-    print(f"specificity      {format_number(summary.specificity)}")
-    print(f"confusion        tp {c.tp}  fp {c.fp}  fn {c.fn}  tn {c.tn}")
-    if missing:
-        note = f"{len(missing)} labelled image(s) absent from the submission, scored as empty"
-        print(f"missing          {note}: {_first(missing)}")
+    evaluation = score_submission(
+        args.submission, args.labels, size=tuple(args.size), only_submitted=args.only_submitted,
+        ignore_unknown=args.ignore_unknown, progress=not args.quiet,
+    )
+    for line in summary_lines(evaluation):
+        print(line)
     if args.report:
         from cascade.thresholds.report import write_evaluate_report
 
         extra = {
             "submission": str(args.submission),
             "labels": str(args.labels),
-            "size": [height, width],
-            "missing_from_submission": {"count": len(missing), "first": missing[:SHOWN_IDS]},
+            "size": list(args.size),
+            "only_submitted": args.only_submitted,
+            **{k: v for k, v in evaluation.to_dict().items() if k not in evaluation.summary.to_dict()},
         }
-        paths = write_evaluate_report(summary, dices, true_pos, args.report, extra)
-        print(f"report           {', '.join(str(p) for p in paths)}")
+        paths = write_evaluate_report(
+            evaluation.summary, evaluation.dices, evaluation.true_positive, args.report, extra
+        )
+        print(f"{'report':<{LABEL_WIDTH}}{', '.join(str(p) for p in paths)}")
     return 0

@@ -58,11 +58,10 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from cascade.data.labels import write_labels
     from cascade.errors import ConfigError
     from cascade.pipeline import Cascade
+    from cascade.progress import progress_bar
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -80,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     positives = 0
     start = time.perf_counter()
     predictions = model.predict_many(paths, batch_size=args.batch_size, workers=args.workers)
-    for pred in tqdm(predictions, total=len(paths), unit="img", desc="predict", file=sys.stderr):
+    for pred in progress_bar(predictions, total=len(paths), unit="img", desc="predict"):
         if not pred.ok:
             failures.append(str(pred.error))
             continue

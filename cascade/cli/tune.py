@@ -55,6 +55,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=non_negative_int, metavar="N", help="decoding processes (default: half the CPUs)")
     p.add_argument("--images", metavar="DIR", help="images folder (default: the one the runs were trained on)")
     p.add_argument("--labels", metavar="CSV", help="label CSV (default: the one the runs were trained on)")
+    p.add_argument(
+        "--grid", metavar="YAML",
+        help="values to search per threshold (cls, top, area, bottom, min_component: lists), replacing the "
+        "default's for the names given; tune warns when the best point sits on the edge of a range",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -93,15 +98,19 @@ def summary_lines(outcome: TuneOutcome) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cascade.thresholds.search import read_grid
     from cascade.tuning import tune_runs
 
+    grid = read_grid(args.grid) if args.grid else None
     outcome = tune_runs(
         args.cls, args.seg, args.out,
         min_sensitivity=args.min_sensitivity, tta=args.tta, batch_size=args.batch_size, workers=args.workers,
-        device=args.device, images=args.images, labels=args.labels, progress=not args.quiet,
+        device=args.device, images=args.images, labels=args.labels, grid=grid, progress=not args.quiet,
     )
     for line in outcome.failed:
         print(f"cascade tune: warning: left out of the search: {line}", file=sys.stderr)
+    for line in outcome.result.warnings():
+        print(f"cascade tune: warning: {line}", file=sys.stderr)
     for line in summary_lines(outcome):
         print(f"cascade tune: {line}")
     return 0

@@ -102,7 +102,7 @@ class PreprocessCache:
 
     def warm(self, sources: Iterable[Source], workers: int = 2, progress: bool = True) -> list[DicomError]:
         """Fill the cache for ``sources`` with ``workers`` threads; returns the errors of unreadable files."""
-        from tqdm.auto import tqdm
+        from cascade.progress import progress_bar
 
         items = list(sources)
         errors: list[DicomError] = []
@@ -114,7 +114,8 @@ class PreprocessCache:
                 errors.append(exc)
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for _ in tqdm(pool.map(fill, items), total=len(items), desc="caching images", disable=not progress):
+            filled = pool.map(fill, items)
+            for _ in progress_bar(filled, total=len(items), desc="caching images", disable=not progress):
                 pass
         return errors
 

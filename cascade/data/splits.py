@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
 from cascade.errors import ConfigError, DicomError, LabelError
 from cascade.fileio import atomic_write_text
@@ -129,9 +128,11 @@ def read_groups(paths: Mapping[str, Path], progress: bool = True) -> dict[str, s
     The keys are hashes of PatientID: keep them in memory for ``make_folds``, never write them out.
     """
     from cascade.data.dicom import read_patient_key  # pydicom is only needed here, not to split
+    from cascade.progress import progress_bar
 
     groups: dict[str, str | None] = {}
-    for image_id, path in tqdm(paths.items(), desc="patient keys", unit="file", disable=not progress or len(paths) < 100):
+    keys = progress_bar(paths.items(), desc="patient keys", unit="file", disable=not progress or len(paths) < 100)
+    for image_id, path in keys:
         try:
             groups[image_id] = read_patient_key(path)
         except DicomError as err:

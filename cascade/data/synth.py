@@ -499,7 +499,7 @@ def generate(
     per annotation). ``mask_bank`` (a 1024² label CSV such as the challenge's) supplies real mask shapes instead
     of procedural ones. The same arguments always give the same files, byte for byte.
     """
-    from tqdm import tqdm
+    from cascade.progress import progress_bar
 
     _check_arguments(images, positive_fraction, size, seed)
     _style(difficulty)
@@ -520,7 +520,7 @@ def generate(
     rows = ["ImageId, EncodedPixels"]
     paths: dict[str, Path] = {}
     total_annotations = 0
-    for i in tqdm(range(images), desc="synth", unit="img", disable=not progress):
+    for i in progress_bar(range(images), desc="synth", unit="img", disable=not progress):
         rng = np.random.default_rng([seed, 2, i])
         uids = {kind: _uid(seed, kind, i) for kind in ("sop", "study", "series")}
         shapes = _bank_shapes(rng, bank, size) if bank is not None and positive[i] else None

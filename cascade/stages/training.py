@@ -360,7 +360,7 @@ def train_epoch(
     progress: bool,
 ) -> EpochStats:
     """One pass over ``loader``: forward under autocast, backward, and an optimizer step every ``accumulate``."""
-    from tqdm.auto import tqdm
+    from cascade.progress import progress_bar
 
     optim = config["optim"]
     accumulate, base_lr = optim["accumulate"], optim["lr"]
@@ -369,9 +369,9 @@ def train_epoch(
     model.train()
     total = torch.zeros((), device=rt.device)
     images, waited, start = 0, 0.0, time.perf_counter()
-    bar = tqdm(
+    bar = progress_bar(
         total=steps, desc=f"epoch {epoch + 1}/{optim['epochs']}", unit="batch", leave=False,
-        disable=not (progress and rt.main), file=sys.stderr,
+        disable=not (progress and rt.main),
     )
     for i, (wait, (x, y)) in enumerate(_timed(loader)):
         waited += wait

@@ -108,6 +108,9 @@ class Summary:
     images: int
     mean_dice: float
     dice_positive: float
+    """Mean Dice over the true positives (truth and prediction both non-empty): the segmenter's quality alone."""
+    dice_all_positives: float
+    """Mean Dice over every truly positive image, a missed one scoring 0: the quality a positive patient gets."""
     confusion: Confusion
 
     @property
@@ -118,11 +121,19 @@ class Summary:
     def specificity(self) -> float:
         return specificity(self.confusion)
 
+    @property
+    def baseline_empty(self) -> float:
+        """Mean Dice of predicting every image empty: the share of truly negative images (nan without images)."""
+        c = self.confusion
+        return _ratio(c.tn + c.fp, self.images)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "images": self.images,
             "mean_dice": json_float(self.mean_dice),
+            "baseline_empty": json_float(self.baseline_empty),
             "dice_positive": json_float(self.dice_positive),
+            "dice_all_positives": json_float(self.dice_all_positives),
             "sensitivity": json_float(self.sensitivity),
             "specificity": json_float(self.specificity),
             "confusion": self.confusion.to_dict(),
@@ -133,7 +144,8 @@ def summarize(dices: Any, pred_positive: Any, true_positive: Any) -> Summary:
     """Summary from per-image Dice values and image-level decisions.
 
     ``dice_positive`` is the mean Dice over true positives (truth and prediction both non-empty), the factor in
-    ``score = (1-p)·specificity + p·sensitivity·dice_positive``.
+    ``score = (1-p)·specificity + p·sensitivity·dice_positive``; ``dice_all_positives`` averages over every truly
+    positive image, misses as 0 (``= sensitivity·dice_positive``).
     """
     d = np.asarray(dices, dtype=np.float64)
     p = np.asarray(pred_positive, dtype=bool)
@@ -143,5 +155,6 @@ def summarize(dices: Any, pred_positive: Any, true_positive: Any) -> Summary:
         images=int(d.size),
         mean_dice=float(d.mean()) if d.size else math.nan,
         dice_positive=float(d[both].mean()) if both.any() else math.nan,
+        dice_all_positives=float(d[t].mean()) if t.any() else math.nan,
         confusion=confusion(p, t),
     )

@@ -118,7 +118,8 @@ def plot_roc(result: TuneResult, path: Path) -> Path:
     return _save(fig, path)
 
 
-_OP_COLUMNS = ("min_sensitivity", "mean_dice", "sensitivity", "specificity", *FIELDS)
+_OP_COLUMNS = ("target_min_sensitivity", "mean_dice", "achieved_sensitivity", "specificity", *FIELDS)
+_UNREACHED = "n/a: no searched threshold reaches this sensitivity on the validation images"
 
 
 def _op_rows(result: TuneResult) -> list[list[Any]]:
@@ -136,15 +137,20 @@ def plot_operating_points(result: TuneResult, path: Path) -> Path:
     cells = [[format_number(v) if i < 4 else ("n/a" if v is None else f"{v:g}") for i, v in enumerate(r)] for r in rows]
     for r, raw in zip(cells, rows):
         r[0] = f"≥ {raw[0]:g}"
-    fig = Figure(figsize=(11, 0.6 + 0.32 * (len(rows) + 1)))
+    fig = Figure(figsize=(12, 1.3 + 0.34 * (len(rows) + 1)))
     ax = fig.subplots()
     ax.axis("off")
-    headers = ["sensitivity", "mean Dice", "sens.", "spec.", *FIELDS]
+    headers = ["target\nsensitivity", "mean\nDice", "achieved\nsensitivity", "specificity", *FIELDS]
     table = ax.table(cellText=cells, colLabels=headers, loc="center", cellLoc="center")
     table.auto_set_font_size(False)
-    table.set_fontsize(10)
-    table.scale(1, 1.4)
-    ax.set_title(f"Operating points (best mean Dice subject to a minimum sensitivity); chosen {result.score:.4f}")
+    table.set_fontsize(9)
+    table.scale(1, 1.5)
+    for (row, _), cell in table.get_celld().items():
+        if row == 0:
+            cell.set_height(cell.get_height() * 1.6)
+    ax.set_title(f"Operating points: best mean Dice with at least the target sensitivity (chosen: {result.score:.4f})")
+    if any(r[1] is None for r in rows):
+        fig.text(0.5, 0.02, _UNREACHED, ha="center", fontsize=9, style="italic")
     return _save(fig, path)
 
 
@@ -177,7 +183,7 @@ def plot_dice_histogram(dices: np.ndarray, true_positive: np.ndarray, path: Path
     ax.set_xlabel("per-image Dice")
     ax.set_ylabel("truly positive images")
     mean = format_number(float(values.mean()) if values.size else None)
-    ax.set_title(f"Dice on the {values.size} truly positive images (mean {mean})")
+    ax.set_title(f"Dice on all {values.size} truly positive images (mean {mean}, misses as 0)")
     return _save(fig, path)
 
 
@@ -191,7 +197,10 @@ def write_evaluate_report(
     """Write ``evaluate.json`` (summary + ``extra``), the confusion matrix and the Dice histogram."""
     out = Path(out_dir)
     atomic_write_json(out / "evaluate.json", {**summary.to_dict(), **(extra or {})})
-    title = f"Mean Dice {format_number(json_float(summary.mean_dice))} over {summary.images} images"
+    title = (
+        f"Mean Dice {format_number(json_float(summary.mean_dice))} over {summary.images} images "
+        f"(all-empty {format_number(json_float(summary.baseline_empty))})"
+    )
     return [
         out / "evaluate.json",
         plot_confusion(summary.confusion, out / "confusion.png", title),

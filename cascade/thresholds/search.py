@@ -24,8 +24,10 @@ would be lost. The middle lets the gate skip the segmenter on the images it can,
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,8 +45,36 @@ from cascade.thresholds.metrics import (
 from cascade.thresholds.rule import FIELDS, Thresholds, apply_rule, area_scale, component_sizes
 
 TIE_TOLERANCE = 1e-12
+MIN_TRUSTED_IMAGES = 50
+MIN_TRUSTED_POSITIVES = 10
+"""Below either count ``tune`` warns that its validation fold is too small to trust."""
+NEAR_CHANCE_AUC = 0.6
+"""Below this classifier ROC AUC ``tune`` warns that the gate cannot separate the classes."""
+NATURAL_LOWER_ENDS = ("cls", "area", "min_component")
+"""Thresholds whose lowest searched value (0) is a natural bound: best there means "off", not "search lower"."""
 SENSITIVITY_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 _CHUNK = 1024
+
+
+def read_grid(path: str | os.PathLike[str]) -> Grid:
+    """A :class:`Grid` from a YAML mapping of threshold names to value lists; fields it omits keep the default."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such grid file") from None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not a readable YAML grid ({type(err).__name__})") from None
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{path}: a grid file maps threshold names ({', '.join(FIELDS)}) to lists of values")
+    unknown = sorted(str(k) for k in data if k not in FIELDS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown threshold(s) {', '.join(unknown)} (known: {', '.join(FIELDS)})")
+    try:
+        return Grid(**data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def _steps(start: float, stop: float, step: float) -> tuple[float, ...]:
@@ -134,6 +164,45 @@ class TuneResult:
     cls_probs: np.ndarray = field(repr=False)
     truth_positive: np.ndarray = field(repr=False)
     min_sensitivity: float | None = None
+    per_image_dice: np.ndarray | None = field(default=None, repr=False)
+    """Each validation image's Dice at the chosen point (for the score's uncertainty)."""
+
+    @property
+    def standard_error(self) -> float:
+        """Standard error of the mean Dice over the validation images (nan with fewer than two)."""
+        d = self.per_image_dice
+        if d is None or d.size < 2:
+            return math.nan
+        return float(np.std(d, ddof=1) / math.sqrt(d.size))
+
+    def warnings(self) -> list[str]:
+        """What a user should know before trusting the chosen point: a small fold, a classifier near chance, a best
+        point on the edge of a searched range (the optimum may lie beyond it)."""
+        out = []
+        n = self.positives + self.negatives
+        if n < MIN_TRUSTED_IMAGES or self.positives < MIN_TRUSTED_POSITIVES:
+            out.append(
+                f"the validation images are too few to trust the tuned thresholds: {n} images, {self.positives} "
+                f"positive (want at least {MIN_TRUSTED_IMAGES} and {MIN_TRUSTED_POSITIVES}); the mean Dice "
+                f"{self.score:.4f} is uncertain by about ±{1.96 * self.standard_error:.4f} (95%)"
+            )
+        auc = self.classifier_auc
+        if math.isfinite(auc) and auc < NEAR_CHANCE_AUC:
+            out.append(
+                f"the classifier's ROC AUC is {auc:.3f}, near chance: the gate can only skip images at random; "
+                "train the classifier longer or from the segmenter (--init-from)"
+            )
+        for axis, name in enumerate(FIELDS):
+            values = getattr(self.grid, name)
+            i = self.best_index[axis]
+            if len(values) < 2 or (i == 0 and name in NATURAL_LOWER_ENDS) or 0 < i < len(values) - 1:
+                continue
+            end = "lowest" if i == 0 else "highest"
+            out.append(
+                f"the best {name} ({values[i]:g}) is the {end} value searched ({values[0]:g}..{values[-1]:g}): the "
+                f"optimum may lie beyond it; widen the range with --grid (a YAML file: {name}: [values])"
+            )
+        return out
 
     @property
     def confusion(self) -> Confusion:
@@ -202,7 +271,7 @@ class TuneResult:
             "score": self.score,
             "baseline_empty": self.baseline,
             "min_sensitivity": self.min_sensitivity,
-            **{k: v for k, v in self.summary.to_dict().items() if k != "mean_dice"},
+            **{k: v for k, v in self.summary.to_dict().items() if k not in ("mean_dice", "baseline_empty")},
             "classifier_auc": json_float(self.classifier_auc),
             "breakdown": self.breakdown(),
             "cls_bottom": {
@@ -361,15 +430,16 @@ class ThresholdSearch:
             cls_probs=cls.copy(),
             truth_positive=positive,
             min_sensitivity=min_sensitivity,
+            per_image_dice=per_image,
         )
 
 
 def _progress(items: Iterable[Any], total: int, enabled: bool, desc: str) -> Iterable[Any]:
     if not enabled:
         return items
-    from tqdm.auto import tqdm
+    from cascade.progress import progress_bar
 
-    return tqdm(items, total=total, desc=desc, unit="img")
+    return progress_bar(items, total=total, desc=desc, unit="img")
 
 
 def _paired(cls_probs: Any, seg_probs: Iterable[Any], masks: Iterable[Any]) -> tuple[np.ndarray, Iterable[Any]]:
