@@ -30,7 +30,6 @@ image by :func:`cascade.thresholds.rule.area_scale`), as inference applies them.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -49,7 +48,7 @@ from cascade.fileio import atomic_write_json
 from cascade.modeldir import REPORT_DIR, check_replaceable, write_model_dir
 from cascade.pipeline import ImageProbabilities, native_map, predict_probabilities
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config
-from cascade.stages.training import DATA_FILE, SPLIT_FILE
+from cascade.stages.training import DATA_FILE, SPLIT_FILE, read_sources
 from cascade.thresholds.metrics import json_float
 from cascade.thresholds.report import write_tune_report
 from cascade.thresholds.search import Grid, ThresholdSearch, TuneResult
@@ -126,16 +125,8 @@ def read_run(directory: str | os.PathLike[str], stage: str) -> Run:
 
 
 def _sources(root: Path) -> dict[str, str]:
-    path = root / DATA_FILE
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("images", "labels")):
-        raise ModelError(f"{path}: expected an object with the strings 'images' and 'labels'")
-    return {"images": data["images"], "labels": data["labels"]}
+    """What the run's ``data.json`` records (an older run without one: nothing)."""
+    return read_sources(root) if (root / DATA_FILE).is_file() else {}
 
 
 def check_same_split(a: Run, b: Run) -> None:

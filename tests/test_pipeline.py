@@ -12,13 +12,12 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-import torch
 
 from cascade.data.dicom import read_dicom
 from cascade.data.rle import rle_decode
 from cascade.data.synth import SynthSummary, generate
 from cascade.errors import CascadeError, ModelError
-from cascade.modeldir import MANIFEST, read_model_dir, write_model_dir
+from cascade.modeldir import MANIFEST, read_model_dir
 from cascade.pipeline import Cascade, predict_probabilities
 from cascade.stages.checkpoint import sha256_file
 from cascade.thresholds.rule import Thresholds

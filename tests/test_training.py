@@ -149,3 +149,32 @@ def test_two_process_gloo_run_validates_every_image_once(synth: Path, tmp_path: 
     assert cfg["folds"] == 3 and sorted(p.name for p in run.iterdir()) == [
         "best", "config.yaml", "data.json", "last", "metrics.csv", "split.csv", "state.pt"
     ]
+
+
+def test_resume_with_the_run_folder_alone_reads_everything_else_from_the_run(
+    synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    write_epoch = training._write_epoch
+
+    def killed_after_epoch_1(out, config, run_, model, row, *rest):
+        write_epoch(out, config, run_, model, row, *rest)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_write_epoch", killed_after_epoch_1)
+    assert train(synth, run, "seg", "--epochs", "2", "--workers", "0") == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    other = tmp_path / "other-labels.csv"
+    other.write_text((synth / "train-rle.csv").read_text())
+    assert main(["train", "--resume", str(run), "--labels", str(other), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume cannot change --labels: the run was trained on" in err and str(other) in err
+    assert main(["train", "--resume", str(run), "--epochs", "5", "--quiet"]) == 2
+    assert "--resume cannot change optim.epochs" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--stage", "cls", "--quiet"]) == 2
+    assert "the run trained stage 'seg' but --stage is 'cls'" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert [int(r["epoch"]) for r in metrics(run)] == [1, 2]
+    assert main(["train", "--stage", "seg", "--quiet"]) == 2
+    assert "--images, --labels, --out required (or --resume RUN_DIR" in capsys.readouterr().err

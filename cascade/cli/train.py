@@ -26,15 +26,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "cascade/configs/tiny-cls-from-seg.yaml, docs/classifier-init.md). "
         "Several GPUs: torchrun --nproc_per_node N -m cascade train ...",
     )
-    p.add_argument("--stage", required=True, choices=("cls", "seg"), help="cls: image classifier; seg: segmenter")
-    p.add_argument("--images", required=True, metavar="DIR", help="folder searched recursively for *.dcm")
-    p.add_argument("--labels", required=True, metavar="CSV", help="label CSV (ImageId, EncodedPixels)")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to create (absent or empty)")
-    p.add_argument("--config", metavar="YAML", help="configuration file (a path, or a shipped name such as seg-unet-resnet34-512)")
+    p.add_argument("--stage", choices=("cls", "seg"), help="cls: image classifier; seg: segmenter (required)")
+    p.add_argument("--images", metavar="DIR", help="folder searched recursively for *.dcm (required)")
+    p.add_argument("--labels", metavar="CSV", help="label CSV (ImageId, EncodedPixels) (required)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run folder to create, absent or empty (required)")
+    p.add_argument("--config", metavar="YAML", help=_config_help())
     p.add_argument("--encoder", metavar="NAME", help="cls: timm model name; seg: smp encoder or tu-<timm model>")
     p.add_argument("--arch", metavar="ARCH", help="seg: unet, unetplusplus, fpn, deeplabv3plus, ...")
     p.add_argument("--image-size", type=positive_int, metavar="PX", help="network input size (square)")
-    p.add_argument("--epochs", type=positive_int, metavar="N")
+    p.add_argument(
+        "--epochs", type=positive_int, metavar="N",
+        help="passes over the training images (the learning-rate schedule spans them; default from the config)",
+    )
     p.add_argument("--batch-size", type=positive_int, metavar="B", help="per process (per GPU under torchrun)")
     p.add_argument("--folds", type=positive_int, metavar="K", help="number of folds of the split")
     p.add_argument("--fold", type=non_negative_int, metavar="I", help="validation fold (0-based)")
@@ -46,7 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="decode every image each epoch (no disk cache)")
     p.add_argument(
         "--pretrained", metavar="PATH_OR_NAME",
-        help="starting weights for the backbone/encoder: a local state dict (safetensors or torch) or a hub name",
+        help="starting weights for the backbone/encoder: a local state dict (.safetensors, or a torch file read "
+        "weights-only), or NAME, a weight tag of the chosen encoder (e.g. imagenet) that timm/smp download from "
+        "their hub — which fails at once, with the local-file alternative, when offline (HF_HUB_OFFLINE=1)",
     )
     p.add_argument(
         "--init-from", metavar="RUN_DIR",
@@ -57,9 +62,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--freeze-backbone-epochs", type=non_negative_int, metavar="N",
         help="train only the head for the first N epochs (optim.freeze_backbone_epochs; default 0)",
     )
-    p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last finished epoch")
+    p.add_argument(
+        "--resume", nargs="?", const="", metavar="RUN_DIR",
+        help="continue a run from its last finished epoch; everything else (stage, data, settings) is read from the "
+        "run; flags that are also given must agree with it (only a few, such as --workers or --cache-dir, may change)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(func=run)
+
+
+def _config_help() -> str:
+    from cascade.stages.config import shipped_configs
+
+    return f"configuration file: a path, or the name of a shipped one ({', '.join(shipped_configs())})"
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,16 +114,48 @@ def run(args: argparse.Namespace) -> int:
     from cascade.stages import config as cfg
     from cascade.stages import training
 
+    resume = args.resume is not None
+    if resume:
+        _fill_from_run(args)
+    missing = [f"--{k}" for k in ("stage", "images", "labels", "out") if getattr(args, k) is None]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} required (or --resume RUN_DIR to continue a run)")
     out = Path(args.out)
-    if args.resume:
-        training.check_run_dir(out, resume=True)
+    if resume:
         config = cfg.resume_config(out / training.CONFIG_FILE, args.stage, args.config, overrides(args))
     else:
         config = cfg.resolve(args.stage, args.config, overrides(args))
     row = training.train(
-        config, args.images, args.labels, out, resume=args.resume, pretrained=args.pretrained, progress=not args.quiet
+        config, args.images, args.labels, out, resume=resume, pretrained=args.pretrained, progress=not args.quiet
     )
     key = training.BEST_KEY[args.stage]
     if os.environ.get("RANK", "0") == "0":
         print(f"cascade train: {out}: epoch {row['epoch']}, {key} {row[key]:.4f} (best/ and last/ written)")
     return 0
+
+
+def _fill_from_run(args: argparse.Namespace) -> None:
+    """``--resume RUN_DIR``: take the run folder, stage and data from the run; given flags must name the same."""
+    from cascade.stages import training
+    from cascade.stages.config import read_yaml
+
+    if args.resume and args.out and Path(args.resume).resolve() != Path(args.out).resolve():
+        raise ConfigError(f"--resume {args.resume} and --out {args.out} name different run folders; give one")
+    run_dir = Path(args.resume or args.out or "")
+    if not (args.resume or args.out):
+        raise ConfigError("--resume needs the run folder: --resume RUN_DIR")
+    training.check_run_dir(run_dir, resume=True)
+    args.out = str(run_dir)
+    saved_stage = read_yaml(run_dir / training.CONFIG_FILE).get("stage")
+    if args.stage is None:
+        args.stage = saved_stage
+    recorded = training.read_sources(run_dir)
+    for key in ("images", "labels"):
+        given = getattr(args, key)
+        if given is None:
+            setattr(args, key, recorded[key])
+        elif Path(given).resolve() != Path(recorded[key]).resolve():
+            raise ConfigError(
+                f"{run_dir}: --resume cannot change --{key}: the run was trained on {recorded[key]}, "
+                f"given {given} (leave --{key} out to use the run's)"
+            )

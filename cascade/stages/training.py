@@ -45,7 +45,7 @@ from cascade.data.labels import Labels, read_labels
 from cascade.data.preprocess import Preprocessing
 from cascade.data.splits import make_folds, read_groups, split_fingerprint, write_split_csv
 from cascade.errors import ConfigError, ModelError
-from cascade.fileio import atomic_path, atomic_write_json, atomic_write_text
+from cascade.fileio import atomic_path, atomic_write_json, atomic_write_text, read_json_object
 from cascade.stages.checkpoint import build_model, save_stage
 from cascade.stages.config import positive_share, to_yaml
 from cascade.stages.losses import ComboLoss
@@ -212,6 +212,14 @@ def make_datasets(config: dict[str, Any], run: RunData, cache: PreprocessCache) 
         SegmenterDataset(run.train, prep, cache, run.labels, augment),
         SegmenterDataset(run.val, prep, cache, run.labels),
     )
+
+
+def read_sources(out: Path) -> dict[str, str]:
+    """The images folder and label file a run was trained on (its ``data.json``)."""
+    data = read_json_object(out / DATA_FILE, "written by 'cascade train' at the start of a run")
+    if not all(isinstance(data.get(k), str) for k in ("images", "labels")):
+        raise ModelError(f"{out / DATA_FILE}: expected an object with the strings 'images' and 'labels'")
+    return {"images": data["images"], "labels": data["labels"]}
 
 
 def check_run_dir(out: Path, resume: bool) -> None:
