@@ -13,7 +13,6 @@ scored:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +20,9 @@ import numpy as np
 
 from cascade.data.labels import read_labels
 from cascade.errors import ConfigError, LabelError
+from cascade.messages import SHOWN, first_few
 from cascade.thresholds.metrics import Summary, dice, summarize
 
-SHOWN_IDS = 5
-"""How many ImageIds a message or report lists before '+N more'."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,15 +43,9 @@ class Evaluation:
         """JSON-ready summary (what ``evaluate.json`` holds besides the file names)."""
         return {
             **self.summary.to_dict(),
-            "missing_from_submission": {"count": len(self.missing), "first": self.missing[:SHOWN_IDS]},
-            "unknown_ignored": {"count": len(self.unknown), "first": self.unknown[:SHOWN_IDS]},
+            "missing_from_submission": {"count": len(self.missing), "first": self.missing[:SHOWN]},
+            "unknown_ignored": {"count": len(self.unknown), "first": self.unknown[:SHOWN]},
         }
-
-
-def first_ids(ids: Sequence[str]) -> str:
-    """The first few ImageIds for a message, with a count of the rest."""
-    more = f", … (+{len(ids) - SHOWN_IDS} more)" if len(ids) > SHOWN_IDS else ""
-    return ", ".join(ids[:SHOWN_IDS]) + more
 
 
 def score_submission(
@@ -74,7 +66,7 @@ def score_submission(
     unknown = [i for i in sub.image_ids if i not in truth]
     if unknown and not ignore_unknown:
         raise LabelError(
-            f"{submission}: {len(unknown)} ImageId(s) not in the labels {labels}: {first_ids(unknown)} "
+            f"{submission}: {len(unknown)} ImageId(s) not in the labels {labels}: {first_few(unknown)} "
             "(--ignore-unknown leaves them out)"
         )
     ids = [i for i in truth.image_ids if i in sub] if only_submitted else list(truth.image_ids)

@@ -75,9 +75,12 @@ def test_real_sample_images_match_the_official_label_sample(shared_data: Path) -
     matched = match(index, read_labels(shared_data / "siim" / "train-rle-sample.csv"))
     assert matched.images_without_labels == [ID_6904]  # the stage-1 test image is not in the sample labels
     assert matched.labels_without_images == [] and len(matched.ids) == 10
-    assert matched.report() == "10 images with labels, 1 images without labels, 0 labelled ids without images"
+    assert matched.report() == (
+        f"10 images with labels, 1 images without labels ({ID_6904}), 0 labelled ids without images"
+    )
     full = match(index, read_labels(shared_data / "siim" / "siim-train-rle.csv.gz"))
     assert len(full.ids) == 11 and len(full.labels_without_images) == 12047 - 11
+    assert full.report().endswith(f"({', '.join(full.labels_without_images[:5])}, … (+{12047 - 11 - 5} more))")
 
 
 @pytest.fixture(scope="module")

@@ -159,3 +159,33 @@ def test_an_all_empty_segmenter_is_never_the_best_checkpoint() -> None:
     assert math.isnan(selection_score("seg", empty))
     assert selection_score("seg", learning) == 0.4
     assert selection_score("cls", {"val_auc": 0.7}) == 0.7
+
+
+def test_pretrained_hub_name_fails_at_once_when_the_hub_is_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a loopback port nobody listens on: the connection is refused, like no network
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed}")
+    config = cfg.resolve("cls", CONFIGS / "tiny-cls.yaml")
+    model = build_model({"stage": "cls", "in_chans": 1, **config["network"]})
+    start = time.monotonic()
+    with pytest.raises(ModelError, match=r"--pretrained imagenet: .* the hub is unreachable .* --pretrained PATH"):
+        load_pretrained(model, config, "imagenet")
+    assert time.monotonic() - start < 10
+
+
+def test_loader_workers_never_exceed_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cascade.stages.training import loader_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert loader_workers({"workers": 8, "cache": True}) == 1  # one core left to the training step
+    assert loader_workers({"workers": 8, "cache": False}) == 2  # decoding every epoch: all cores
+    assert loader_workers({"workers": 0, "cache": True}) == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    assert loader_workers({"workers": 8, "cache": True}) == 8

@@ -48,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def summary_lines(evaluation: object) -> list[str]:
     """The lines ``cascade evaluate`` prints for an :class:`~cascade.evaluation.Evaluation`."""
-    from cascade.evaluation import Evaluation, first_ids
+    from cascade.evaluation import Evaluation
+    from cascade.messages import first_few
     from cascade.thresholds.metrics import format_number
 
     assert isinstance(evaluation, Evaluation)
@@ -68,10 +69,10 @@ def summary_lines(evaluation: object) -> list[str]:
     ]
     if evaluation.missing:
         rows.append(("missing", f"{len(evaluation.missing)} labelled image(s) absent from the submission, scored "
-                                f"as empty (--only-submitted skips them): {first_ids(evaluation.missing)}"))
+                                f"as empty (--only-submitted skips them): {first_few(evaluation.missing)}"))
     if evaluation.unknown:
         rows.append(("ignored", f"{len(evaluation.unknown)} submitted ImageId(s) without a label: "
-                                f"{first_ids(evaluation.unknown)}"))
+                                f"{first_few(evaluation.unknown)}"))
     return [f"{label:<{LABEL_WIDTH}}{value}" for label, value in rows]
 
 

@@ -39,10 +39,15 @@ class Matched:
     labels_without_images: list[str]
 
     def report(self) -> str:
-        """One line with the counts."""
+        """One line with the counts, naming the first few images without labels and labels without images."""
+        from cascade.messages import first_few
+
+        unlabelled, imageless = self.images_without_labels, self.labels_without_images
         return (
-            f"{len(self.ids)} images with labels, {len(self.images_without_labels)} images without labels, "
-            f"{len(self.labels_without_images)} labelled ids without images"
+            f"{len(self.ids)} images with labels, {len(unlabelled)} images without labels"
+            + (f" ({first_few(unlabelled)})" if unlabelled else "")
+            + f", {len(imageless)} labelled ids without images"
+            + (f" ({first_few(imageless)})" if imageless else "")
         )
 
 

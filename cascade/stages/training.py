@@ -335,11 +335,19 @@ def _timed(loader: DataLoader) -> Iterator[tuple[float, Any]]:
         yield time.perf_counter() - start, batch
 
 
+def loader_workers(data: dict[str, Any]) -> int:
+    """``data.workers`` capped for this machine: at most the cores when images are decoded each epoch
+    (``cache: false``), else cores − 1, leaving one core to the training step (more processes than cores only
+    fight over them: the GPU configurations' 8 workers on a 2-core machine ran slower than 1)."""
+    cores = os.cpu_count() or 1
+    return min(data["workers"], cores if not data["cache"] else max(0, cores - 1))
+
+
 def make_loader(
     dataset: Dataset, config: dict[str, Any], rt: Runtime, sampler: Any = None, generator_seed: int = 0
 ) -> DataLoader:
     """A DataLoader whose worker seeds come from ``generator_seed`` (so an epoch's augmentation is repeatable)."""
-    workers = config["data"]["workers"]
+    workers = loader_workers(config["data"])
     return DataLoader(
         dataset,
         batch_size=config["optim"]["batch_size"],
@@ -553,12 +561,16 @@ def _train(
     run = load_run_data(config, images, labels, progress and rt.main)
     if rt.main and progress:
         print(run.description, file=sys.stderr)
+    workers = loader_workers(config["data"])
+    if rt.main and workers < config["data"]["workers"]:
+        print(f"data.workers {config['data']['workers']} capped to {workers}: this machine has {os.cpu_count()} "
+              "cores (set --workers to choose)", file=sys.stderr)
     state = load_state(out / STATE_FILE) if resume else None
     if state is not None and state["split_fingerprint"] != run.fingerprint:
         raise ConfigError(f"{out}: the images, labels or split differ from the run being resumed")
     cache = make_cache(config, images)
     if rt.main and config["data"]["cache"]:
-        errors = cache.warm(run.train + run.val, workers=max(1, config["data"]["workers"]), progress=progress)
+        errors = cache.warm(run.train + run.val, workers=max(1, workers), progress=progress)
         if errors:
             raise errors[0].__class__(f"{errors[0]} ({len(errors)} unreadable image(s) in all)")
     if rt.world > 1:

@@ -98,6 +98,27 @@ def adapt_state_dict(
     return out
 
 
+HUB_PROBE_SECONDS = 3.0
+"""How long to wait for the weight hub to answer a connection before calling it unreachable."""
+
+
+def _hub_reachable() -> bool:
+    """Whether a TCP connection to the weight hub opens within ``HUB_PROBE_SECONDS``: without this check an offline
+    machine spends half a minute in the hub client's retries before failing."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_SECONDS):
+            return True
+    except OSError:
+        return False
+
+
 def hub_state_dict(config: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
     """Hub weights ``name`` for the network in ``config``, or ModelError at once when offline."""
     model_name = config["network"]["model"] if config["stage"] == "cls" else config["network"]["encoder"]
@@ -106,6 +127,9 @@ def hub_state_dict(config: dict[str, Any], name: str) -> dict[str, torch.Tensor]
         raise ModelError(
             f"--pretrained {name}: cannot fetch hub weights for {model_name} offline (HF_HUB_OFFLINE); {hint}"
         )
+    if not _hub_reachable():
+        raise ModelError(f"--pretrained {name}: cannot fetch hub weights for {model_name}: the hub is unreachable "
+                         f"(no network?); {hint}")
     try:
         if config["stage"] == "cls":
             import timm
