@@ -6,6 +6,7 @@ Layout (DESIGN.md §4; a single model is exactly this)::
                                             members per stage, sha256 of every weight file
     MODEL_DIR/classifier/config.json        + model.safetensors   (classifier member 0)
     MODEL_DIR/segmenter/config.json         + model.safetensors   (segmenter member 0)
+    MODEL_DIR/MODEL_CARD.md                 intended use, training data, validation metrics, limits (for people)
 
 A fold ensemble adds ``classifier-1/``, ``classifier-2/``, … and ``segmenter-1/``, …; ``cascade.json`` lists the
 member folders of each stage in ``members``. Nothing here unpickles: weights are safetensors, metadata is JSON.
@@ -26,16 +27,18 @@ from typing import Any, Union
 
 from torch import nn
 
-from cascade import __version__
+from cascade import __version__, model_card
 from cascade.data.preprocess import Preprocessing
 from cascade.errors import CascadeError, ModelError
-from cascade.fileio import atomic_write_json, read_json_object
+from cascade.fileio import atomic_write_json, atomic_write_text, read_json_object
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config, save_stage, sha256_file
 from cascade.thresholds.rule import Thresholds
 
 SCHEMA_VERSION = 1
 MANIFEST = "cascade.json"
 REPORT_DIR = "report"
+MODEL_CARD = "MODEL_CARD.md"
+"""The human-readable summary of the folder (intended use, data, metrics, limits); not read by code."""
 STAGES = {"classifier": "cls", "segmenter": "seg"}
 """Stage folder base name → the ``stage`` value its ``config.json`` must carry."""
 
@@ -98,6 +101,7 @@ def write_model_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         members: dict[str, list[str]] = {}
+        member_configs: dict[str, list[dict[str, Any]]] = {}
         weights: dict[str, str] = {}
         preprocessing: dict[str, dict[str, Any]] = {}
         for stage, sources in (("classifier", classifiers), ("segmenter", segmenters)):
@@ -105,6 +109,7 @@ def write_model_dir(
             configs = [_write_member(tmp / name, source, stage) for name, source in zip(names, sources)]
             preprocessing[stage] = _stage_preprocessing(configs, stage, tmp).to_dict()
             members[stage] = names
+            member_configs[stage] = configs
             for name in names:
                 weights[f"{name}/{WEIGHTS}"] = sha256_file(tmp / name / WEIGHTS)
         reports = []
@@ -125,6 +130,7 @@ def write_model_dir(
             "report": reports,
         }
         atomic_write_json(tmp / MANIFEST, manifest)
+        atomic_write_text(tmp / MODEL_CARD, model_card.render(manifest, member_configs))
         tmp.chmod(0o755)
         _swap_into_place(tmp, target)
     finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from cascade.data.dicom import read_dicom
+from cascade.data.synth import is_synthetic
 from cascade.data.preprocess import Preprocessing, normalize, prepare_image
 from cascade.data.rle import EMPTY, rle_encode
 from cascade.errors import CascadeError, ConfigError
@@ -330,6 +332,8 @@ class Cascade:
         self.tta = tta
         """Horizontal-flip TTA (from ``cascade.json``; assign to override)."""
         self.metrics = dict(metrics or {})
+        self._synthetic_model = bool(self.metrics.get("training_data", {}).get("synthetic"))
+        self._warned_synthetic = False
 
     @property
     def device(self) -> torch.device:
@@ -396,6 +400,19 @@ class Cascade:
         for probs in self._engine.probabilities(batches, batch_size, cls_threshold, self.tta):
             yield self._finish(probs)
 
+    def _check_domain(self, probs: ImageProbabilities) -> None:
+        """Warn once when a model trained on synthetic films meets a DICOM that ``cascade synth`` did not write:
+        its answers there mean nothing (on the real SIIM samples such a model called every film positive)."""
+        if self._synthetic_model and not self._warned_synthetic and probs.header is not None:
+            if not is_synthetic(probs.header):
+                self._warned_synthetic = True
+                warnings.warn(
+                    f"{probs.source}: this model was trained on synthetic films (cascade synth) only; its answers "
+                    "on real radiographs are meaningless (see MODEL_CARD.md)",
+                    SyntheticModelWarning,
+                    stacklevel=3,
+                )
+
     def _finish(self, probs: ImageProbabilities) -> Prediction:
         """Apply the thresholds at the image's native size."""
         if probs.error is not None:
@@ -405,9 +422,14 @@ class Cascade:
             mask = np.zeros(shape, dtype=bool)
         else:
             mask = apply_rule(probs.cls_prob, native_map(probs), self.thresholds, area_scale(*shape))
+        self._check_domain(probs)
         positive = bool(mask.any())
         rle = rle_encode(mask) if positive else EMPTY
         return Prediction(probs.cls_prob, positive, mask, rle, probs.image_id, probs.source, header=probs.header)
+
+
+class SyntheticModelWarning(UserWarning):
+    """A model that learned only from ``cascade synth`` films was given a real radiograph."""
 
 
 def native_map(probs: ImageProbabilities) -> np.ndarray:

@@ -41,13 +41,14 @@ from typing import Any
 import numpy as np
 
 from cascade.data.index import scan_dicoms
+from cascade.data.synth import is_synthetic
 from cascade.data.labels import Labels, read_labels
 from cascade.data.splits import Split, read_split_csv, split_fingerprint
 from cascade.errors import CascadeError, ConfigError, LabelError, ModelError
 from cascade.fileio import atomic_write_json
 from cascade.modeldir import REPORT_DIR, check_replaceable, write_model_dir
 from cascade.pipeline import ImageProbabilities, native_map, predict_probabilities
-from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config
+from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config, sha256_file
 from cascade.stages.training import DATA_FILE, SPLIT_FILE, read_sources
 from cascade.thresholds.metrics import json_float
 from cascade.thresholds.report import write_tune_report
@@ -240,16 +241,42 @@ def validation_images(runs: Sequence[Run], images: Path, labels_path: Path) -> t
 
 
 def _stream(
-    predictions: Iterator[ImageProbabilities], labels: Labels, failed: list[str], bar: Any = None
+    predictions: Iterator[ImageProbabilities], labels: Labels, failed: list[str], synthetic: list[bool],
+    bar: Any = None,
 ) -> Iterator[tuple[str, float, np.ndarray, np.ndarray]]:
-    """(image_id, cls_prob, native map, native truth) per readable image; unreadable ones go to ``failed``."""
+    """(image_id, cls_prob, native map, native truth) per readable image; unreadable ones go to ``failed``, and
+    whether each readable one is a ``cascade synth`` film to ``synthetic``."""
     for probs in predictions:
         if bar is not None:
             bar.update()
         if probs.error is not None:
             failed.append(probs.error)
             continue
+        synthetic.append(is_synthetic(probs.header))
         yield probs.image_id, probs.cls_prob, native_map(probs), labels.mask(probs.image_id, probs.height, probs.width)
+
+
+def training_data(pairs: Sequence[tuple[Run, Run]], labels_path: Path, synthetic: Sequence[bool]) -> dict[str, Any]:
+    """What the model learned and was tuned on (``metrics.training_data`` of ``cascade.json``, and the model card).
+
+    ``synthetic`` is true when every validation image the search scored is a ``cascade synth`` film (their
+    Manufacturer says so): predicting real radiographs with such a model then warns.
+    """
+    cls_run, seg_run = pairs[0]
+    split = cls_run.split
+    validation = {i for cls, _ in pairs for i in cls.validation_ids}
+    return {
+        "images": len(split.folds),
+        "positives": int(sum(split.positive.values())),
+        "training_images": len(split.folds) - len(validation) if len(pairs) == 1 else len(split.folds),
+        "validation_images": len(validation),
+        "image_size": {"classifier": cls_run.config["preprocessing"]["size"],
+                       "segmenter": seg_run.config["preprocessing"]["size"]},
+        "labels_file": labels_path.name,
+        "labels_sha256": sha256_file(labels_path),
+        "synthetic": bool(synthetic) and all(synthetic),
+        "synthetic_share": float(np.mean(synthetic)) if synthetic else 0.0,
+    }
 
 
 def validation_metrics(
@@ -333,6 +360,7 @@ def tune_runs(
     total = sum(len(p) for p in fold_paths)
 
     failed: list[str] = []
+    synthetic: list[bool] = []
     searched: list[str] = []
     per_fold: list[int] = []
     search = ThresholdSearch(grid)
@@ -346,7 +374,7 @@ def tune_runs(
         predictions = predict_probabilities(
             [cls.best], [seg.best], paths, batch_size=batch_size, workers=workers, tta=tta, device=device
         )
-        for image_id, cls_prob, seg_map, mask in _stream(predictions, truth, failed, bar):
+        for image_id, cls_prob, seg_map, mask in _stream(predictions, truth, failed, synthetic, bar):
             search.add(cls_prob, seg_map, mask)
             searched.append(image_id)
         per_fold.append(len(search) - before)
@@ -356,6 +384,7 @@ def tune_runs(
         raise CascadeError(f"{images_dir}: none of the {total} validation images could be read ({failed[0]})")
     result = search.result(min_sensitivity)
     metrics = validation_metrics(result, pairs=pairs, images_per_fold=per_fold, tta=tta, failed=len(failed))
+    metrics["training_data"] = training_data(pairs, Path(labels_path), synthetic)
 
     with tempfile.TemporaryDirectory(prefix="cascade-tune-report-") as tmp:
         files = write_tune_report(result, tmp)

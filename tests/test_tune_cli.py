@@ -256,3 +256,35 @@ def test_labels_or_images_that_do_not_match_the_runs_are_refused(runs: Path, tmp
     assert tune_cli(runs, tmp_path / "m", "--images", str(empty)) == 2
     assert f"{len(ids)} validation image(s) of {runs / 'cls' / 'split.csv'} not found" in error_line(capsys)
     assert not (tmp_path / "m").exists()
+
+
+def test_model_folder_records_its_provenance_and_a_model_card(runs: Path, model: Path) -> None:
+    data = manifest(model)["metrics"]["training_data"]
+    split = read_split_csv(runs / "cls" / "split.csv")
+    ids, _ = validation(runs)
+    assert data["images"] == 64 == len(split.folds) and data["positives"] == sum(split.positive.values())
+    assert data["validation_images"] == len(ids) and data["training_images"] == 64 - len(ids)
+    assert data["image_size"] == {"classifier": 64, "segmenter": 64}
+    assert data["labels_file"] == "train-rle.csv"
+    assert data["labels_sha256"] == sha256_file(runs / "synth" / "train-rle.csv")
+    assert data["synthetic"] is True and data["synthetic_share"] == 1.0
+    card = (model / "MODEL_CARD.md").read_text()
+    v = manifest(model)["metrics"]["validation"]
+    assert "**Not a medical device**" in card and "Trained and tuned on synthetic films" in card
+    assert f"**{v['mean_dice']:.4f}**" in card and f"all-empty baseline {v['baseline_empty']:.4f}" in card
+    assert f"{data['images']} images ({data['positives']} positive)" in card
+
+
+def test_predicting_a_real_radiograph_with_a_synthetic_model_warns_once(
+    model: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = shared_data / "siim" / "sample-images"
+    assert main(["predict", str(model), str(real), "--out", str(tmp_path / "sub.csv"), "--workers", "0",
+                 "--device", "cpu"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "synthetic films" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("cascade predict: warning: ")
+    assert "meaningless" in warnings[0]
+    runs_images = model.parent / "synth" / "dicom-images-train"
+    assert main(["predict", str(model), str(runs_images), "--out", str(tmp_path / "syn.csv"), "--workers", "0",
+                 "--device", "cpu"]) == 0
+    assert "synthetic films" not in capsys.readouterr().err  # its own kind of film: no warning

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 from cascade import __version__
@@ -33,12 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(command: str):  # noqa: ANN202 (the signature is warnings.showwarning's)
+    """Library warnings on the command line: ``cascade <cmd>: warning: <message>``, one line, no source excerpt."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        print(f"cascade {command}: warning: {message}", file=file or sys.stderr)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 success, 2 bad usage or input, 1 other failures)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)
+            return int(args.func(args) or 0)
     except CascadeError as err:
         print(f"cascade {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -41,6 +41,13 @@ DEFAULT_SIZE = 256
 SIZE_RANGE = (32, 2048)
 BANK_SIZE = 1024
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
+SYNTH_MANUFACTURER = "cascade synth"
+"""The Manufacturer every synthetic film carries, so a model can record that it learned from synthetic data."""
+
+
+def is_synthetic(header: object) -> bool:
+    """Whether a DICOM header (pydicom Dataset) is one of ``cascade synth``'s films."""
+    return str(getattr(header, "Manufacturer", "") or "") == SYNTH_MANUFACTURER
 """pydicom's UID root; the UID suffixes are hashes of the seed, so a seed always gives the same UIDs."""
 MAX_ANNOTATIONS = 3
 MAX_SHAPE_TRIES = 100
@@ -457,6 +464,7 @@ def _write_dicom(path: Path, pixels: np.ndarray, uids: dict[str, str], patient: 
     ds.StudyDate, ds.StudyTime = "19010101", "000000.00"
     ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
     ds.Modality, ds.ConversionType = "CR", "WSD"
+    ds.Manufacturer = SYNTH_MANUFACTURER
     ds.SeriesDescription = f"view: {extra['view']}"
     ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient, patient, ""  # anonymous: a fake UUID per patient
     ds.PatientSex, ds.PatientAge = extra["sex"], extra["age"]

@@ -192,6 +192,9 @@ class TuneResult:
                 f"the classifier's ROC AUC is {auc:.3f}, near chance: the gate can only skip images at random; "
                 "train the classifier longer or from the segmenter (--init-from)"
             )
+        c = self.confusion
+        if c.tp + c.fp == 0:  # the best point draws no mask anywhere: where it sits in the grid means nothing
+            return out
         for axis, name in enumerate(FIELDS):
             values = getattr(self.grid, name)
             i = self.best_index[axis]
