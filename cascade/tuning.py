@@ -288,7 +288,6 @@ def validation_metrics(
     the images scored on each), since its thresholds were tuned on every fold's out-of-fold predictions.
     """
     summary = result.summary.to_dict()
-    gated = float(np.mean(result.cls_probs >= result.thresholds.cls))
     first = pairs[0][0]
     validation: dict[str, Any] = {
         "images": summary["images"],
@@ -300,8 +299,10 @@ def validation_metrics(
         "specificity": summary["specificity"],
         "confusion": summary["confusion"],
         "classifier_auc": json_float(result.classifier_auc),
-        "segmented_share": gated,
+        "segmented_share": result.segmented_share,
         "min_sensitivity": result.min_sensitivity,
+        "max_segmented_share": result.max_segmented_share,
+        "skipped_negatives": json_float(result.skipped_negatives),
         "standard_error": json_float(result.standard_error),
         "warnings": result.warnings(),
         "resolution": RESOLUTION,
@@ -328,6 +329,7 @@ def tune_runs(
     out: PathArg,
     *,
     min_sensitivity: float | None = None,
+    max_segmented_share: float | None = None,
     tta: bool = False,
     batch_size: int = 16,
     workers: int | None = None,
@@ -349,6 +351,8 @@ def tune_runs(
     start = time.perf_counter()
     if min_sensitivity is not None and not 0.0 <= min_sensitivity <= 1.0:
         raise ConfigError(f"--min-sensitivity must lie in [0, 1], got {min_sensitivity}")
+    if max_segmented_share is not None and not 0.0 <= max_segmented_share <= 1.0:
+        raise ConfigError(f"--max-segmenter-share must lie in [0, 1], got {max_segmented_share}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     target = Path(out)
@@ -382,7 +386,7 @@ def tune_runs(
         bar.close()
     if len(search) == 0:
         raise CascadeError(f"{images_dir}: none of the {total} validation images could be read ({failed[0]})")
-    result = search.result(min_sensitivity)
+    result = search.result(min_sensitivity, max_segmented_share)
     metrics = validation_metrics(result, pairs=pairs, images_per_fold=per_fold, tta=tta, failed=len(failed))
     metrics["training_data"] = training_data(pairs, Path(labels_path), synthetic)
 

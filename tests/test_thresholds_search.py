@@ -242,3 +242,30 @@ def test_read_grid_replaces_the_named_ranges_and_refuses_bad_files(tmp_path) -> 
             read_grid(bad)
     with pytest.raises(ConfigError, match="no such grid file"):
         read_grid(tmp_path / "absent.yaml")
+
+
+def test_frontier_is_the_best_score_per_gate_and_the_share_it_segments() -> None:
+    cls, segs, masks = _synthetic()
+    result = tune(cls, segs, masks, grid=SMALL_GRID, progress=False)
+    negatives = ~masks.any(axis=(1, 2))
+    for c, row in enumerate(result.frontier()):
+        gate = SMALL_GRID.cls[c]
+        assert row["cls"] == gate
+        assert row["segmented_share"] == pytest.approx(np.mean(cls >= gate))
+        assert row["skipped_negatives"] == pytest.approx(np.mean(cls[negatives] < gate))
+        assert row["mean_dice"] == pytest.approx(result.scores[c].max(), abs=1e-12)
+    assert result.segmented_share == pytest.approx(np.mean(cls >= result.thresholds.cls))
+
+
+def test_max_segmented_share_is_met_at_the_best_allowed_score() -> None:
+    cls, segs, masks = _synthetic()
+    free = tune(cls, segs, masks, grid=SMALL_GRID, progress=False)
+    shares = np.array([np.mean(cls >= g) for g in SMALL_GRID.cls])
+    limit = float(np.sort(shares)[1])  # the second-smallest share: only the highest gates qualify
+    fast = tune(cls, segs, masks, grid=SMALL_GRID, max_segmented_share=limit, progress=False)
+    assert fast.segmented_share <= limit
+    allowed = shares <= limit
+    assert fast.score == pytest.approx(free.scores[allowed].max(), abs=1e-12)
+    assert fast.score <= free.score
+    with pytest.raises(CascadeError, match="no searched gate sends at most 0.01 of the images"):
+        tune(cls, segs, masks, grid=Grid(cls=(0.0,)), max_segmented_share=0.01, progress=False)

@@ -30,7 +30,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
 SIZE = 96
 REPORT_FILES = (
     "tune.json", "validation.json", "operating_points.csv", "dice_cls_bottom.png", "dice_by_threshold.png",
-    "confusion.png", "roc.png", "operating_points.png",
+    "confusion.png", "roc.png", "operating_points.png", "frontier.csv", "frontier.png",
 )
 
 
@@ -221,6 +221,10 @@ def test_min_sensitivity_is_met_with_explicit_data_paths(runs: Path, model: Path
     assert v["min_sensitivity"] == 0.9 and v["sensitivity"] >= 0.9
     assert v["mean_dice"] <= manifest(model)["metrics"]["validation"]["mean_dice"] + 1e-12
     assert "subject to sensitivity ≥ 0.9" in capsys.readouterr().out
+    assert tune_cli(runs, tmp_path / "fast", "--max-segmenter-share", "0.5") == 0
+    v = manifest(tmp_path / "fast")["metrics"]["validation"]
+    assert v["max_segmented_share"] == 0.5 and v["segmented_share"] <= 0.5
+    assert "subject to segmented share ≤ 0.5" in capsys.readouterr().out
 
 
 def test_an_unreadable_validation_image_is_reported_and_left_out(runs: Path, model: Path, tmp_path: Path,

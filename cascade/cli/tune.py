@@ -47,6 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="best mean Dice among the thresholds whose image-level sensitivity is at least X (triage)",
     )
     p.add_argument(
+        "--max-segmenter-share", type=probability, metavar="S",
+        help="best mean Dice among the gates that send at most a share S of the images to the segmenter (speed)",
+    )
+    p.add_argument(
         "--tta", action=argparse.BooleanOptionalAction, default=False,
         help="horizontal-flip test-time augmentation while tuning; recorded in cascade.json for predict (default off)",
     )
@@ -71,7 +75,10 @@ def summary_lines(outcome: TuneOutcome) -> list[str]:
 
     v = outcome.metrics["validation"]
     th = outcome.result.thresholds
-    mode = "" if v["min_sensitivity"] is None else f" subject to sensitivity ≥ {v['min_sensitivity']:g}"
+    limits = [f"sensitivity ≥ {v['min_sensitivity']:g}"] if v["min_sensitivity"] is not None else []
+    if v.get("max_segmented_share") is not None:
+        limits.append(f"segmented share ≤ {v['max_segmented_share']:g}")
+    mode = f" subject to {' and '.join(limits)}" if limits else ""
     c = v["confusion"]
     oof = v.get("out_of_fold")
     where = (
@@ -92,7 +99,9 @@ def summary_lines(outcome: TuneOutcome) -> list[str]:
         f"sensitivity {format_number(v['sensitivity'], 3)}, specificity {format_number(v['specificity'], 3)} "
         f"(tp {c['tp']}, fp {c['fp']}, fn {c['fn']}, tn {c['tn']}), "
         f"classifier AUC {format_number(v['classifier_auc'])}",
-        f"the gate sends {100 * v['segmented_share']:.1f}% of images to the segmenter",
+        f"the gate sends {100 * v['segmented_share']:.1f}% of images to the segmenter and keeps "
+        f"{format_number(100 * v['skipped_negatives'] if v['skipped_negatives'] is not None else None, 1)}% of the "
+        "negatives from it (report/frontier.png: Dice against segmenter share)",
         f"model folder {outcome.model_dir}{members}, report in {outcome.report_dir} ({outcome.seconds:.1f} s)",
     ]
 
@@ -104,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     grid = read_grid(args.grid) if args.grid else None
     outcome = tune_runs(
         args.cls, args.seg, args.out,
-        min_sensitivity=args.min_sensitivity, tta=args.tta, batch_size=args.batch_size, workers=args.workers,
+        min_sensitivity=args.min_sensitivity, max_segmented_share=args.max_segmenter_share, tta=args.tta, batch_size=args.batch_size, workers=args.workers,
         device=args.device, images=args.images, labels=args.labels, grid=grid, progress=not args.quiet,
     )
     for line in outcome.failed:

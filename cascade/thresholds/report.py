@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,8 @@ def plot_operating_points(result: TuneResult, path: Path) -> Path:
     fig = Figure(figsize=(12, 1.3 + 0.34 * (len(rows) + 1)))
     ax = fig.subplots()
     ax.axis("off")
-    headers = ["target\nsensitivity", "mean\nDice", "achieved\nsensitivity", "specificity", *FIELDS]
+    headers = ["target\nsensitivity", "mean\nDice", "achieved\nsensitivity", "specificity",
+               *(name.replace("_", "\n") for name in FIELDS)]
     table = ax.table(cellText=cells, colLabels=headers, loc="center", cellLoc="center")
     table.auto_set_font_size(False)
     table.set_fontsize(9)
@@ -154,18 +156,46 @@ def plot_operating_points(result: TuneResult, path: Path) -> Path:
     return _save(fig, path)
 
 
-def write_tune_report(result: TuneResult, out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Write ``tune.json``, ``operating_points.csv`` and the PNG plots into ``out_dir``; return their paths."""
-    out = Path(out_dir)
-    atomic_write_json(out / "tune.json", result.to_dict())
+def plot_frontier(result: TuneResult, path: Path) -> Path:
+    """Best mean Dice against the share of images the gate sends to the segmenter, one point per gate ``cls``."""
+    rows = [r for r in result.frontier() if r["mean_dice"] is not None]
+    fig = Figure(figsize=(6, 4.2))
+    ax = fig.subplots()
+    ax.plot([r["segmented_share"] for r in rows], [r["mean_dice"] for r in rows], "o-", color="tab:blue",
+            markersize=4, label="best mean Dice with gate cls")
+    ax.axhline(result.baseline, color="grey", linestyle=":", label=f"all-empty baseline {result.baseline:.4f}")
+    ax.plot([result.segmented_share], [result.score], "r*", markersize=14,
+            label=f"chosen: cls {result.thresholds.cls:g}, {100 * result.segmented_share:.0f}% segmented")
+    ax.set_xlabel("share of images sent to the segmenter")
+    ax.set_ylabel("mean Dice (validation)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_title("What the classifier gate saves and what it costs")
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """A small CSV (empty cells for None), written atomically."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(_OP_COLUMNS)
-    writer.writerows([["" if v is None else v for v in row] for row in _op_rows(result)])
-    atomic_write_text(out / "operating_points.csv", buf.getvalue())
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def write_tune_report(result: TuneResult, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write ``tune.json``, ``operating_points.csv``, ``frontier.csv`` and the PNG plots into ``out_dir``; return
+    their paths."""
+    out = Path(out_dir)
+    atomic_write_json(out / "tune.json", result.to_dict())
+    frontier_columns = ("cls", "segmented_share", "skipped_negatives", "mean_dice")
     return [
         out / "tune.json",
-        out / "operating_points.csv",
+        _write_csv(out / "operating_points.csv", _OP_COLUMNS, _op_rows(result)),
+        _write_csv(out / "frontier.csv", frontier_columns,
+                   [[r[k] for k in frontier_columns] for r in result.frontier()]),
+        plot_frontier(result, out / "frontier.png"),
         plot_cls_bottom(result, out / "dice_cls_bottom.png"),
         plot_breakdown(result, out / "dice_by_threshold.png"),
         plot_confusion(result.confusion, out / "confusion.png", "Validation images at the chosen thresholds"),

@@ -164,6 +164,7 @@ class TuneResult:
     cls_probs: np.ndarray = field(repr=False)
     truth_positive: np.ndarray = field(repr=False)
     min_sensitivity: float | None = None
+    max_segmented_share: float | None = None
     per_image_dice: np.ndarray | None = field(default=None, repr=False)
     """Each validation image's Dice at the chosen point (for the score's uncertainty)."""
 
@@ -256,6 +257,38 @@ class TuneResult:
         _, t, a, _, m = self.best_index
         return self.scores[:, t, a, :, m]
 
+    @property
+    def segmented_share(self) -> float:
+        """Share of the validation images the chosen gate sends to the segmenter."""
+        return float(np.mean(self.cls_probs >= self.thresholds.cls))
+
+    @property
+    def skipped_negatives(self) -> float:
+        """Share of the truly negative validation images the chosen gate keeps from the segmenter (nan without)."""
+        negatives = ~self.truth_positive
+        if not negatives.any():
+            return math.nan
+        return float(np.mean(self.cls_probs[negatives] < self.thresholds.cls))
+
+    def frontier(self) -> list[dict[str, Any]]:
+        """For each searched gate ``cls``: the share of images it sends to the segmenter, the share of negatives it
+        skips, and the best mean Dice reachable with it (the other thresholds at their best for that gate, subject
+        to ``min_sensitivity`` when one was asked): the price in Dice of each saving in segmenter work."""
+        sens = self.sensitivity_table
+        allowed = None if self.min_sensitivity is None else sens >= self.min_sensitivity
+        negatives = ~self.truth_positive
+        rows = []
+        for c, gate in enumerate(self.grid.cls):
+            index = best_point(self.scores[c : c + 1], None if allowed is None else allowed[c : c + 1])
+            passed = self.cls_probs >= gate
+            rows.append({
+                "cls": gate,
+                "segmented_share": float(passed.mean()),
+                "skipped_negatives": json_float(float((~passed[negatives]).mean()) if negatives.any() else math.nan),
+                "mean_dice": None if index is None else float(self.scores[c][index[1:]]),
+            })
+        return rows
+
     def operating_points(self, levels: Sequence[float] = SENSITIVITY_LEVELS) -> list[dict[str, Any]]:
         """Best mean Dice subject to sensitivity >= each level (``thresholds`` None when out of reach)."""
         sens = self.sensitivity_table
@@ -283,6 +316,10 @@ class TuneResult:
                 "mean_dice": self.cls_bottom_table().tolist(),
             },
             "operating_points": self.operating_points(),
+            "max_segmented_share": self.max_segmented_share,
+            "segmented_share": self.segmented_share,
+            "skipped_negatives": json_float(self.skipped_negatives),
+            "frontier": self.frontier(),
             "grid": self.grid.to_dict(),
             "grid_points": self.grid.size,
         }
@@ -365,13 +402,17 @@ class ThresholdSearch:
             pred[b] = keep @ areas
             inter[b] = keep @ hits
 
-    def result(self, min_sensitivity: float | None = None) -> TuneResult:
-        """The best thresholds (optionally subject to image-level sensitivity >= ``min_sensitivity``)."""
+    def result(
+        self, min_sensitivity: float | None = None, max_segmented_share: float | None = None
+    ) -> TuneResult:
+        """The best thresholds, optionally subject to image-level sensitivity >= ``min_sensitivity`` and to the
+        classifier gate sending at most ``max_segmented_share`` of the images to the segmenter."""
         n = len(self)
         if n == 0:
             raise CascadeError("threshold search: no images were given")
-        if min_sensitivity is not None and not 0.0 <= min_sensitivity <= 1.0:
-            raise ConfigError(f"min_sensitivity must lie in [0, 1], got {min_sensitivity!r}")
+        for name, value in (("min_sensitivity", min_sensitivity), ("max_segmented_share", max_segmented_share)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must lie in [0, 1], got {value!r}")
         g = self.grid
         n_c, n_t, n_a, n_b, n_m = g.shape
         st = {key: values[:n] for key, values in self._stats.items()}
@@ -408,11 +449,22 @@ class ThresholdSearch:
             if not positive.any():
                 raise CascadeError("threshold search: a minimum sensitivity needs positive images, and there are none")
             allowed = tp / positive.sum() >= min_sensitivity
+        if max_segmented_share is not None:
+            share = cls_pass.mean(axis=0)  # per gate value: the share of images the segmenter runs on
+            if not (share <= max_segmented_share).any():
+                raise CascadeError(
+                    f"threshold search: no searched gate sends at most {max_segmented_share:g} of the images to the "
+                    f"segmenter (the lowest share is {share.min():.4f}; widen the cls range with --grid)"
+                )
+            by_share = np.broadcast_to((share <= max_segmented_share)[:, None, None, None, None], g.shape)
+            allowed = by_share if allowed is None else allowed & by_share
         best = best_point(scores, allowed)
         if best is None:
-            reach = float(tp.max() / positive.sum())
+            reach = float(np.where(allowed, tp, 0).max() / positive.sum())
             raise CascadeError(
-                f"threshold search: no grid point reaches sensitivity {min_sensitivity} (the highest is {reach:.4f})"
+                f"threshold search: no grid point reaches sensitivity {min_sensitivity} (the highest is {reach:.4f}"
+                + (f" with at most {max_segmented_share:g} of the images segmented)" if max_segmented_share is not
+                   None else ")")
             )
         c, t, a, b, m = best
         gate = cls_pass[:, c] & top_pass[:, t, a]
@@ -433,6 +485,7 @@ class ThresholdSearch:
             cls_probs=cls.copy(),
             truth_positive=positive,
             min_sensitivity=min_sensitivity,
+            max_segmented_share=max_segmented_share,
             per_image_dice=per_image,
         )
 
@@ -457,6 +510,7 @@ def tune(
     *,
     grid: Grid | None = None,
     min_sensitivity: float | None = None,
+    max_segmented_share: float | None = None,
     progress: bool = True,
 ) -> TuneResult:
     """Search the thresholds that maximise mean Dice (exactly, over ``grid``; default :class:`Grid`).
@@ -474,7 +528,7 @@ def tune(
         if isinstance(err, CascadeError) or "zip()" not in str(err):
             raise
         raise CascadeError(f"threshold search: cls_probs, seg_probs and masks differ in length ({err})") from None
-    return search.result(min_sensitivity)
+    return search.result(min_sensitivity, max_segmented_share)
 
 
 def evaluate_thresholds(
