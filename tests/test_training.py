@@ -80,6 +80,7 @@ def test_segmenter_learns(synth: Path, tmp_path: Path) -> None:
     assert all(a > b for a, b in zip(shares, shares[1:]))
     pos = [float(r["val_dice_pos"]) for r in rows]
     assert max(pos[1:]) > pos[0] + 0.3, pos
+    assert [r["collapsed"] for r in rows] == ["0"] * 5  # a learning segmenter is never flagged
     _, cfg = load_stage(run / "best")
     assert cfg["stage"] == "seg" and cfg["encoder"] == "tu-test_resnet"
     assert cfg["metrics"]["val_mean_dice"] == pytest.approx(max(float(r["val_mean_dice"]) for r in rows))

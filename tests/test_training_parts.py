@@ -189,3 +189,26 @@ def test_loader_workers_never_exceed_the_cores(monkeypatch: pytest.MonkeyPatch) 
     assert loader_workers({"workers": 0, "cache": True}) == 0
     monkeypatch.setattr("os.cpu_count", lambda: 32)
     assert loader_workers({"workers": 8, "cache": True}) == 8
+
+
+def test_a_collapsing_segmenter_is_named_after_three_empty_epochs_only() -> None:
+    from cascade.stages.training import collapse_warning
+
+    def rows(*dices: float) -> list[dict]:
+        return [{"val_dice_pos": d} for d in dices]
+
+    assert collapse_warning("seg", rows(0.3, 0.01, 0.0)) is None  # two epochs are not yet a collapse
+    assert collapse_warning("seg", rows(0.0, 0.05, 0.0, 0.0)) is None  # learning in between
+    message = collapse_warning("seg", rows(0.2, 0.016, 0.0, 0.0))
+    assert message is not None and "0.016, 0.000, 0.000" in message
+    assert "optim.lr" in message and "sampling.positive_share" in message and "loss.dice" in message
+    assert collapse_warning("cls", rows(0.0, 0.0, 0.0)) is None
+
+
+def test_init_from_an_untrained_segmenter_warns_loudly(tmp_path: Path) -> None:
+    from cascade.stages.weights import untrained_warning
+
+    assert untrained_warning({"metrics": {"val_dice_pos": 0.23}}, tmp_path) is None
+    assert untrained_warning({"metrics": {}}, tmp_path) is None  # a stage folder without metrics: nothing to judge
+    message = untrained_warning({"metrics": {"val_dice_pos": 0.004}}, tmp_path)
+    assert message is not None and "0.004" in message and str(tmp_path) in message

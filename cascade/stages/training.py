@@ -26,7 +26,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,9 +286,11 @@ def stage_config(config: dict[str, Any], run: RunData, epoch: int, metrics: dict
 
 
 def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    """``metrics.csv``: one row per finished epoch (rewritten whole, atomically)."""
+    """``metrics.csv``: one row per finished epoch (rewritten whole, atomically); a column added in a later version
+    (a resumed old run) is left empty in the rows that lack it."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(path, buffer.getvalue())
@@ -495,6 +497,28 @@ def _better(value: float, best: float) -> bool:
     return not math.isnan(value) and (math.isnan(best) or value > best)
 
 
+COLLAPSE_DICE = 0.02
+COLLAPSE_EPOCHS = 3
+"""A segmenter whose Dice on the validation positives stays under ``COLLAPSE_DICE`` for ``COLLAPSE_EPOCHS`` epochs in
+a row is collapsing to the all-empty answer (the loss it reaches there is low on a mostly negative dataset)."""
+
+
+def collapse_warning(stage: str, history: Sequence[dict[str, Any]]) -> str | None:
+    """The warning for a segmenter that has predicted (almost) nothing on the validation positives for the last
+    ``COLLAPSE_EPOCHS`` epochs, with what to change; None otherwise."""
+    recent = [row.get("val_dice_pos") for row in history[-COLLAPSE_EPOCHS:]]
+    if stage != "seg" or len(recent) < COLLAPSE_EPOCHS:
+        return None
+    if not all(isinstance(v, float) and v < COLLAPSE_DICE for v in recent):
+        return None
+    shown = ", ".join(f"{v:.3f}" for v in recent)
+    return (
+        f"the segmenter has drawn (almost) nothing on the validation positives for {COLLAPSE_EPOCHS} epochs (Dice on "
+        f"positives {shown}): it is collapsing to the all-empty answer. Raise the learning rate (optim.lr), the "
+        "share of positives per epoch (sampling.positive_share) or the Dice weight (loss.dice)"
+    )
+
+
 def selection_score(stage: str, val: dict[str, Any]) -> float:
     """The number ``best/`` is chosen by: the classifier's ROC AUC, the segmenter's mean Dice at 0.5.
 
@@ -585,6 +609,8 @@ def _train(
         report = init_from_segmenter(model, config)
         if rt.main and progress:
             print(report.describe(), file=sys.stderr)
+        if rt.main and report.warning:
+            print(f"warning: {report.warning}", file=sys.stderr)
     model.to(rt.device)
     if config["runtime"]["channels_last"]:
         model.to(memory_format=torch.channels_last)
@@ -647,7 +673,12 @@ def _train(
             **val,
             "best": int(improved),
         }
+        collapse = collapse_warning(config["stage"], [*history, row])
+        if config["stage"] == "seg":
+            row["collapsed"] = int(collapse is not None)
         history.append(row)
+        if rt.main and collapse is not None and (len(history) < 2 or not history[-2].get("collapsed", 0)):
+            print(f"warning: epoch {epoch + 1}: {collapse}", file=sys.stderr)
         if rt.main:
             _write_epoch(out, config, run, eval_model, row, improved, history, {
                 "epoch": epoch + 1,

@@ -205,6 +205,8 @@ class InitReport:
     source: Path
     loaded: int
     left: tuple[str, ...]
+    warning: str | None = None
+    """Set when the segmenter never learned (:func:`untrained_warning`)."""
 
     def describe(self) -> str:
         left = f"; also new (after the encoder's last stage): {', '.join(self.left)}" if self.left else ""
@@ -290,7 +292,24 @@ def init_from_segmenter(model: nn.Module, config: dict[str, Any]) -> InitReport:
     names = f"{encoder} -> {config['network']['model']}"
     mapped, left = encoder_to_backbone(encoder_state, backbone, head, f"--init-from {stage_dir} ({names})")
     backbone.load_state_dict(mapped, strict=False)
-    return InitReport(stage_dir, len(mapped), left)
+    return InitReport(stage_dir, len(mapped), left, untrained_warning(read_config(stage_dir), stage_dir))
+
+
+UNTRAINED_DICE = 0.02
+"""A segmenter whose best Dice on the validation positives is under this learned nothing its encoder could pass on."""
+
+
+def untrained_warning(seg_config: dict[str, Any], stage_dir: Path) -> str | None:
+    """The warning for an ``--init-from`` source whose best checkpoint found (almost) nothing on the validation
+    positives: its encoder holds no pneumothorax features, so the classifier starts as if from scratch."""
+    dice = seg_config.get("metrics", {}).get("val_dice_pos")
+    if not isinstance(dice, (int, float)) or dice >= UNTRAINED_DICE:
+        return None
+    return (
+        f"--init-from {stage_dir}: this segmenter's Dice on the validation positives is {dice:.3f}: it learned "
+        "(almost) nothing, so its encoder gives the classifier no head start; train the segmenter until it draws "
+        "masks (see its metrics.csv) before starting a classifier from it"
+    )
 
 
 def set_backbone_trainable(model: nn.Module, stage: str, trainable: bool) -> int:
