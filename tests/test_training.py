@@ -179,3 +179,37 @@ def test_resume_with_the_run_folder_alone_reads_everything_else_from_the_run(
     assert [int(r["epoch"]) for r in metrics(run)] == [1, 2]
     assert main(["train", "--stage", "seg", "--quiet"]) == 2
     assert "--images, --labels, --out required (or --resume RUN_DIR" in capsys.readouterr().err
+
+
+def test_time_budget_plans_the_epochs_that_fit_and_stops_cleanly(synth: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    run = tmp_path / "budget"  # far less than one epoch: the plan is the one epoch already done
+    assert main([
+        "train", "--stage", "seg", "--images", str(synth / "dicom-images-train"), "--labels",
+        str(synth / "train-rle.csv"), "--out", str(run), "--config", str(CONFIGS / "tiny-seg.yaml"),
+        "--cache-dir", str(synth.parent / f"{synth.name}-cache"), "--time-budget", "0.001", "--workers", "0",
+    ]) == 0
+    err = capsys.readouterr().err
+    assert "time budget 0.001 min: the first epoch took" in err and "so 1 epochs fit" in err
+    assert len(metrics(run)) == 1 and (run / "best" / "model.safetensors").is_file()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["optim"]["epochs"] == 1 and saved["optim"]["time_budget"] == 0.001
+
+
+def test_time_budget_clock() -> None:
+    from cascade.stages.training import TimeBudget
+
+    clock = TimeBudget(100.0)
+    clock.begin_epochs()
+    clock.start -= 30.0  # 10 s of loading, then a first epoch of 20 s
+    clock.last -= 20.0
+    clock.epoch_done()
+    assert 19.9 < clock.epoch_seconds < 20.5
+    assert clock.epochs_that_fit(50) == 1 + 3  # 70 s left hold three more 20-s epochs
+    assert clock.epochs_that_fit(2) == 2
+    assert not clock.stop_before_next()  # 30 s spent + 20 s < 100 s
+    clock.start -= 55.0
+    assert clock.stop_before_next()  # 85 s spent + 20 s > 100 s
+    assert not TimeBudget(0.0).stop_before_next()  # no budget: never stops

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cascade.cli.argtypes import non_negative_int, positive_int
+from cascade.cli.argtypes import non_negative_int, positive_float, positive_int
 from cascade.errors import ConfigError
 
 
@@ -37,6 +37,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--epochs", type=positive_int, metavar="N",
         help="passes over the training images (the learning-rate schedule spans them; default from the config)",
+    )
+    p.add_argument(
+        "--time-budget", type=positive_float, metavar="MINUTES",
+        help="wall-clock budget of this command: after the first epoch, the number of epochs (and the learning-rate "
+        "and positive-share schedules) is set to what fits — all that fit without --epochs, at most --epochs with "
+        "it — and training stops cleanly before the budget is spent, best/ complete (optim.time_budget)",
     )
     p.add_argument("--batch-size", type=positive_int, metavar="B", help="per process (per GPU under torchrun)")
     p.add_argument("--folds", type=positive_int, metavar="K", help="number of folds of the split")
@@ -71,6 +77,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+MAX_EPOCHS = 10_000
+"""The schema's largest ``optim.epochs``: with --time-budget and no --epochs, the budget sets the number."""
+
+
 def _config_help() -> str:
     from cascade.stages.config import shipped_configs
 
@@ -96,6 +106,9 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     put("optim", "freeze_backbone_epochs", args.freeze_backbone_epochs)
     put("preprocessing", "size", args.image_size)
     put("optim", "epochs", args.epochs)
+    put("optim", "time_budget", args.time_budget)
+    if args.time_budget is not None and args.epochs is None and not args.resume:
+        put("optim", "epochs", MAX_EPOCHS)  # the budget decides
     put("optim", "batch_size", args.batch_size)
     put("data", "folds", args.folds)
     put("data", "fold", args.fold)

@@ -82,6 +82,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Check, str]]] = {
         "min_lr_ratio": _float(0.0, 1.0),
         "grad_clip": _float(0.0),
         "freeze_backbone_epochs": _int(0, 10_000),
+        "time_budget": _float(0.0),
     },
     "loss": {"bce": _float(0.0), "dice": _float(0.0), "focal": _float(0.0), "focal_gamma": _float(0.0, 10.0)},
     "sampling": {"positive_share": SHARE},
@@ -109,6 +110,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
         "min_lr_ratio": 0.01,
         "grad_clip": 1.0,
         "freeze_backbone_epochs": 0,
+        "time_budget": 0.0,
     },
     "runtime": {"device": "auto", "amp": "auto", "channels_last": True, "compile": False, "ema": 0.0},
 }
@@ -251,7 +253,7 @@ def resolve(
     return validate(config, str(config_file) if config_file is not None else "configuration")
 
 
-RESUME_MAY_CHANGE = ("data.cache", "data.cache_dir", "runtime.device")
+RESUME_MAY_CHANGE = ("data.cache", "data.cache_dir", "runtime.device", "optim.time_budget")
 """Keys a resumed run may change: where images are cached and which device runs (same device, same numbers)."""
 
 

@@ -576,6 +576,7 @@ def _train(
     pretrained: str | None,
     progress: bool,
 ) -> dict[str, Any]:
+    clock = TimeBudget(config["optim"]["time_budget"] * 60.0)
     check_run_dir(out, resume)
     init_from = config["network"].get("init_from")
     if init_from and pretrained:
@@ -641,7 +642,15 @@ def _train(
     criterion = ComboLoss.from_config(config["loss"])
     row: dict[str, Any] = history[-1] if history else {}
     frozen: bool | None = None
+    clock.begin_epochs()
     for epoch in range(start_epoch, epochs):
+        if epoch >= epochs:  # the time budget planned fewer epochs after the first
+            break
+        if epoch > start_epoch and _agreed(clock.stop_before_next(), rt):
+            if rt.main:
+                print(f"time budget of {config['optim']['time_budget']:g} min reached: stopped after epoch {epoch} "
+                      f"of {epochs} (best/ and last/ are complete; --resume RUN_DIR continues)", file=sys.stderr)
+            break
         if frozen != (epoch < optim["freeze_backbone_epochs"]):
             frozen = epoch < optim["freeze_backbone_epochs"]
             set_backbone_trainable(model, config["stage"], not frozen)
@@ -679,6 +688,17 @@ def _train(
         history.append(row)
         if rt.main and collapse is not None and (len(history) < 2 or not history[-2].get("collapsed", 0)):
             print(f"warning: epoch {epoch + 1}: {collapse}", file=sys.stderr)
+        clock.epoch_done()
+        if epoch == 0 and clock.budget:
+            planned = _agreed(clock.epochs_that_fit(epochs), rt)
+            if planned != epochs:
+                epochs = config["optim"]["epochs"] = planned
+                shares = [positive_share(config, e) for e in range(epochs)]
+                sampler = PositiveShareSampler(train_set.positive, shares, config["seed"], rt.rank, rt.world)
+                if rt.main:  # config.yaml, written after this first epoch, records the planned number
+                    print(f"time budget {config['optim']['time_budget']:g} min: the first epoch took "
+                          f"{clock.epoch_seconds:.0f} s, so {planned} epochs fit; the schedule now spans {planned}",
+                          file=sys.stderr)
         if rt.main:
             _write_epoch(out, config, run, eval_model, row, improved, history, {
                 "epoch": epoch + 1,
@@ -697,6 +717,44 @@ def _train(
         if rt.world > 1:
             dist.barrier()
     return row
+
+
+class TimeBudget:
+    """Wall-clock budget of one training command (0: none): how many epochs fit after the first one, and whether
+    the next epoch would overrun it. Times from the start of the command, so loading and caching count too."""
+
+    def __init__(self, seconds: float) -> None:
+        self.budget = seconds
+        self.start = time.monotonic()
+        self.last = self.start
+        self.epoch_seconds = 0.0
+
+    def begin_epochs(self) -> None:
+        """Mark the start of the first epoch (loading and caching before it count against the budget, not as an
+        epoch's length)."""
+        self.last = time.monotonic()
+
+    def epoch_done(self) -> None:
+        now = time.monotonic()
+        self.epoch_seconds = max(self.epoch_seconds, now - self.last)  # the slowest epoch seen: plan for the worst
+        self.last = now
+
+    def epochs_that_fit(self, most: int) -> int:
+        """After the first epoch: 1 + the further epochs the rest of the budget holds, at most ``most``."""
+        left = self.budget - (time.monotonic() - self.start)
+        return max(1, min(most, 1 + int(left // max(self.epoch_seconds, 1e-9))))
+
+    def stop_before_next(self) -> bool:
+        return bool(self.budget) and time.monotonic() - self.start + self.epoch_seconds > self.budget
+
+
+def _agreed(value: int | bool, rt: Runtime) -> int:
+    """Rank 0's ``value`` on every rank (clocks differ between processes; the decision must not)."""
+    if rt.world == 1:
+        return int(value)
+    tensor = torch.tensor([int(value)], device=rt.device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
 
 
 def wrap_for_training(model: nn.Module, config: dict[str, Any], rt: Runtime) -> nn.Module:
