@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+
+import pytest
 
 from cascade.cli.main import main
 
@@ -17,6 +20,12 @@ def test_quick_demo_writes_a_complete_report(tmp_path: Path, capsys) -> None:
     assert "--init-from" in printed  # the classifier starts from the segmenter, as the README recommends
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "all-empty baseline" in report and "mean Dice" in report
+    evaluation = json.loads((out / "evaluation" / "evaluate.json").read_text())
+    assert f"| mean Dice (challenge metric) | **{evaluation['mean_dice']:.4f}** | {evaluation['baseline_empty']:.4f} |" \
+        in report  # the report's headline is the evaluation's number
+    gate = re.search(r"\| tuned gate .*? \| ([0-9.]+) \| (\d+)% \|", report)
+    assert gate is not None and float(gate.group(1)) == pytest.approx(evaluation["mean_dice"], abs=5e-5)
+    assert "| gate open | " in report and "the gate kept" in printed
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(images) >= 6
     for image in images:
