@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from cascade.data.dicom import read_dicom
-from cascade.data.synth import is_synthetic
+from cascade.data.synth_spec import is_synthetic
 from cascade.data.preprocess import Preprocessing, normalize, prepare_image
 from cascade.data.rle import EMPTY, rle_encode
 from cascade.errors import CascadeError, ConfigError

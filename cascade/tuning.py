@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from cascade.data.index import scan_dicoms
-from cascade.data.synth import is_synthetic
+from cascade.data.synth_spec import is_synthetic
 from cascade.data.labels import Labels, read_labels
 from cascade.data.splits import Split, read_split_csv, split_fingerprint
 from cascade.errors import CascadeError, ConfigError, LabelError, ModelError

@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from cascade.data.synth import DEFAULT_SIZE, DIFFICULTIES
+    from cascade.data.synth_spec import DEFAULT_SIZE, LESION_STYLES
 
     p = sub.add_parser(
         "synth",
@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     p.add_argument(
         "--difficulty",
-        choices=sorted(DIFFICULTIES),
+        choices=sorted(LESION_STYLES),
         default="easy",
         help="lesion contrast and size: easy (learnable in a few CPU epochs) or realistic (subtle)",
     )

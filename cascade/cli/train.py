@@ -82,7 +82,7 @@ MAX_EPOCHS = 10_000
 
 
 def _config_help() -> str:
-    from cascade.stages.config import shipped_configs
+    from cascade.configs import shipped_configs
 
     return f"configuration file: a path, or the name of a shipped one ({', '.join(shipped_configs())})"
 

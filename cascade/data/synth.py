@@ -32,22 +32,15 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, JPEGBaseline8Bit, SecondaryC
 
 from cascade.data.preprocess import resize_mask, to_uint8
 from cascade.data.rle import rle_decode, rle_encode
+from cascade.data.synth_spec import DEFAULT_SIZE, LESION_STYLES, SYNTH_MANUFACTURER
 from cascade.errors import ConfigError
 from cascade.fileio import atomic_path, atomic_write_text
 
 IMAGES_DIR = "dicom-images-train"
 LABELS_NAME = "train-rle.csv"
-DEFAULT_SIZE = 256
 SIZE_RANGE = (32, 2048)
 BANK_SIZE = 1024
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
-SYNTH_MANUFACTURER = "cascade synth"
-"""The Manufacturer every synthetic film carries, so a model can record that it learned from synthetic data."""
-
-
-def is_synthetic(header: object) -> bool:
-    """Whether a DICOM header (pydicom Dataset) is one of ``cascade synth``'s films."""
-    return str(getattr(header, "Manufacturer", "") or "") == SYNTH_MANUFACTURER
 """pydicom's UID root; the UID suffixes are hashes of the seed, so a seed always gives the same UIDs."""
 MAX_ANNOTATIONS = 3
 MAX_SHAPE_TRIES = 100
@@ -62,10 +55,7 @@ class LesionStyle:
     size: float
 
 
-DIFFICULTIES: dict[str, LesionStyle] = {
-    "easy": LesionStyle(contrast=1.0, size=1.0),
-    "realistic": LesionStyle(contrast=0.3, size=0.55),
-}
+DIFFICULTIES: dict[str, LesionStyle] = {name: LesionStyle(*style) for name, style in LESION_STYLES.items()}
 
 
 @dataclass

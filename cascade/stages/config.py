@@ -16,13 +16,13 @@ import copy
 import math
 import os
 from collections.abc import Callable, Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from cascade.data.augment import LEVELS as AUGMENT_LEVELS
+from cascade.configs import shipped_config
 from cascade.errors import ConfigError
 from cascade.stages.segmenter import ARCHS
 
@@ -133,20 +133,6 @@ def defaults(stage: str) -> dict[str, Any]:
     if stage not in STAGES:
         raise ConfigError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
     return {"stage": stage, **copy.deepcopy(COMMON_DEFAULTS), **copy.deepcopy(STAGE_DEFAULTS[stage])}
-
-
-def shipped_configs() -> list[str]:
-    """Names of the configurations shipped with cascade (the YAML files of the package's ``cascade/configs/``)."""
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("cascade.configs").iterdir()
-                  if p.name.endswith(".yaml"))
-
-
-def shipped_config(name: str) -> Path:
-    """Path of a shipped configuration by name (e.g. ``seg-unet-resnet34-512``)."""
-    path = resources.files("cascade.configs") / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"no shipped configuration named {name!r} (shipped: {', '.join(shipped_configs())})")
-    return Path(str(path))
 
 
 def find_config(name_or_path: str | os.PathLike[str]) -> Path:
