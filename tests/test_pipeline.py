@@ -42,6 +42,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_single_model_layout_and_manifest(model_dir: Path) -> None:
     files = sorted(str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file())
     assert files == [
+        "MODEL_CARD.md",
         "cascade.json",
         "classifier/config.json",
         "classifier/model.safetensors",
