@@ -38,7 +38,7 @@ function objectUrl(blob) {
   return url;
 }
 
-function ms(value) { return value.toFixed(1) + " ms"; }
+function ms(label, value) { return label + "\u00a0" + value.toFixed(1) + "\u00a0ms"; }
 
 function show(answer, png) {
   const decision = $("decision");
@@ -51,8 +51,8 @@ function show(answer, png) {
     ? answer.mask_pixels + " of " + answer.height + " × " + answer.width + " pixels"
     : "none (" + answer.height + " × " + answer.width + ")";
   const t = answer.timing_ms;
-  $("timing").textContent = "decode " + ms(t.decode) + " · classifier " + ms(t.classifier) + " · segmenter "
-    + ms(t.segmenter) + " · total " + ms(t.total) + " (batch of " + answer.batch_size + ")";
+  $("timing").textContent = [ms("decode", t.decode), ms("classifier", t.classifier), ms("segmenter", t.segmenter),
+    ms("total", t.total)].join(" · ") + " (batch\u00a0of\u00a0" + answer.batch_size + ")";
   $("model").textContent = answer.model.name + " (weights " + answer.model.weights_sha256.slice(0, 12) + "…)";
   $("uid").textContent = answer.image_id;
   $("uid").hidden = true;
@@ -73,11 +73,11 @@ async function analyse(file) {
   urls.forEach((url) => URL.revokeObjectURL(url));
   urls = [];
   $("result").hidden = true;
-  status("Analysing " + (file.size / 1024).toFixed(0) + " kB …");
+  status("Analysing a " + (file.size / 1024).toFixed(0) + " kB file …");
   try {
     const [json, png] = await Promise.all([post("json"), post("png")]);
     show(await json.json(), await png.blob());
-    status("Done.");
+    status("Done: " + (file.size / 1024).toFixed(0) + " kB file analysed.");
   } catch (err) {
     status(err.message, true);
   }
