@@ -131,8 +131,8 @@ class Server:
 
     def mean_batch(self) -> float:
         text = httpx.get(f"{self.base}/metrics", timeout=10).text
-        total = float(re.search(r"^cascade_batch_size_sum (\S+)", text, re.M).group(1))
-        count = float(re.search(r"^cascade_batch_size_count (\S+)", text, re.M).group(1))
+        total = float(re.search(r"^cascade_batch_size_sum (\S+)", text, re.MULTILINE).group(1))
+        count = float(re.search(r"^cascade_batch_size_count (\S+)", text, re.MULTILINE).group(1))
         return total / max(count, 1)
 
 

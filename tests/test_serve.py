@@ -170,7 +170,7 @@ def test_seg_and_png_answers(client: TestClient, samples: list[Path], reference:
     assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "36118008"
     assert np.array_equal(seg.pixel_array.astype(bool), reference[POSITIVE].mask)
     if shutil.which("dciodvfy"):
-        done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False)
         assert not [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
 
     negative = next(p for p in samples if not reference[p.stem].positive)

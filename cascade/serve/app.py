@@ -148,7 +148,7 @@ def create_app(
         "`?format=seg` answers 204 for a negative image (nothing to segment).",
         responses={204: {"description": "negative image, no DICOM SEG"}},
     )
-    async def predict(request: Request, format: str = "json") -> Response:  # noqa: A002 - the query parameter
+    async def predict(request: Request, format: str = "json") -> Response:
         start = time.perf_counter()
         if format not in FORMATS:
             raise HTTPProblem(400, f"format must be one of {', '.join(FORMATS)}, got {format[:20]!r}")
@@ -228,7 +228,7 @@ def _decode(model: Any, data: bytes) -> tuple[Any, Any]:
         image = read_dicom(io.BytesIO(data))
     except CascadeError as err:
         raise HTTPProblem(400, str(err).replace("<file object>", "upload", 1)) from None
-    except Exception as err:  # a decoder failing in a way read_dicom did not foresee is still the upload's fault
+    except Exception as err:  # noqa: BLE001 - a decoder failing in a way read_dicom did not foresee: the upload's fault
         raise HTTPProblem(400, f"upload: cannot read the DICOM ({type(err).__name__})") from None
     return image, model.prepare(image)
 
@@ -309,14 +309,14 @@ def _add_handlers(app: FastAPI, state: _State) -> None:
     @app.middleware("http")
     async def around(request: Request, call_next: Callable[[Request], Any]) -> Response:
         start = time.perf_counter()
-        if state.token is not None and request.url.path.startswith(PROTECTED):
-            if not authorized(request.headers.get("authorization"), state.token):
-                response: Response = JSONResponse(
-                    {"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                return _finish(state, request, response, start)
+        protected = state.token is not None and request.url.path.startswith(PROTECTED)
+        if protected and not authorized(request.headers.get("authorization"), state.token):
+            response: Response = JSONResponse(
+                {"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            return _finish(state, request, response, start)
         try:
             response = await call_next(request)
         except Exception as err:  # noqa: BLE001 - a failure answers 500 and is logged by type only

@@ -7,7 +7,7 @@ written to disk: the body is parsed from memory by python-multipart.
 
 from __future__ import annotations
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 DICOM = "application/dicom"
 MULTIPART = "multipart/form-data"
@@ -42,10 +42,13 @@ async def read_upload(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise HTTPProblem(413, f"upload of {int(declared)} bytes is over the limit of {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPProblem(413, f"upload is over the limit of {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise HTTPProblem(413, f"upload is over the limit of {limit} bytes")
+    except ClientDisconnect:
+        raise HTTPProblem(400, "the client disconnected before the upload was complete") from None
     request.state.bytes_in = len(body)
     data = _multipart_file(bytes(body), options.get(b"boundary", b"")) if media_type == MULTIPART else bytes(body)
     if not data:
