@@ -396,8 +396,9 @@ class Cascade:
 
     def predict_batch(self, items: Sequence[_Decoded]) -> list[Prediction]:
         """Predict prepared images (:meth:`prepare`) together: one classifier forward over all of them and one
-        segmenter forward over those that pass the gate. The answers are those of :meth:`predict` on each image;
-        this is what the web service's micro-batching runs."""
+        segmenter forward over those that pass the gate; this is what the web service's micro-batching runs. The
+        answers are those of :meth:`predict` on each image, up to float rounding in batched convolutions (about
+        1e-7 in a probability, which can flip a mask pixel lying exactly at a threshold)."""
         if not items:
             return []
         probs = self._engine.probabilities([list(items)], len(items), self.thresholds.cls, self.tta)
