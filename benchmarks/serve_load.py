@@ -18,7 +18,8 @@ bounded in requests and in seconds (``--max-seconds`` per configuration).
 The networks have random weights (speed does not depend on them; ``--model DIR`` takes a real model folder); the
 classifier threshold is the 78th percentile of its own probabilities on the files, so 22% pass the gate as at the
 challenge's prevalence. Run: ``python benchmarks/serve_load.py`` (resnet18 + U-Net ResNet34 at 512², 300 requests
-per configuration) or ``--quick`` (tiny networks at 64², 24 requests: a smoke run, a few minutes on a busy 2-core machine).
+per configuration) or ``--quick`` (tiny networks at 64², 24 requests: a smoke run, a few minutes on a busy 2-core
+machine).
 """
 
 from __future__ import annotations
