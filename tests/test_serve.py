@@ -429,7 +429,7 @@ def test_page_in_a_real_browser_shows_the_apis_answer(
     """Headless Chromium opens the page, uploads a real SIIM positive, waits for the overlay; the probability shown
     is the API's; nothing is fetched from anywhere but the service; the SOP Instance UID shows only on request."""
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("chromium / chromedriver are not installed (Debian: chromium chromium-driver; .ci/run installs them)")
+        pytest.skip("chromium / chromedriver are absent (Debian: chromium chromium-driver; .ci/run installs them)")
     import httpx
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
