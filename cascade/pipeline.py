@@ -17,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
@@ -32,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from cascade.data.dicom import read_dicom
+from cascade.data.dicom import DicomImage, read_dicom
 from cascade.data.synth_spec import is_synthetic
 from cascade.data.preprocess import Preprocessing, normalize, prepare_image
 from cascade.data.rle import EMPTY, rle_encode
@@ -198,6 +199,8 @@ class _Engine:
         self.classifier = _Stage([m for m, _ in classifiers], _preprocessing(classifiers, "classifier"), self.device)
         self.segmenter = _Stage([m for m, _ in segmenters], _preprocessing(segmenters, "segmenter"), self.device)
         self.sizes = (self.classifier.prep.size, self.segmenter.prep.size)
+        self.seconds = {"classifier": 0.0, "segmenter": 0.0}
+        """Wall seconds spent in each stage's forwards since loading (per-request timing and metrics)."""
 
     def batches(self, sources: Sequence[Source], batch_size: int, workers: int | None) -> Iterator[list[_Decoded]]:
         """Decoded images in order, ``batch_size`` at a time, decoded by ``workers`` processes (0: this one)."""
@@ -229,7 +232,9 @@ class _Engine:
             good = [e for e in entries if e.item.error is None]
             if good:
                 size = self.classifier.prep.size
+                start = time.perf_counter()
                 probs = self.classifier(np.stack([e.item.inputs[size] for e in good]), tta)
+                self.seconds["classifier"] += time.perf_counter() - start
                 for entry, prob in zip(good, probs):
                     entry.cls_prob = float(prob)
                     entry.waiting = cls_threshold is None or entry.cls_prob >= cls_threshold
@@ -247,7 +252,10 @@ class _Engine:
 
     def _segment(self, entries: list[_Pending], tta: bool) -> None:
         size = self.segmenter.prep.size
-        for entry, seg in zip(entries, self.segmenter(np.stack([e.item.inputs[size] for e in entries]), tta)):
+        start = time.perf_counter()
+        segs = self.segmenter(np.stack([e.item.inputs[size] for e in entries]), tta)
+        self.seconds["segmenter"] += time.perf_counter() - start
+        for entry, seg in zip(entries, segs):
             entry.seg_prob = seg
             entry.waiting = False
 
@@ -374,14 +382,43 @@ class Cascade:
 
         Raises a ``CascadeError`` for an unreadable input (``predict_many`` reports it instead).
         """
+        (pred,) = self.predict_batch([self.prepare(x)])
+        return pred
+
+    def prepare(self, x: Source | Dataset | BinaryIO | np.ndarray | DicomImage) -> _Decoded:
+        """Decode and preprocess one image for :meth:`predict_batch` (CPU only, no network: safe in any thread).
+
+        Takes what :meth:`predict` takes, a binary file object, or a :class:`~cascade.data.dicom.DicomImage`
+        already read; the ImageId is the file stem for a path, else the SOPInstanceUID. Raises a ``CascadeError``
+        for an unreadable input.
+        """
         if isinstance(x, np.ndarray):
-            item = _decoded(_array_pixels(x), "array", "<array>", self._engine.sizes)
-        else:
-            image = read_dicom(x)
-            image_id = Path(x).stem if isinstance(x, (str, os.PathLike)) else image.image_id
-            item = _decoded(image.pixels, image_id, image.source, self._engine.sizes, image.header)
-        (probs,) = self._engine.probabilities([[item]], 1, self.thresholds.cls, self.tta)
-        return self._finish(probs)
+            return _decoded(_array_pixels(x), "array", "<array>", self._engine.sizes)
+        image = x if isinstance(x, DicomImage) else read_dicom(x)
+        image_id = Path(x).stem if isinstance(x, (str, os.PathLike)) else image.image_id
+        return _decoded(image.pixels, image_id, image.source, self._engine.sizes, image.header)
+
+    def predict_batch(self, items: Sequence[_Decoded]) -> list[Prediction]:
+        """Predict prepared images (:meth:`prepare`) together: one classifier forward over all of them and one
+        segmenter forward over those that pass the gate; this is what the web service's micro-batching runs. The
+        answers are those of :meth:`predict` on each image, up to float rounding in batched convolutions (about
+        1e-7 in a probability, which can flip a mask pixel lying exactly at a threshold)."""
+        if not items:
+            return []
+        probs = self._engine.probabilities([list(items)], len(items), self.thresholds.cls, self.tta)
+        return [self._finish(p) for p in probs]
+
+    def warm_up(self) -> None:
+        """Run each stage once on a grey image, so first-call setup (CUDA kernels, allocations) is not paid by the
+        first real image."""
+        item = self.prepare(np.full((64, 64), 0.5, dtype=np.float32))
+        for _ in self._engine.probabilities([[item]], 1, None, self.tta):
+            pass
+
+    @property
+    def stage_seconds(self) -> dict[str, float]:
+        """Wall seconds spent in the classifier's and the segmenter's forwards since loading."""
+        return dict(self._engine.seconds)
 
     def predict_many(
         self,

@@ -79,3 +79,35 @@ def test_no_seg_for_a_negative_or_an_array(tmp_path: Path, source: Path) -> None
     assert from_array.positive
     with pytest.raises(CascadeError, match="DICOM source"):
         segmentation(from_array)
+
+
+def test_predict_writes_one_seg_per_positive_and_refuses_input_or_model_folders(
+    shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cascade.cli.main import main
+    from cascade.data.labels import read_labels
+
+    gated = Thresholds(cls=0.504, top=0.0, area=0.0, bottom=0.68, min_component=0.0)
+    model_dir = make_model_dir(tmp_path / "model", gated)
+    images = shared_data / "siim" / "sample-images"
+    out, segs = tmp_path / "sub.csv", tmp_path / "segs"
+    args = ["predict", str(model_dir), str(images), "--out", str(out), "--device", "cpu", "--workers", "0"]
+    assert main([*args, "--dicom-seg", str(segs)]) == 0
+    labels = read_labels(out)
+    positives = sorted(i for i in labels.image_ids if labels.is_positive(i))
+    assert 0 < len(positives) < len(labels.image_ids)
+    assert sorted(p.stem for p in segs.glob("*.dcm")) == positives
+    assert f"{len(positives)} DICOM SEG written" in capsys.readouterr().out
+    for image_id in positives:
+        seg = pydicom.dcmread(segs / f"{image_id}.dcm")
+        assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == image_id
+        assert np.array_equal(seg.pixel_array.astype(bool), labels.mask(image_id, 1024, 1024))
+    assert not list(segs.glob(".*")), "no temporary files are left"
+
+    copy = tmp_path / "inputs"
+    shutil.copytree(images, copy)
+    for inside in (copy, copy / "segs", model_dir):
+        before = sorted(p.name for p in inside.parent.rglob("*"))
+        assert main([*args[:2], str(copy), *args[3:], "--dicom-seg", str(inside)]) == 2
+        assert "choose another folder" in capsys.readouterr().err
+        assert sorted(p.name for p in inside.parent.rglob("*")) == before, "nothing written"

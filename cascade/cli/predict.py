@@ -6,10 +6,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from cascade.pipeline import Prediction
 
 DESCRIPTION = """\
 Predict pneumothorax masks for DICOM files and folders (searched recursively for *.dcm) and write the submission
@@ -38,6 +34,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--workers", type=int, default=None, metavar="N", help="decoding processes (default: half the cores)"
     )
     p.add_argument("--overlays", metavar="DIR", help="also write a PNG per positive image: mask outline + probability")
+    p.add_argument(
+        "--dicom-seg",
+        metavar="DIR",
+        help="also write a DICOM SEG per positive image, DIR/<ImageId>.dcm, referencing its source (a PACS files "
+        "it with the image); DIR must lie outside the inputs and the model folder",
+    )
     p.set_defaults(func=run)
 
 
@@ -59,7 +61,9 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     from cascade.data.labels import write_labels
-    from cascade.errors import ConfigError
+    from cascade.errors import CascadeError, ConfigError
+    from cascade.outputs.dicom_seg import write_segmentation
+    from cascade.outputs.overlay import write_overlay
     from cascade.pipeline import Cascade
     from cascade.progress import progress_bar
 
@@ -67,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
+    if args.dicom_seg:
+        check_output_folder(Path(args.dicom_seg), [Path(args.model_dir), *map(Path, args.inputs)])
     model = Cascade.from_pretrained(args.model_dir, device=args.device, tta=args.tta)
     paths, warnings = collect_inputs(args.inputs)
     for warning in warnings:
@@ -76,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     rows: list[tuple[str, str]] = []
     failures: list[str] = []
-    positives = 0
+    positives = segs = 0
     start = time.perf_counter()
     predictions = model.predict_many(paths, batch_size=args.batch_size, workers=args.workers)
     for pred in progress_bar(predictions, total=len(paths), unit="img", desc="predict"):
@@ -88,6 +94,12 @@ def run(args: argparse.Namespace) -> int:
             positives += 1
             if args.overlays:
                 write_overlay(Path(args.overlays) / f"{pred.image_id}.png", pred)
+            if args.dicom_seg:
+                try:
+                    write_segmentation(pred, Path(args.dicom_seg) / f"{pred.image_id}.dcm")
+                    segs += 1
+                except CascadeError as err:  # the image's row is still written; the run reports it and exits 2
+                    failures.append(str(err))
     elapsed = time.perf_counter() - start
     for failure in failures:
         print(f"cascade predict: failed: {failure}", file=sys.stderr)
@@ -96,40 +108,22 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     write_labels(args.out, rows)
+    seg_note = f", {segs} DICOM SEG written to {args.dicom_seg}" if args.dicom_seg else ""
     print(
-        f"{len(rows)} images predicted, {positives} positive, {len(failures)} failed, "
+        f"{len(rows)} images predicted, {positives} positive{seg_note}, {len(failures)} failed, "
         f"{len(paths) / max(elapsed, 1e-9):.1f} images/s (device {model.device}, tta {'on' if model.tta else 'off'})"
         f" → {args.out}"
     )
     return 2 if failures else 0
 
 
-def write_overlay(path: Path, pred: Prediction) -> None:
-    """A PNG of the image with the mask outline in red and the classifier probability, written atomically."""
-    import cv2
-    import numpy as np
+def check_output_folder(out: Path, protected: list[Path]) -> None:
+    """Refuse an output folder that is, or lies inside, an input folder, the folder of an input file, or the model
+    folder: outputs there would be read back as inputs by the next run or mix with the model's files."""
+    from cascade.errors import ConfigError
 
-    from cascade.data.dicom import read_dicom
-    from cascade.data.preprocess import to_uint8
-    from cascade.fileio import atomic_path
-
-    grey = to_uint8(read_dicom(pred.source).pixels)
-    image = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
-    scale = max(image.shape[:2]) / 1024
-    contours, _ = cv2.findContours(pred.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(image, contours, -1, (0, 0, 255), max(1, round(3 * scale)))
-    cv2.putText(
-        image,
-        f"p={pred.probability:.3f}",
-        (round(16 * scale), round(48 * scale)),
-        cv2.FONT_HERSHEY_SIMPLEX,
-        1.2 * scale,
-        (0, 255, 255),
-        max(1, round(2 * scale)),
-        cv2.LINE_AA,
-    )
-    ok, encoded = cv2.imencode(".png", image)
-    if not ok:
-        raise OSError(f"{path}: PNG encoding failed")
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(encoded.tobytes())
+    target = out.resolve()
+    for path in protected:
+        folder = path.resolve() if path.is_dir() else path.resolve().parent
+        if target == folder or folder in target.parents:
+            raise ConfigError(f"{out}: is or lies inside {path} (an input or the model folder); choose another folder")

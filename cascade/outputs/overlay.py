@@ -1,0 +1,53 @@
+"""PNG overlay of a prediction: the radiograph in grey, the mask outlined in red, the classifier probability written
+in the corner. The one drawing used by ``cascade predict --overlays`` and the web service's ``?format=png``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cascade.fileio import atomic_path
+
+if TYPE_CHECKING:
+    from cascade.pipeline import Prediction
+
+
+def overlay_png(pixels: np.ndarray, pred: Prediction) -> bytes:
+    """The overlay as PNG bytes; ``pixels`` are the image's decoded float [0,1] pixels (``read_dicom(...).pixels``)."""
+    import cv2
+
+    from cascade.data.preprocess import to_uint8
+
+    image = cv2.cvtColor(to_uint8(pixels), cv2.COLOR_GRAY2BGR)
+    scale = max(image.shape[:2]) / 1024
+    if pred.mask is not None and pred.mask.any():
+        contours, _ = cv2.findContours(pred.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(image, contours, -1, (0, 0, 255), max(1, round(3 * scale)))
+    cv2.putText(
+        image,
+        f"p={pred.probability:.3f}",
+        (round(16 * scale), round(48 * scale)),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        1.2 * scale,
+        (0, 255, 255),
+        max(1, round(2 * scale)),
+        cv2.LINE_AA,
+    )
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"{pred.source}: PNG encoding failed")
+    return encoded.tobytes()
+
+
+def write_overlay(path: str | os.PathLike[str], pred: Prediction) -> Path:
+    """Write the overlay of a prediction made from a DICOM file (read again for its pixels) atomically."""
+    from cascade.data.dicom import read_dicom
+
+    data = overlay_png(read_dicom(pred.source).pixels, pred)
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return target
