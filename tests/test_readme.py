@@ -15,7 +15,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def readme_commands() -> list[str]:
     """`cascade …` command lines from the README's fenced code blocks (continuations joined, `&&` chains split)."""
-    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    fenced = re.findall(r"```([\w-]*)\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    blocks = [body for language, body in fenced if language in ("", "bash", "sh")]
     commands = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from cascade import __version__
 from cascade.errors import CascadeError
 
-SUBCOMMANDS = ("synth", "train", "tune", "predict", "evaluate", "export", "demo")
+SUBCOMMANDS = ("synth", "train", "tune", "predict", "evaluate", "export", "listen", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
