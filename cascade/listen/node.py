@@ -138,6 +138,7 @@ class Node:
 
         ae = self._application_entity()
         quiet_dicom_loggers()
+        import highdicom  # noqa: F401  (imported here, not on the first positive: seconds of latency)
         self.findings = FindingsLog(self.out / "findings.csv")
         self.incoming = Spool(self.out / "incoming")
         self.outbox = Spool(self.out / "outbox")
