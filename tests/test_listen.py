@@ -179,12 +179,18 @@ def test_corrupt_pixels_give_a_failure_finding_and_the_node_goes_on(
     model_dir: Path, samples: list[Path], expected: dict[str, Prediction], tmp_path: Path
 ) -> None:
     bad = corrupt_copies(samples[0])
+    from pydicom.uid import generate_uid
+
+    announced = str(generate_uid())  # a file whose dataset is another instance than the name it was stored under
+    (tmp_path / "incoming").mkdir()
+    (tmp_path / "incoming" / f"{announced}.dcm").write_bytes(samples[2].read_bytes())
     node = start_node(model_dir, tmp_path)
     try:
         assert store(node.address[1], [*bad, samples[1]]) == [0, 0, 0]
-        rows = {r["ImageId"]: r for r in wait_findings(tmp_path, 3)}
+        rows = {r["ImageId"]: r for r in wait_findings(tmp_path, 4)}
     finally:
         node.stop()
+    assert "differs" in rows[announced]["error"] and rows[announced]["seg"] == rows[announced]["positive"] == ""
     for ds in bad:
         row = rows[str(ds.SOPInstanceUID)]
         assert row["probability"] == row["positive"] == row["seg"] == ""

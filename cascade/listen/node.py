@@ -258,9 +258,9 @@ class Node:
             for item, pred in zip(todo, self._predict(todo)):
                 self._finish(item, pred)
         except Exception as err:  # e.g. a full disk: the images stay in incoming/ for the next start
-            log.error("cannot record results (%s: %s); %d image(s) kept in %s for the next start",
-                      type(err).__name__, getattr(err, "strerror", None) or "see the node's disk", len(todo),
-                      self.incoming.folder)
+            reason = f"{type(err).__name__}: {err.strerror}" if isinstance(err, OSError) else type(err).__name__
+            log.error("cannot record results (%s); the images not recorded stay in %s for the next start",
+                      reason, self.incoming.folder)
 
     def _predict(self, items: list[_Received]) -> list[Prediction | str]:
         """The predictions, in order; when the batch raises, each image alone (what still raises is a reason)."""
@@ -280,6 +280,9 @@ class Node:
         seg = error = ""
         if isinstance(pred, str) or not pred.ok:
             error = pred if isinstance(pred, str) else _reason(str(pred.error), pred.source, item.uid)
+        elif str(pred.header.get("SOPInstanceUID", "")) != item.uid:  # the SEG would reference another image
+            error = "the dataset's SOP Instance UID differs from the one its C-STORE request announced"
+        if error:
             probability, positive, rle = math.nan, False, ""
         else:
             probability, positive, rle = pred.probability, pred.positive, pred.rle
