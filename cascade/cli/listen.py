@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cascade.cli.argtypes import positive_int
+from cascade.cli.argtypes import non_negative_int, positive_int
 
 DESCRIPTION = """\
 Run a DICOM node: a Storage SCP that accepts CR, DX (for presentation and for processing) and Secondary Capture
@@ -26,7 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="model folder written by 'cascade tune'")
     p.add_argument("--ae-title", default="CASCADE", metavar="AET", help="this node's AE title (default CASCADE)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=11112, help="port to listen on (default 11112; 0: any free port)")
+    p.add_argument(
+        "--port", type=non_negative_int, default=11112, help="port to listen on (default 11112; 0: any free port)"
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="folder for findings.csv, seg/, incoming/, outbox/")
     p.add_argument("--forward", metavar="AET@HOST:PORT", help="C-STORE each SEG to this AE (e.g. the PACS)")
     p.add_argument(

@@ -134,11 +134,11 @@ class Node:
 
     def start(self) -> None:
         """Recover what a previous run left, start the worker (and forwarder), then listen."""
+        import highdicom  # noqa: F401  (imported now, not on the first positive: seconds of latency)
         from pynetdicom import evt
 
         ae = self._application_entity()
         quiet_dicom_loggers()
-        import highdicom  # noqa: F401  (imported here, not on the first positive: seconds of latency)
         self.findings = FindingsLog(self.out / "findings.csv")
         self.incoming = Spool(self.out / "incoming")
         self.outbox = Spool(self.out / "outbox")
@@ -221,7 +221,8 @@ class Node:
         return SUCCESS
 
     def _on_rejected(self, event) -> None:  # noqa: ANN001
-        log.warning("refused an association from calling AE %r (not in --accept-from)", event.assoc.requestor.ae_title)
+        log.warning("refused an association from calling AE %r (not in --accept-from, or too many at once)",
+                    event.assoc.requestor.ae_title)
 
     def _forget(self, uid: str) -> None:
         with self._lock:
