@@ -59,3 +59,26 @@ def read_json_object(path: str | os.PathLike[str], missing: str) -> dict[str, An
     if not isinstance(data, dict):
         raise ModelError(f"{path}: expected a JSON object")
     return data
+
+
+def durable_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically and flush it to the disk (file and folder entry) before returning.
+
+    For what a service acknowledges or records: after this returns, a crash or power cut keeps the whole file.
+    """
+    target = Path(path)
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    sync_folder(target.parent)
+    return target
+
+
+def sync_folder(folder: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (a file just created, renamed or linked there) to the disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

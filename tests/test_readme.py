@@ -15,7 +15,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def readme_commands() -> list[str]:
     """`cascade …` command lines from the README's fenced code blocks (continuations joined, `&&` chains split)."""
-    fenced = re.findall(r"```(\w*)\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    fenced = re.findall(r"```([\w-]*)\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
     commands = []
     for block in (text for language, text in fenced if language in ("", "bash", "sh")):
         for line in block.replace("\\\n", " ").splitlines():

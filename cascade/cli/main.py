@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from cascade import __version__
 from cascade.errors import CascadeError
 
-SUBCOMMANDS = ("synth", "train", "tune", "predict", "evaluate", "export", "serve", "demo")
+SUBCOMMANDS = ("synth", "train", "tune", "predict", "evaluate", "export", "serve", "listen", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,99 @@
+"""`cascade listen`: a DICOM node (Storage SCP) that triages the radiographs sent to it and answers with DICOM SEG."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cascade.cli.argtypes import non_negative_int, positive_int
+
+DESCRIPTION = """\
+Run a DICOM node: a Storage SCP that accepts CR, DX (for presentation and for processing) and Secondary Capture
+images plus Verification (C-ECHO), and refuses every other SOP class at association. Each received image is
+written to DIR/incoming/ before it is acknowledged, analysed by the cascade (one model worker batching what is
+queued), and recorded as one line of DIR/findings.csv (ImageId, probability, positive, priority HIGH/ROUTINE,
+EncodedPixels, received, finished, seg, error); a positive also gets its DICOM SEG in DIR/seg/, sent with --forward
+to a PACS (retried with back-off; unsent SEGs wait in DIR/outbox/ for the next start). Images received earlier but
+not yet analysed (a kill, a crash) are analysed first at start; an image already in findings.csv is never analysed
+twice. SIGTERM or Ctrl-C stops listening, analyses everything acknowledged and exits 0. Logs show one line per
+image (a hash of its SOP Instance UID, the decision, ms from receipt to finding), never a header value."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "listen", help="run a DICOM node that triages received images and sends SEGs back", description=DESCRIPTION
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="model folder written by 'cascade tune'")
+    p.add_argument("--ae-title", default="CASCADE", metavar="AET", help="this node's AE title (default CASCADE)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument(
+        "--port", type=non_negative_int, default=11112, help="port to listen on (default 11112; 0: any free port)"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for findings.csv, seg/, incoming/, outbox/")
+    p.add_argument("--forward", metavar="AET@HOST:PORT", help="C-STORE each SEG to this AE (e.g. the PACS)")
+    p.add_argument(
+        "--accept-from", metavar="AET,…", help="accept associations only from these calling AE titles (default: any)"
+    )
+    p.add_argument("--device", default="auto", metavar="D", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="B", help="most images per batch (default 8)")
+    p.add_argument(
+        "--queue-size", type=positive_int, default=64, metavar="N",
+        help="received images waiting for the model before senders are held back (default 64)",
+    )
+    p.add_argument(
+        "--retry-max", type=float, default=60.0, metavar="S",
+        help="longest wait between attempts to reach the --forward destination (default 60 s)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+    import warnings
+
+    from cascade.listen import Destination, Node
+    from cascade.pipeline import Cascade
+
+    # pydicom and highdicom warn by quoting header values (patient names among them): never shown here
+    warnings.simplefilter("ignore")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s cascade listen: %(message)s"))
+    log = logging.getLogger("cascade.listen")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # other libraries' INFO lines stay off: highdicom's name the UIDs it copies
+    forward = Destination.parse(args.forward) if args.forward else None
+    accept_from = [t.strip() for t in (args.accept_from or "").split(",") if t.strip()]
+    model = Cascade.from_pretrained(args.model_dir, device=args.device)
+    node = Node(
+        model,
+        args.out,
+        ae_title=args.ae_title,
+        host=args.host,
+        port=args.port,
+        forward=forward,
+        accept_from=accept_from,
+        batch_size=args.batch_size,
+        queue_size=args.queue_size,
+        retry_max=args.retry_max,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    node.start()
+    host, port = node.address
+    if host not in ("127.0.0.1", "localhost", "::1") and not accept_from:
+        print(f"cascade listen: warning: listening on {host}, open to other machines; restrict senders with "
+              "--accept-from", file=sys.stderr)
+    print(f"cascade listen: {args.ae_title} listening on {host}:{port} (device {model.device}, "
+          f"{len(node.findings)} finding(s) so far in {args.out}; forward: {forward or 'off'})",
+          file=sys.stderr, flush=True)
+    while not stop.wait(0.5):
+        pass
+    print("cascade listen: stopping: no new associations; analysing what was received", file=sys.stderr, flush=True)
+    node.stop()
+    print(f"cascade listen: stopped; {len(node.findings)} finding(s) in {args.out}, "
+          f"{node.outbox_waiting} SEG(s) waiting to be sent", file=sys.stderr, flush=True)
+    return 0

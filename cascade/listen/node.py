@@ -1,0 +1,314 @@
+"""The DICOM node: a Storage SCP that acknowledges each radiograph once it is on disk, triages it with the cascade
+and records the finding (and the SEG of a positive, forwarded to a PACS when asked).
+
+Threads: pynetdicom's association threads (receive → ``incoming/`` → bounded queue), one model worker (takes what
+is queued, up to ``batch_size`` at a time, through :meth:`Cascade.predict_many`), and the
+:class:`~cascade.listen.forward.Forwarder` when a destination is given.
+
+Order of work for one image, chosen so that a kill at any point loses nothing and repeats nothing:
+1. the C-STORE handler writes the dataset to ``incoming/<uid>.dcm`` (atomic, flushed) and only then answers
+   Success; an image whose UID already has a finding or is waiting is answered Success and not stored again;
+2. the worker writes the SEG of a positive to ``seg/<uid>.dcm`` (and links it into ``outbox/``), then appends the
+   line to ``findings.csv``, then deletes the incoming file;
+3. at start, a line cut short is dropped, leftover incoming files are analysed first (skipped when their finding
+   is already written) and outbox SEGs whose finding is written are sent.
+
+Logs hold one line per image: the first 12 hex digits of the sha256 of its SOP Instance UID, the decision and the
+milliseconds from receipt to finding; never a UID, a patient identifier or any other header value. pynetdicom's
+own logger is held at WARNING (at DEBUG it prints whole datasets), pydicom's and highdicom's at ERROR (their
+warnings and INFO lines quote header values and UIDs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cascade.errors import CascadeError, ConfigError
+from cascade.fileio import durable_write_bytes
+from cascade.listen.findings import Finding, FindingsLog
+from cascade.listen.forward import Destination, Forwarder, uid_hash
+from cascade.listen.spool import Spool, valid_uid
+
+if TYPE_CHECKING:
+    from cascade.pipeline import Cascade, Prediction
+
+log = logging.getLogger("cascade.listen")
+
+IMAGE_STORAGE = {
+    "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+}
+"""The SOP classes the node accepts (with Verification); any other is refused at association."""
+
+SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+QUEUE_WAIT = 30.0
+"""Seconds a C-STORE waits for room in the queue before it is refused with Out of Resources (0xA700)."""
+
+
+def accepted_transfer_syntaxes() -> list[str]:
+    """Every transfer syntax pynetdicom knows whose pixels an installed decoder can read, uncompressed first."""
+    from pydicom.pixels.decoders.base import get_decoder
+    from pynetdicom import ALL_TRANSFER_SYNTAXES
+
+    syntaxes = []
+    for syntax in ALL_TRANSFER_SYNTAXES:
+        try:
+            if get_decoder(syntax).is_available:
+                syntaxes.append(syntax)
+        except NotImplementedError:
+            continue
+    return syntaxes
+
+
+def quiet_dicom_loggers() -> None:
+    """Hold pynetdicom at WARNING, pydicom and highdicom at ERROR: below that they print header values (whole
+    datasets, invalid values, the UIDs of the images a SEG copies from)."""
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.getLogger("highdicom").setLevel(logging.ERROR)
+
+
+@dataclass(frozen=True)
+class _Received:
+    uid: str
+    path: Path
+    received: float
+
+
+class Node:
+    """``cascade listen`` as a library object: :meth:`start`, then :meth:`stop` (which drains the queue)."""
+
+    def __init__(
+        self,
+        model: Cascade,
+        out: str | Path,
+        *,
+        ae_title: str = "CASCADE",
+        host: str = "127.0.0.1",
+        port: int = 11112,
+        forward: Destination | None = None,
+        accept_from: Sequence[str] = (),
+        batch_size: int = 8,
+        queue_size: int = 64,
+        retry_max: float = 60.0,
+    ) -> None:
+        if batch_size < 1 or queue_size < 1 or retry_max <= 0:
+            raise ConfigError("batch size and queue size must be at least 1, the retry limit positive")
+        self.model = model
+        self.out = Path(out)
+        self.ae_title, self.host, self.port = ae_title, host, port
+        self.forward = forward
+        self.accept_from = list(accept_from)
+        self.batch_size = batch_size
+        self.retry_max = retry_max
+        self._queue: queue.Queue[_Received] = queue.Queue(maxsize=queue_size)
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()
+        self._draining = threading.Event()
+        self._server = None
+        self._ae = None
+        self._worker: threading.Thread | None = None
+        self._forwarder: Forwarder | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the node listens (the port the system chose when ``port`` was 0)."""
+        if self._server is None:
+            raise RuntimeError("the node is not started")
+        return self._server.server_address[:2]
+
+    @property
+    def outbox_waiting(self) -> int:
+        """SEGs not yet stored at the destination."""
+        return self._forwarder.waiting if self._forwarder else 0
+
+    def start(self) -> None:
+        """Recover what a previous run left, start the worker (and forwarder), then listen."""
+        import highdicom  # noqa: F401  (imported now, not on the first positive: seconds of latency)
+        from pynetdicom import evt
+
+        ae = self._application_entity()
+        quiet_dicom_loggers()
+        self.findings = FindingsLog(self.out / "findings.csv")
+        self.incoming = Spool(self.out / "incoming")
+        self.outbox = Spool(self.out / "outbox")
+        self.seg_dir = self.out / "seg"
+        self.seg_dir.mkdir(parents=True, exist_ok=True)
+        leftovers = [
+            _Received(uid, self.incoming.path(uid), self.incoming.path(uid).stat().st_mtime)
+            for uid in self.incoming.uids()
+        ]
+        self._pending = {item.uid for item in leftovers}
+        waiting = [uid for uid in self.outbox.uids() if uid not in self._pending] if self.forward else []
+        if leftovers or waiting:
+            log.info("resuming: %d received image(s) to analyse first, %d SEG(s) to send", len(leftovers), len(waiting))
+        if self.forward is not None:
+            self._forwarder = Forwarder(self.outbox, self.forward, self.ae_title, self.retry_max)
+            self._forwarder.start(waiting)
+        self._worker = threading.Thread(target=self._work, args=(leftovers,), name="cascade-model", daemon=True)
+        self._worker.start()
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)]
+        try:
+            self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        except OSError as err:
+            self.stop()
+            raise ConfigError(f"cannot listen on {self.host}:{self.port} ({err.strerror or err})") from None
+        self._ae = ae
+
+    def _application_entity(self):  # noqa: ANN202 (a pynetdicom AE)
+        """The AE: the image storage classes in every transfer syntax a decoder reads, Verification, and the
+        calling AE titles allowed."""
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification
+
+        try:
+            ae = AE(ae_title=self.ae_title)
+            ae.require_calling_aet = self.accept_from
+        except ValueError as err:
+            raise ConfigError(f"AE title: {err}") from None
+        syntaxes = accepted_transfer_syntaxes()
+        for sop_class in IMAGE_STORAGE:
+            ae.add_supported_context(sop_class, syntaxes)
+        ae.add_supported_context(Verification)
+        return ae
+
+    def stop(self) -> None:
+        """Stop listening (associations in progress are aborted: what they had not been answered for is the
+        sender's to send again), analyse everything acknowledged, and stop the forwarder."""
+        if self._ae is not None:
+            self._ae.shutdown()
+        self._draining.set()
+        if self._worker is not None:
+            self._worker.join()
+        if self._forwarder is not None:
+            self._forwarder.stop()
+
+    # receiving (association threads)
+
+    def _on_store(self, event) -> int:  # noqa: ANN001 (a pynetdicom Event)
+        uid = str(event.request.AffectedSOPInstanceUID or "")
+        if not valid_uid(uid):
+            log.warning("refused an image whose SOP Instance UID is not a valid UID")
+            return CANNOT_UNDERSTAND
+        with self._lock:
+            if uid in self.findings or uid in self._pending:
+                log.info("%s received again; already analysed or waiting, not stored twice", uid_hash(uid))
+                return SUCCESS
+            self._pending.add(uid)
+        try:
+            path = self.incoming.put(uid, event.encoded_dataset())
+        except Exception as err:  # disk full, permissions: the sender keeps the image and may retry
+            self._forget(uid)
+            log.error("%s not stored (%s): answered Out of Resources", uid_hash(uid), type(err).__name__)
+            return OUT_OF_RESOURCES
+        try:
+            self._queue.put(_Received(uid, path, time.time()), timeout=QUEUE_WAIT)
+        except queue.Full:
+            self.incoming.remove(uid)
+            self._forget(uid)
+            log.warning("%s refused: the queue stayed full for %.0f s", uid_hash(uid), QUEUE_WAIT)
+            return OUT_OF_RESOURCES
+        return SUCCESS
+
+    def _on_rejected(self, event) -> None:  # noqa: ANN001
+        log.warning("refused an association from calling AE %r (not in --accept-from, or too many at once)",
+                    event.assoc.requestor.ae_title)
+
+    def _forget(self, uid: str) -> None:
+        with self._lock:
+            self._pending.discard(uid)
+
+    # analysing (the model worker)
+
+    def _work(self, leftovers: list[_Received]) -> None:
+        for start in range(0, len(leftovers), self.batch_size):
+            self._process(leftovers[start : start + self.batch_size])
+        while True:
+            try:
+                batch = [self._queue.get(timeout=0.2)]
+            except queue.Empty:
+                if self._draining.is_set():
+                    return
+                continue
+            while len(batch) < self.batch_size:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._process(batch)
+
+    def _process(self, batch: list[_Received]) -> None:
+        todo = []
+        for item in batch:
+            if item.uid in self.findings:  # its line was written just before a kill: done already
+                self.incoming.remove(item.uid)
+                self._forget(item.uid)
+            else:
+                todo.append(item)
+        try:
+            for item, pred in zip(todo, self._predict(todo)):
+                self._finish(item, pred)
+        except Exception as err:  # e.g. a full disk: the images stay in incoming/ for the next start
+            reason = f"{type(err).__name__}: {err.strerror}" if isinstance(err, OSError) else type(err).__name__
+            log.error("cannot record results (%s); the images not recorded stay in %s for the next start",
+                      reason, self.incoming.folder)
+
+    def _predict(self, items: list[_Received]) -> list[Prediction | str]:
+        """The predictions, in order; when the batch raises, each image alone (what still raises is a reason)."""
+        if not items:
+            return []
+        try:
+            return list(self.model.predict_many([i.path for i in items], batch_size=len(items), workers=0))
+        except Exception as err:
+            if len(items) == 1:
+                return [f"internal error while analysing ({type(err).__name__})"]
+            return [p for item in items for p in self._predict([item])]
+
+    def _finish(self, item: _Received, pred: Prediction | str) -> None:
+        """Write the SEG (and queue it for sending), then the finding, then forget the incoming file."""
+        from cascade.outputs.dicom_seg import segmentation_bytes
+
+        seg = error = ""
+        if isinstance(pred, str) or not pred.ok:
+            error = pred if isinstance(pred, str) else _reason(str(pred.error), pred.source, item.uid)
+        elif str(pred.header.get("SOPInstanceUID", "")) != item.uid:  # the SEG would reference another image
+            error = "the dataset's SOP Instance UID differs from the one its C-STORE request announced"
+        if error:
+            probability, positive, rle = math.nan, False, ""
+        else:
+            probability, positive, rle = pred.probability, pred.positive, pred.rle
+            if positive:
+                try:
+                    path = durable_write_bytes(self.seg_dir / f"{item.uid}.dcm", segmentation_bytes(pred))
+                except CascadeError as err:
+                    error = _reason(str(err), pred.source, item.uid)
+                else:
+                    seg = f"{self.seg_dir.name}/{path.name}"
+                    if self._forwarder is not None:
+                        self.outbox.link(item.uid, path)
+        finding = Finding(item.uid, probability, positive, rle, item.received, time.time(), seg, error)
+        self.findings.append(finding)
+        self.incoming.remove(item.uid)
+        self._forget(item.uid)
+        if seg and self._forwarder is not None:
+            self._forwarder.submit(item.uid)
+        decision = f"failed ({error})" if finding.failed else ("positive" if positive else "negative")
+        if error and not finding.failed:
+            decision += f", no SEG ({error})"
+        ms = (finding.finished - item.received) * 1000
+        log.info("%s %s %.0f ms", uid_hash(item.uid), decision, ms)
+
+
+def _reason(message: str, source: str, uid: str) -> str:
+    """An error message without the incoming file's path (which holds the UID): the reason alone."""
+    return message.removeprefix(f"{source}: ").replace(uid, uid_hash(uid))

@@ -1,0 +1,367 @@
+"""`cascade listen` with real components on loopback: pynetdicom's SCU, dcmtk's storescu/echoscu and Orthanc send
+the real SIIM sample DICOMs to the node, which must answer exactly what `Cascade.predict_many` answers, write a SEG
+for every positive, forward it into the source's study, and lose nothing and repeat nothing across faults.
+
+The tiny random model's classifier threshold is set between the 5th and 6th highest probabilities of the 11 samples,
+so some real images come out positive and some negative.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from cascade.errors import ConfigError
+from cascade.listen import COLUMNS, Destination, Node
+from cascade.pipeline import Cascade, Prediction
+from cascade.thresholds.rule import Thresholds
+from conftest import make_model_dir
+from listen_helpers import (
+    NodeProcess,
+    Orthanc,
+    copies,
+    findings,
+    free_port,
+    require,
+    store,
+    wait_findings,
+    wait_for,
+)
+
+
+@pytest.fixture(scope="module")
+def samples(shared_data: Path) -> list[Path]:
+    return sorted((shared_data / "siim" / "sample-images").glob("*.dcm"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, samples: list[Path]) -> Path:
+    root = tmp_path_factory.mktemp("listen-model")
+    opened = Cascade.from_pretrained(make_model_dir(root / "open"), device="cpu")
+    probs = sorted(p.probability for p in opened.predict_many(samples, workers=0))
+    gate = Thresholds(cls=(probs[5] + probs[6]) / 2, top=0.0, area=0.0, bottom=0.5, min_component=0.0)
+    return make_model_dir(root / "mixed", gate)
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir: Path, samples: list[Path]) -> dict[str, Prediction]:
+    """What the library answers for each sample (by SOP Instance UID = file stem): the node must agree."""
+    model = Cascade.from_pretrained(model_dir, device="cpu")
+    answers = {p.image_id: p for p in model.predict_many(samples, workers=0)}
+    positives = sum(p.positive for p in answers.values())
+    assert 3 <= positives <= len(samples) - 3, "the fixture needs positives and negatives"
+    return answers
+
+
+def start_node(model_dir: Path, out: Path, **options) -> Node:
+    node = Node(Cascade.from_pretrained(model_dir, device="cpu"), out, port=0, **options)
+    node.start()
+    return node
+
+
+def check_findings(out: Path, rows: list[dict[str, str]], expected: dict[str, Prediction]) -> None:
+    """Each row agrees with the library's answer; each positive has its SEG, in the source's study."""
+    ids = [r["ImageId"] for r in rows]
+    assert len(ids) == len(set(ids)), "an image has two findings"
+    for row in rows:
+        pred = expected[row["ImageId"]]
+        assert row["error"] == ""
+        assert math.isclose(float(row["probability"]), pred.probability, abs_tol=1e-6)
+        assert row["positive"] == str(int(pred.positive))
+        assert row["priority"] == ("HIGH" if pred.positive else "ROUTINE")
+        assert row["EncodedPixels"] == pred.rle
+        assert row["received"] <= row["finished"]
+        if pred.positive:
+            seg = pydicom.dcmread(out / row["seg"])
+            assert seg.Modality == "SEG" and seg.StudyInstanceUID == pred.header.StudyInstanceUID
+            ref = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+            assert ref.ReferencedSOPInstanceUID == row["ImageId"]
+        else:
+            assert row["seg"] == "" and not (out / "seg" / f"{row['ImageId']}.dcm").exists()
+
+
+def identifiers(paths: list[Path]) -> set[str]:
+    """Header values that must never reach a log: UIDs and patient identifiers of the images sent."""
+    values = set()
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        values |= {str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.PatientID)}
+        values |= {str(ds.get("PatientName", "")), str(ds.get("AccessionNumber", ""))} - {""}
+    return values
+
+
+def test_pynetdicom_scu_gets_the_library_answers_segs_and_clean_logs(
+    model_dir: Path, samples: list[Path], expected: dict[str, Prediction], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    node = start_node(model_dir, tmp_path)
+    try:
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.address[1], ae_title="CASCADE")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        assoc.release()
+        assert store(node.address[1], samples) == [0] * len(samples)
+        rows = wait_findings(tmp_path, len(samples))
+        check_findings(tmp_path, rows, expected)
+        assert {r["ImageId"] for r in rows} == set(expected)
+        wait_for(lambda: not list((tmp_path / "incoming").iterdir()), 10, "incoming/ to empty")
+        # a copy received again is acknowledged, never analysed or recorded twice
+        assert store(node.address[1], samples[:2]) == [0, 0]
+    finally:
+        node.stop()
+    assert len(findings(tmp_path)) == len(samples)
+    text = caplog.text
+    leaked = [v for v in identifiers(samples) if v in text]
+    assert not leaked, "a header value reached the log"
+    from cascade.listen import uid_hash
+
+    for uid, pred in expected.items():
+        assert f"{uid_hash(uid)} {'positive' if pred.positive else 'negative'} " in text
+
+
+def test_other_sop_classes_and_unknown_callers_are_refused(model_dir: Path, samples: list[Path],
+                                                           tmp_path: Path) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import BasicTextSRStorage, ComputedRadiographyImageStorage, EncapsulatedPDFStorage
+
+    node = start_node(model_dir, tmp_path, accept_from=["PACS"])
+    port = node.address[1]
+    try:
+        ae = AE(ae_title="STRANGER")
+        ae.add_requested_context(ComputedRadiographyImageStorage)
+        assert ae.associate("127.0.0.1", port, ae_title="CASCADE").is_rejected
+
+        ae = AE(ae_title="PACS")
+        for sop_class in (BasicTextSRStorage, EncapsulatedPDFStorage, ComputedRadiographyImageStorage):
+            ae.add_requested_context(sop_class)
+        assoc = ae.associate("127.0.0.1", port, ae_title="CASCADE")
+        assert assoc.is_established
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        rejected = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts}
+        assert accepted == {ComputedRadiographyImageStorage}
+        assert rejected == {BasicTextSRStorage, EncapsulatedPDFStorage}
+        report = pydicom.dcmread(samples[0], stop_before_pixels=True)
+        report.SOPClassUID = BasicTextSRStorage
+        with pytest.raises(ValueError, match="presentation context"):
+            assoc.send_c_store(report)
+        assoc.release()
+    finally:
+        node.stop()
+    assert findings(tmp_path) == []
+
+
+def corrupt_copies(sample: Path) -> list[pydicom.Dataset]:
+    """A JPEG payload that is not a JPEG, and native pixels shorter than the header says; new UIDs."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import generate_uid
+
+    garbage = pydicom.dcmread(sample)
+    garbage.PixelData = encapsulate([b"\xff\xd8\xff\xe0" + bytes(2000)])
+    short = pydicom.dcmread(sample)
+    short.decompress()
+    short.PixelData = short.PixelData[: len(short.PixelData) // 2]
+    for ds in (garbage, short):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return [garbage, short]
+
+
+def test_corrupt_pixels_give_a_failure_finding_and_the_node_goes_on(
+    model_dir: Path, samples: list[Path], expected: dict[str, Prediction], tmp_path: Path
+) -> None:
+    bad = corrupt_copies(samples[0])
+    from pydicom.uid import generate_uid
+
+    announced = str(generate_uid())  # a file whose dataset is another instance than the name it was stored under
+    (tmp_path / "incoming").mkdir()
+    (tmp_path / "incoming" / f"{announced}.dcm").write_bytes(samples[2].read_bytes())
+    node = start_node(model_dir, tmp_path)
+    try:
+        assert store(node.address[1], [*bad, samples[1]]) == [0, 0, 0]
+        rows = {r["ImageId"]: r for r in wait_findings(tmp_path, 4)}
+    finally:
+        node.stop()
+    assert "differs" in rows[announced]["error"] and rows[announced]["seg"] == rows[announced]["positive"] == ""
+    for ds in bad:
+        row = rows[str(ds.SOPInstanceUID)]
+        assert row["probability"] == row["positive"] == row["seg"] == ""
+        assert row["error"] and str(ds.SOPInstanceUID) not in row["error"]
+    assert "cannot decode" in rows[str(bad[0].SOPInstanceUID)]["error"]
+    assert "shorter than the header" in rows[str(bad[1].SOPInstanceUID)]["error"]
+    check_findings(tmp_path, [rows[samples[1].stem]], expected)
+    assert not list((tmp_path / "incoming").iterdir())
+
+
+def test_restart_after_a_kill_analyses_leftovers_once(
+    model_dir: Path, samples: list[Path], expected: dict[str, Prediction], tmp_path: Path
+) -> None:
+    """The states a kill can leave, made exactly: A received but not analysed; B analysed and recorded but still in
+    incoming/; C recorded by a line cut short. After a restart each has exactly one finding and B keeps its own."""
+    a, b, c = samples[:3]
+    node = start_node(model_dir, tmp_path)
+    try:
+        store(node.address[1], [b, c])
+        wait_findings(tmp_path, 2)
+    finally:
+        node.stop()
+    lines = (tmp_path / "findings.csv").read_text().splitlines(keepends=True)
+    line_b = next(line for line in lines if line.startswith(b.stem))
+    line_c = next(line for line in lines if line.startswith(c.stem))
+    (tmp_path / "findings.csv").write_text(lines[0] + line_b + line_c[:40])
+    for path in (a, b, c):
+        (tmp_path / "incoming" / path.name).write_bytes(path.read_bytes())
+
+    node = start_node(model_dir, tmp_path)
+    try:
+        rows = wait_findings(tmp_path, 3)
+        wait_for(lambda: not list((tmp_path / "incoming").iterdir()), 30, "incoming/ to empty")
+    finally:
+        node.stop()
+    rows = findings(tmp_path)
+    assert sorted(r["ImageId"] for r in rows) == sorted(p.stem for p in (a, b, c))
+    assert (tmp_path / "findings.csv").read_text().endswith("\n")
+    assert line_b in (tmp_path / "findings.csv").read_text()
+    check_findings(tmp_path, rows, expected)
+
+
+def test_a_foreign_findings_file_is_refused_untouched(model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "findings.csv").write_text("ImageId,EncodedPixels\nx,-1")
+    with pytest.raises(ConfigError, match="not a findings file"):
+        start_node(model_dir, tmp_path)
+    assert (tmp_path / "findings.csv").read_text() == "ImageId,EncodedPixels\nx,-1"
+    assert Destination.parse("ORTHANC@127.0.0.1:4242") == Destination("ORTHANC", "127.0.0.1", 4242)
+    for bad in ("ORTHANC@host", "@h:1", "A@h:0", "WAY-TOO-LONG-AE-TITLE@h:1"):
+        with pytest.raises(ConfigError):
+            Destination.parse(bad)
+    assert COLUMNS[:5] == ("ImageId", "probability", "positive", "priority", "EncodedPixels")
+
+
+def test_dcmtk_storescu_and_echoscu_against_the_cli(
+    model_dir: Path, samples: list[Path], expected: dict[str, Prediction], tmp_path: Path
+) -> None:
+    require("storescu")
+    out = tmp_path / "node"
+    node = NodeProcess(model_dir, out, tmp_path / "node.log", "--ae-title", "TRIAGE")
+    try:
+        echo = subprocess.run(["echoscu", "-aec", "TRIAGE", "127.0.0.1", str(node.port)],
+                              capture_output=True, text=True, timeout=30)
+        assert echo.returncode == 0, echo.stderr
+        sent = subprocess.run(["storescu", "-xy", "-aec", "TRIAGE", "127.0.0.1", str(node.port), "+sd",
+                               str(samples[0].parent)], capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0, sent.stderr
+        assert node.terminate() == 0  # at once, mid-queue: the node drains what it acknowledged, then exits
+    finally:
+        node.close()
+    rows = findings(out)
+    assert sorted(r["ImageId"] for r in rows) == sorted(expected)
+    check_findings(out, rows, expected)
+    log = (tmp_path / "node.log").read_text()
+    assert not [v for v in identifiers(samples) if v in log], "a header value reached the log"
+    assert "stopped; 11 finding(s)" in log
+
+
+@pytest.mark.slow
+def test_kill_then_restart_then_sigterm_mid_queue_give_one_finding_each(
+    model_dir: Path, samples: list[Path], expected: dict[str, Prediction], tmp_path: Path
+) -> None:
+    """A real SIGKILL right after storescu is answered (the queue still full), a restart, more images and SIGTERM
+    mid-queue: every image acknowledged has exactly one finding, its own (~45 s on two loaded cores)."""
+    require("storescu")
+    first, second = copies(samples, tmp_path / "first", 16), copies(samples, tmp_path / "second", 8)
+    out, log = tmp_path / "node", tmp_path / "node.log"
+
+    def push(folder: Path, port: int) -> None:
+        sent = subprocess.run(["storescu", "-xy", "-aec", "CASCADE", "127.0.0.1", str(port), "+sd", str(folder)],
+                              capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0, sent.stderr
+
+    node = NodeProcess(model_dir, out, log, "--batch-size", "4")
+    try:
+        push(tmp_path / "first", node.port)
+        node.kill()  # every image was acknowledged: each must survive the kill
+        node = NodeProcess(model_dir, out, log, "--batch-size", "4")
+        push(tmp_path / "second", node.port)
+        assert node.terminate() == 0  # SIGTERM drains what was acknowledged, leftovers of the kill included
+    finally:
+        node.close()
+    rows = findings(out)
+    made = first | second
+    assert sorted(r["ImageId"] for r in rows) == sorted(made)
+    for row in rows:  # each copy got its own source's answer: nothing mixed up across the kill
+        assert math.isclose(float(row["probability"]), expected[made[row["ImageId"]].stem].probability, abs_tol=1e-6)
+    assert not list((out / "incoming").iterdir())
+
+
+def test_orthanc_routes_to_the_node_and_receives_each_seg_in_its_study_despite_outages(
+    model_dir: Path, samples: list[Path], expected: dict[str, Prediction], tmp_path: Path
+) -> None:
+    """The README's Orthanc configuration, for real: storescu → Orthanc → (Lua route) → node → SEG → Orthanc.
+    Then Orthanc goes down twice: SEGs made meanwhile wait in the outbox and reach it once it is back, first with
+    the node running (back-off), then across a node restart."""
+    require("storescu")
+    positives = [p for p in samples if expected[p.stem].positive]
+    negatives = [p for p in samples if not expected[p.stem].positive]
+    routed, while_down = positives[:1] + negatives[:2], positives[1:2] + negatives[2:3]
+    across_restart = positives[2:] + negatives[3:]
+    out, node_port = tmp_path / "node", free_port()
+    orthanc = Orthanc(tmp_path, node_port)
+    forward = Destination("ORTHANC", "127.0.0.1", orthanc.dicom_port)
+
+    def start() -> Node:
+        node = Node(Cascade.from_pretrained(model_dir, device="cpu"), out, port=node_port, forward=forward,
+                    accept_from=["ORTHANC", "SCU"], retry_max=1.0)
+        node.start()
+        return node
+
+    node = start()
+    try:
+        orthanc.start()
+        folder = tmp_path / "routed"
+        folder.mkdir()
+        for path in routed:
+            (folder / path.name).write_bytes(path.read_bytes())
+        sent = subprocess.run(["storescu", "-xy", "-aet", "STORESCU", "-aec", "ORTHANC", "127.0.0.1",
+                               str(orthanc.dicom_port), "+sd", str(folder)], capture_output=True, text=True,
+                              timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        wait_findings(out, len(routed))
+        segs = wait_for(lambda: s if len(s := orthanc.segs_by_source()) == 1 else None, 60, "the SEG in Orthanc")
+        images = {t["SOPInstanceUID"]: t for t in orthanc.instances() if t.get("Modality") != "SEG"}
+        assert set(images) == {p.stem for p in routed}
+        assert set(segs) == {positives[0].stem}
+        assert segs[positives[0].stem]["_study"] == images[positives[0].stem]["_study"]  # filed in its study
+
+        orthanc.stop()
+        store(node.address[1], while_down)
+        wait_findings(out, len(routed) + len(while_down))
+        assert (out / "outbox" / positives[1].name).exists()
+        orthanc.start()
+        wait_for(lambda: not (out / "outbox" / positives[1].name).exists(), 30, "the outbox to be sent")
+
+        orthanc.stop()
+        store(node.address[1], across_restart)
+        wait_findings(out, len(samples))
+        node.stop()
+        assert sorted(p.name for p in (out / "outbox").iterdir()) == sorted(p.name for p in positives[2:])
+        orthanc.start()
+        node = start()
+        wait_for(lambda: not list((out / "outbox").iterdir()), 30, "the outbox to be sent after the restart")
+        segs = orthanc.segs_by_source()
+    finally:
+        if node is not None:
+            node.stop()
+        orthanc.stop()
+    assert set(segs) == {p.stem for p in positives}
+    for path in positives:
+        assert segs[path.stem]["StudyInstanceUID"] == expected[path.stem].header.StudyInstanceUID
+    check_findings(out, findings(out), expected)
+
