@@ -12,22 +12,14 @@ if TYPE_CHECKING:
     from cascade.tuning import TuneOutcome
 
 DESCRIPTION = """\
-Predict the validation fold shared by a classifier run and a segmenter run (both written by 'cascade train' with
-the same --images, --labels, --folds, --fold and --seed; runs on different folds are refused), search the gate and
-mask thresholds that maximise mean per-image Dice (the challenge metric, scored at each image's native size), and
-write MODEL_DIR: cascade.json (thresholds, preprocessing, validation metrics, versions, sha256 of the weights),
-classifier/ and segmenter/ (copied from each run's best/) and report/ (tune.json, validation.json,
-operating_points.csv and PNG plots). The images and labels are found where the runs recorded them (data.json)
-unless --images / --labels say otherwise.
+Predict the validation fold shared by a classifier run and a segmenter run (trained with the same --images,
+--labels, --folds, --fold and --seed), search the thresholds that maximise mean per-image Dice (the challenge
+metric, at each image's native size), and write MODEL_DIR: cascade.json, MODEL_CARD.md, the stage folders and
+report/ (tune.json, frontier and operating-point tables, PNG plots). Images and labels default to where the runs
+recorded them. Several runs per --cls/--seg (one per fold) make an out-of-fold tuned fold ensemble
+(docs/fold-ensembles.md). Warnings name a validation fold too small to trust, a classifier near chance and a best
+point on the edge of a searched range (--grid widens it)."""
 
-Fold ensemble: give several runs to --cls and --seg (e.g. folds 0..K-1 of one split, trained with the same
---images, --labels, --folds and --seed). Runs are paired by fold: each fold needs exactly one classifier and one
-segmenter run; a subset of the split's folds is allowed (each fold at most once), and the thresholds are then tuned
-on those folds' images only. Each fold's validation images are predicted by that fold's two models only
-(out-of-fold: no model sees an image it trained on), all folds feed one threshold search, and MODEL_DIR holds every
-run as a member of its stage (classifier/, classifier-1/, ...), averaged at prediction. Caveat: the averaged
-ensemble is a little sharper and better calibrated than the single fold models whose out-of-fold probabilities the
-thresholds were tuned on, so the recorded score is the single models' out-of-fold score, not the ensemble's."""
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
