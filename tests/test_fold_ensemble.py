@@ -191,12 +191,13 @@ def test_unpaired_duplicate_or_mismatched_runs_are_refused(runs: Path, tmp_path:
     assert not out.exists()
 
 
-def test_help_explains_fold_pairing_and_the_calibration_caveat(capsys) -> None:
+def test_help_points_to_the_doc_that_explains_fold_pairing_and_the_calibration_caveat(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["tune", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "a subset of the split's folds is allowed (each fold at most once)" in text
-    assert "better calibrated than the single fold models" in text
+    assert "out-of-fold tuned fold ensemble (docs/fold-ensembles.md)" in text
+    doc = " ".join((Path(__file__).resolve().parents[1] / "docs" / "fold-ensembles.md").read_text().split())
+    assert "A subset of the split's folds is allowed" in doc and "better calibrated" in doc
 
 
 def test_the_documented_commands_parse() -> None:
