@@ -210,4 +210,7 @@ def test_the_documented_commands_parse() -> None:
     commands = [line.replace("$K", "5").replace("$fold", "0") for line in lines if line.startswith("cascade ")]
     assert [shlex.split(c)[1] for c in commands] == ["train", "train", "tune", "predict"]
     parsed = [build_parser().parse_args(shlex.split(c)[1:]) for c in commands]
+    from cascade.stages.config import find_config
+
+    assert all(find_config(p.config).is_file() for p in parsed[:2])  # the shipped names resolve
     assert (parsed[2].cls, parsed[2].seg) == (["runs/cls-f*"], ["runs/seg-f*"])

@@ -36,6 +36,10 @@ def test_readme_command_parses(command: str) -> None:
     parser = build_parser()
     argv = shlex.split(command)
     try:
-        parser.parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exit_:
         pytest.fail(f"README command does not parse (exit {exit_.code}): cascade {command}")
+    if getattr(args, "config", None):  # a shipped name must resolve to a shipped file
+        from cascade.stages.config import find_config
+
+        assert find_config(args.config).is_file()

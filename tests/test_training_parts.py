@@ -212,3 +212,32 @@ def test_init_from_an_untrained_segmenter_warns_loudly(tmp_path: Path) -> None:
     assert untrained_warning({"metrics": {}}, tmp_path) is None  # a stage folder without metrics: nothing to judge
     message = untrained_warning({"metrics": {"val_dice_pos": 0.004}}, tmp_path)
     assert message is not None and "0.004" in message and str(tmp_path) in message
+
+
+def test_combo_loss_is_the_weighted_sum_of_hand_computed_terms() -> None:
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 1, 6, 6), (torch.rand(2, 1, 6, 6) > 0.6).float()
+    p = torch.sigmoid(logits)
+    bce = -(target * torch.log(p) + (1 - target) * torch.log(1 - p))
+    dice = 1 - ((2 * (p * target).flatten(1).sum(1) + 1) / (p.flatten(1).sum(1) + target.flatten(1).sum(1) + 1)).mean()
+    p_t = torch.where(target > 0, p, 1 - p)
+    focal = ((1 - p_t) ** 3.0 * bce).mean()
+    expected = 0.7 * bce.mean() + 1.3 * dice + 2.5 * focal
+    got = ComboLoss(bce=0.7, dice=1.3, focal=2.5, focal_gamma=3.0)(logits, target)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)  # a loss ignoring a weight or a term fails
+    assert ComboLoss(bce=0.0, dice=1.0)(logits, target).item() == pytest.approx(dice.item(), rel=1e-5)
+
+
+def test_resolve_amp_follows_the_mode_and_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cascade.errors import ConfigError
+    from cascade.stages import training
+
+    cpu = torch.device("cpu")
+    assert training.resolve_amp("none", cpu) is None
+    assert training.resolve_amp("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        training.resolve_amp("fp16", cpu)
+    monkeypatch.setattr(training, "cpu_supports_bf16", lambda: True)
+    assert training.resolve_amp("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(training, "cpu_supports_bf16", lambda: False)
+    assert training.resolve_amp("auto", cpu) is None  # bf16 emulated in software is slower than fp32
