@@ -244,7 +244,7 @@ def test_on_realistic_data_the_initialised_classifier_beats_one_from_scratch(tmp
         config = cfg.resolve("cls", CONFIGS / "tiny-cls-from-seg.yaml", {**common, "network": network})
         training.train(config, images, labels, tmp_path / name, progress=False)
         auc[name] = max(float(r["val_auc"]) for r in _metrics(tmp_path / name))
-    assert auc["scratch"] < 0.6 < auc["init"], auc
+    assert auc["init"] >= auc["scratch"] + 0.1, auc  # the margin the segmenter's encoder buys, whatever scratch does
 
 
 def test_a_run_saved_before_these_keys_existed_still_resumes(tmp_path: Path) -> None:
