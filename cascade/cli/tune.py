@@ -53,6 +53,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="B", help="images per batch (default 16)")
     p.add_argument("--device", default="auto", metavar="D", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--workers", type=non_negative_int, metavar="N", help="decoding processes (default: half the CPUs)")
+    p.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+        help="network precision while tuning, recorded in cascade.json (default auto: bf16 on CUDA and on CPUs "
+        "with native bf16, else fp32); predict at another precision warns",
+    )
     p.add_argument("--images", metavar="DIR", help="images folder (default: the one the runs were trained on)")
     p.add_argument("--labels", metavar="CSV", help="label CSV (default: the one the runs were trained on)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -79,7 +84,7 @@ def summary_lines(outcome: TuneOutcome) -> list[str]:
     return [
         f"{where}: {v['images']} images, {v['positives']} positive"
         + (f", {v['unreadable_images']} unreadable (left out)" if v["unreadable_images"] else "")
-        + f"; scored at native resolution{', flip TTA' if v['tta'] else ''}",
+        + f"; scored at native resolution{', flip TTA' if v['tta'] else ''}, networks at {v['precision']}",
         f"thresholds{mode}: cls {th.cls:g}, top {th.top:g}, area {th.area:g} px, bottom {th.bottom:g}, "
         f"min_component {th.min_component:g} px (areas at 1024²)",
         f"mean Dice {format_number(v['mean_dice'])} (all-empty baseline {format_number(v['baseline_empty'])}), "
@@ -98,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     outcome = tune_runs(
         args.cls, args.seg, args.out,
         min_sensitivity=args.min_sensitivity, tta=args.tta, batch_size=args.batch_size, workers=args.workers,
-        device=args.device, images=args.images, labels=args.labels, progress=not args.quiet,
+        device=args.device, precision=args.precision, images=args.images, labels=args.labels, progress=not args.quiet,
     )
     for line in outcome.failed:
         print(f"cascade tune: warning: left out of the search: {line}", file=sys.stderr)
