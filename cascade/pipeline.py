@@ -273,7 +273,7 @@ class _Engine:
         device: str | torch.device = "auto",
         *,
         precision: str = "auto",
-        backend: str = "torch",
+        backend: str = "auto",
         compile: bool = False,
         cache_dir: Source | None = None,
     ) -> None:
@@ -393,16 +393,20 @@ def predict_probabilities(
     tta: bool = False,
     device: str | torch.device = "auto",
     precision: str = "auto",
+    backend: str = "auto",
+    compile: bool = False,
+    cache_dir: Source | None = None,
 ) -> Iterator[ImageProbabilities]:
     """Classifier and segmenter probabilities of every image, in order, before any threshold.
 
     The members are stage folders or ``(model, config)`` pairs (several per stage are averaged). The segmenter
     runs on every image, so ``seg_prob`` is the map at the segmenter's input size for each readable image. This is
-    the exact computation ``Cascade.predict_many`` makes (torch backend, at ``precision``), so thresholds tuned on
-    it mean the same at inference.
+    the exact computation ``Cascade.predict_many`` makes (with the same ``precision`` and ``backend`` choices), so
+    thresholds tuned on it mean the same at inference.
     """
     engine = _Engine(
-        [_load_member(m) for m in classifiers], [_load_member(m) for m in segmenters], device, precision=precision
+        [_load_member(m) for m in classifiers], [_load_member(m) for m in segmenters], device,
+        precision=precision, backend=backend, compile=compile, cache_dir=cache_dir,
     )
     yield from engine.probabilities(engine.batches(sources, batch_size, workers), batch_size, None, tta)
 

@@ -314,6 +314,9 @@ def tune_runs(
     workers: int | None = None,
     device: str = "auto",
     precision: str = "auto",
+    backend: str = "auto",
+    compile: bool = False,
+    cache_dir: PathArg | None = None,
     images: PathArg | None = None,
     labels: PathArg | None = None,
     grid: Grid | None = None,
@@ -327,7 +330,9 @@ def tune_runs(
     the runs recorded in ``data.json``. Every input is checked before the (long) prediction starts; a failure
     leaves ``out`` untouched. Unreadable validation images are left out and listed in ``TuneOutcome.failed`` (and
     in the report); if none is readable, the search raises. The networks run at ``precision`` (``auto``: bf16
-    where the hardware computes it natively), which MODEL_DIR records: inference at another precision warns.
+    where the hardware computes it natively), which MODEL_DIR records: inference at another precision warns; and on
+    ``backend`` (``auto`` is what ``cascade predict`` picks by default too, so thresholds are tuned on the
+    probabilities they will be applied to).
     """
     start = time.perf_counter()
     if min_sensitivity is not None and not 0.0 <= min_sensitivity <= 1.0:
@@ -356,7 +361,7 @@ def tune_runs(
         before = len(search)
         predictions = predict_probabilities(
             [cls.best], [seg.best], paths, batch_size=batch_size, workers=workers, tta=tta, device=device,
-            precision=precision,
+            precision=precision, backend=backend, compile=compile, cache_dir=cache_dir,
         )
         for image_id, cls_prob, seg_map, mask in _stream(predictions, truth, failed, bar):
             search.add(cls_prob, seg_map, mask)

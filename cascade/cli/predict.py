@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cascade.cli.argtypes import add_speed_arguments
+
 if TYPE_CHECKING:
     from cascade.pipeline import Prediction
 
@@ -45,24 +47,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlays", metavar="DIR", help="also write a PNG per positive image: mask outline + probability")
     add_speed_arguments(p)
     p.set_defaults(func=run)
-
-
-def add_speed_arguments(p: argparse.ArgumentParser) -> None:
-    """--precision, --backend, --compile and --cache-dir: how the networks run (shared with commands that predict)."""
-    p.add_argument(
-        "--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-        help="network precision (default auto: bf16 on CUDA and on CPUs with native bf16, else fp32); a precision "
-        "other than the one the thresholds were tuned at warns",
-    )
-    p.add_argument(
-        "--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
-        help="engine (default auto: ONNX Runtime for fp32 on the CPU when installed, else PyTorch)",
-    )
-    p.add_argument("--compile", action="store_true", help="torch backend: run the networks through torch.compile")
-    p.add_argument(
-        "--cache-dir", metavar="DIR",
-        help="where ONNX graphs are exported on first use (default $CASCADE_ENGINE_CACHE or ~/.cache/cascade/engines)",
-    )
 
 
 def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:

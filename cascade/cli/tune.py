@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from cascade.cli.argtypes import non_negative_int, positive_int, probability
+from cascade.cli.argtypes import add_speed_arguments, non_negative_int, positive_int, probability
 
 if TYPE_CHECKING:
     from cascade.tuning import TuneOutcome
@@ -53,11 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="B", help="images per batch (default 16)")
     p.add_argument("--device", default="auto", metavar="D", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--workers", type=non_negative_int, metavar="N", help="decoding processes (default: half the CPUs)")
-    p.add_argument(
-        "--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-        help="network precision while tuning, recorded in cascade.json (default auto: bf16 on CUDA and on CPUs "
-        "with native bf16, else fp32); predict at another precision warns",
-    )
+    add_speed_arguments(p)
     p.add_argument("--images", metavar="DIR", help="images folder (default: the one the runs were trained on)")
     p.add_argument("--labels", metavar="CSV", help="label CSV (default: the one the runs were trained on)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -103,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     outcome = tune_runs(
         args.cls, args.seg, args.out,
         min_sensitivity=args.min_sensitivity, tta=args.tta, batch_size=args.batch_size, workers=args.workers,
-        device=args.device, precision=args.precision, images=args.images, labels=args.labels, progress=not args.quiet,
+        device=args.device, precision=args.precision, backend=args.backend, compile=args.compile,
+        cache_dir=args.cache_dir, images=args.images, labels=args.labels, progress=not args.quiet,
     )
     for line in outcome.failed:
         print(f"cascade tune: warning: left out of the search: {line}", file=sys.stderr)
