@@ -205,7 +205,7 @@ def main() -> int:
         if ("seg", *first) in runs and ("cls", *first) in runs:
             outcome = tune_runs(runs["cls", *first], runs["seg", *first], out / "model", device=plan.device,
                                 progress=False)
-            print(f"  tune: mean Dice {outcome.result.score:.4f} on {len(outcome.searched)} validation images "
+            print(f"  tune: mean Dice {outcome.result.score:.4f} on {len(outcome.image_ids)} validation images "
                   f"({outcome.seconds:.0f} s, networks at {outcome.metrics['validation']['precision']})")
             print("3. parity")
             if not predict_check(plan, outcome.model_dir, paths):

@@ -189,6 +189,8 @@ def _ort_session(model: nn.Module, config: dict[str, Any], prep: Preprocessing, 
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # no busy-waiting between runs: the decoding workers of predict_many (and torch, in one process) need the cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     path = cached_graph(model, config, prep, cache_dir)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
