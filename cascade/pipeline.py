@@ -18,8 +18,10 @@ Each stage runs at a ``precision`` (:mod:`cascade.precision`: ``auto`` = bf16 wh
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ from torch.utils.data import Dataset as TorchDataset
 from cascade.data.dicom import read_dicom
 from cascade.data.preprocess import Preprocessing, normalize, prepare_image
 from cascade.data.rle import EMPTY, rle_encode
-from cascade.errors import CascadeError, ConfigError
+from cascade.errors import CascadeError, CascadeWarning, ConfigError, ModelError
 from cascade.modeldir import Member, read_model_dir, write_model_dir
 from cascade.precision import autocast, check_tuned, resolve_precision
 from cascade.stages.checkpoint import load_stage
@@ -195,14 +197,16 @@ def _ort_session(model: nn.Module, config: dict[str, Any], prep: Preprocessing, 
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def choose_backend(backend: str, device: torch.device, precision: str) -> str:
+def choose_backend(backend: str, device: torch.device, precision: str, compile: bool = False) -> str:
     """The backend that runs: ``torch`` or ``onnxruntime``; ``auto`` decides from measurements, as follows.
 
     The rule is data: ``benchmarks/latency.py`` times eager fp32, eager bf16, ``torch.compile`` and ONNX Runtime
     on the same networks in one run and prints which is fastest while exact enough; change ``AUTO_ONNXRUNTIME``
     when it says otherwise on the hardware you care about. ONNX Runtime runs fp32 on the CPU only (its CPU
     provider has no bf16 convolutions), so it is a candidate only for a CPU at fp32 — which ``auto`` precision
-    means on a CPU without native bf16 — and only when onnxruntime is installed.
+    means on a CPU without native bf16 — and only when onnx and onnxruntime are installed; asking for
+    ``compile`` means torch. If the export of a network fails (an architecture the exporter cannot trace, or a
+    parity check), ``auto`` falls back to torch with a warning.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
@@ -213,13 +217,9 @@ def choose_backend(backend: str, device: torch.device, precision: str) -> str:
         )
     if backend != "auto":
         return backend
-    if device.type == "cpu" and precision == "fp32" and AUTO_ONNXRUNTIME:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "onnxruntime"
-    return "torch"
+    wanted = device.type == "cpu" and precision == "fp32" and not compile and AUTO_ONNXRUNTIME
+    installed = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+    return "onnxruntime" if wanted and installed else "torch"
 
 
 AUTO_ONNXRUNTIME = True
@@ -283,12 +283,25 @@ class _Engine:
             raise ConfigError("a cascade needs at least one classifier and one segmenter")
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.backend = choose_backend(backend, self.device, self.precision)
+        self.backend = choose_backend(backend, self.device, self.precision, compile)
         if compile and self.backend != "torch":
             raise ConfigError("torch.compile applies to the torch backend only (use --backend torch)")
-        options = dict(precision=self.precision, backend=self.backend, compile=compile, cache_dir=cache_dir)
-        self.classifier = _Stage(classifiers, _preprocessing(classifiers, "classifier"), self.device, **options)
-        self.segmenter = _Stage(segmenters, _preprocessing(segmenters, "segmenter"), self.device, **options)
+        preps = (_preprocessing(classifiers, "classifier"), _preprocessing(segmenters, "segmenter"))
+
+        def stages(chosen: str) -> tuple[_Stage, _Stage]:
+            options = dict(precision=self.precision, backend=chosen, compile=compile, cache_dir=cache_dir)
+            return (_Stage(classifiers, preps[0], self.device, **options),
+                    _Stage(segmenters, preps[1], self.device, **options))
+
+        try:
+            self.classifier, self.segmenter = stages(self.backend)
+        except ModelError as err:
+            if backend != "auto":
+                raise
+            warnings.warn(f"backend onnxruntime unavailable for this model ({err}); running on torch",
+                          CascadeWarning, stacklevel=3)
+            self.backend = "torch"
+            self.classifier, self.segmenter = stages(self.backend)
         self.sizes = (self.classifier.prep.size, self.segmenter.prep.size)
 
     def batches(self, sources: Sequence[Source], batch_size: int, workers: int | None) -> Iterator[list[_Decoded]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cascade.errors import ConfigError
+from cascade.errors import CascadeWarning, ConfigError
 from cascade.modeldir import TUNED_PRECISIONS
 
 PRECISIONS = ("auto", *TUNED_PRECISIONS)
@@ -24,7 +24,7 @@ PRECISIONS = ("auto", *TUNED_PRECISIONS)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class PrecisionWarning(UserWarning):
+class PrecisionWarning(CascadeWarning):
     """Inference runs at another precision than the thresholds were tuned at."""
 
 

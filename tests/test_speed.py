@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from cascade.cli.main import main
 from cascade.data.synth import generate
 from cascade.errors import ConfigError, ModelError
 from cascade.modeldir import MANIFEST, read_model_dir
@@ -74,6 +75,19 @@ def test_other_precision_than_tuned_warns_once_and_save_keeps_the_tuned_one(mode
     assert read_model_dir(copy).precision == "fp32", "the thresholds are still the ones tuned at fp32"
 
 
+def test_predict_cli_warns_once_for_another_precision_and_still_writes(
+    model_dir: Path, paths: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sub.csv"
+    status = main(["predict", str(model_dir), *map(str, paths), "--out", str(out), "--device", "cpu",
+                   "--workers", "0", "--precision", "bf16"])
+    captured = capsys.readouterr()
+    assert status == 0 and out.is_file()
+    assert captured.err.count("cascade predict: warning:") == 1
+    assert "thresholds were tuned at fp32 but inference runs at bf16" in captured.err
+    assert "bf16 on torch" in captured.out
+
+
 def test_bf16_runs_in_bf16_and_stays_close_to_fp32(model_dir: Path, paths: list[Path]) -> None:
     runs = {}
     for precision in ("fp32", "bf16"):
@@ -125,3 +139,12 @@ def test_auto_backend_follows_the_rule(model_dir: Path) -> None:
     assert model.backend == ("onnxruntime" if AUTO_ONNXRUNTIME else "torch")
     with pytest.warns(PrecisionWarning):
         assert Cascade.from_pretrained(model_dir, device="cpu", precision="bf16").backend == "torch"
+    assert Cascade.from_pretrained(model_dir, device="cpu", precision="fp32", compile=True).backend == "torch"
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_eager_answers(model_dir: Path, paths: list[Path]) -> None:
+    eager = Cascade.from_pretrained(model_dir, device="cpu", backend="torch")
+    compiled = Cascade.from_pretrained(model_dir, device="cpu", backend="torch", compile=True)
+    for a, b in zip(eager.predict_many(paths, workers=0), compiled.predict_many(paths, workers=0)):
+        assert a.probability == pytest.approx(b.probability, abs=1e-4) and a.positive == b.positive

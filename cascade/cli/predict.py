@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from cascade.data.labels import write_labels
-    from cascade.errors import ConfigError
+    from cascade.errors import CascadeWarning, ConfigError
     from cascade.pipeline import Cascade
     from cascade.sharding import current_shard, gather_in_order, process_group
 
@@ -79,12 +80,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
     shard = current_shard()
     with process_group(shard):
-        model = Cascade.from_pretrained(
-            args.model_dir, device=shard.device(args.device), tta=args.tta, precision=args.precision,
-            backend=args.backend, compile=args.compile, cache_dir=args.cache_dir,
-        )
-        paths, warnings = collect_inputs(args.inputs)
-        for warning in warnings if shard.main else ():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CascadeWarning)
+            model = Cascade.from_pretrained(
+                args.model_dir, device=shard.device(args.device), tta=args.tta, precision=args.precision,
+                backend=args.backend, compile=args.compile, cache_dir=args.cache_dir,
+            )
+        paths, duplicates = collect_inputs(args.inputs)
+        for w in caught if shard.main else ():  # ours as warning lines, other libraries' as Python shows them
+            if issubclass(w.category, CascadeWarning):
+                print(f"cascade predict: warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        for warning in duplicates if shard.main else ():
             print(f"cascade predict: warning: {warning}", file=sys.stderr)
         if not paths:
             raise ConfigError(f"no DICOM files (*.dcm) found in {', '.join(args.inputs)}")
