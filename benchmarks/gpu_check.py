@@ -33,7 +33,6 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -123,7 +122,8 @@ def predict_check(plan: Plan, model_dir: Path, paths: list[Path]) -> bool:
     reset_peak()
     auto = Cascade.from_pretrained(model_dir, device=plan.device)
     start = time.perf_counter()
-    preds = list(auto.predict_many(paths, batch_size=plan.batch_size, workers=0))
+    for _ in auto.predict_many(paths, batch_size=plan.batch_size, workers=0):
+        pass
     rate = len(paths) / (time.perf_counter() - start)
     print(f"  predict ({auto.precision} on {auto.backend}, {plan.device}): {rate:.1f} img/s, peak {peak_memory()}")
     reference = list(Cascade.from_pretrained(model_dir, device="cpu", precision="fp32", backend="torch")
@@ -200,11 +200,10 @@ def main() -> int:
                     except Exception as err:  # report every failing variant, then go on with the others
                         failures.append(f"train {stage} {size} {variant}: {type(err).__name__}: {err}")
                         traceback.print_exc()
-        first = (plan.sizes[0], "bf16 channels_last")
+        cls_run, seg_run = (runs.get((stage, plan.sizes[0], "bf16 channels_last")) for stage in ("cls", "seg"))
         print("2. tune and predict", flush=True)
-        if ("seg", *first) in runs and ("cls", *first) in runs:
-            outcome = tune_runs(runs["cls", *first], runs["seg", *first], out / "model", device=plan.device,
-                                progress=False)
+        if cls_run and seg_run:
+            outcome = tune_runs(cls_run, seg_run, out / "model", device=plan.device, progress=False)
             print(f"  tune: mean Dice {outcome.result.score:.4f} on {len(outcome.image_ids)} validation images "
                   f"({outcome.seconds:.0f} s, networks at {outcome.metrics['validation']['precision']})")
             print("3. parity")

@@ -90,7 +90,7 @@ def latency_table(engines: dict[str, Cascade], images: list[Path], repeats: int)
     for name, model in engines.items():
         model.thresholds = Thresholds(cls=cls, top=0.5, area=0, bottom=0.5, min_component=0)
         for label, path in (("gated out", negative), ("segmented", positive)):
-            times = timed(lambda: model.predict(path), repeats)
+            times = timed(lambda m=model, p=path: m.predict(p), repeats)
             median = statistics.median(times)
             baseline.setdefault(label, median)
             print(f"  {name:12s} {label:9s} {ms(times)}  {baseline[label] / median:5.2f}x fp32 eager")
@@ -136,10 +136,10 @@ def decoding(model: Cascade, files: list[Path], repeats: int) -> None:
     size = model._engine.classifier.prep.size
     print(f"\n4. decoding + preprocessing ({model.precision} on {model.backend}):")
     for path in files:
-        decode = timed(lambda: read_dicom(path), repeats)
+        decode = timed(lambda p=path: read_dicom(p), repeats)
         pixels = read_dicom(path).pixels
-        prep = timed(lambda: prepare_image(pixels, size), repeats)
-        total = timed(lambda: model.predict(path), repeats)
+        prep = timed(lambda x=pixels: prepare_image(x, size), repeats)
+        total = timed(lambda p=path: model.predict(p), repeats)
         d, p, t = (statistics.median(v) for v in (decode, prep, total))
         print(f"  {path.name[:48]:48s} {pixels.shape[1]}x{pixels.shape[0]}: decode {d * 1000:6.1f} ms, resize to "
               f"{size}² {p * 1000:5.1f} ms = {(d + p) / t:.0%} of predict ({t * 1000:.0f} ms)")

@@ -289,7 +289,7 @@ class _Engine:
         preps = (_preprocessing(classifiers, "classifier"), _preprocessing(segmenters, "segmenter"))
 
         def stages(chosen: str) -> tuple[_Stage, _Stage]:
-            options = dict(precision=self.precision, backend=chosen, compile=compile, cache_dir=cache_dir)
+            options = {"precision": self.precision, "backend": chosen, "compile": compile, "cache_dir": cache_dir}
             return (_Stage(classifiers, preps[0], self.device, **options),
                     _Stage(segmenters, preps[1], self.device, **options))
 

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_model_dir
 
 from cascade.data.synth import generate
 from cascade.sharding import Shard, gather_in_order
-from conftest import make_model_dir
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import OPEN, make_model_dir
 
 from cascade.cli.main import main
 from cascade.data.synth import generate
@@ -18,7 +19,6 @@ from cascade.errors import ConfigError, ModelError
 from cascade.modeldir import MANIFEST, read_model_dir
 from cascade.pipeline import AUTO_ONNXRUNTIME, Cascade, predict_probabilities
 from cascade.precision import PrecisionWarning, cpu_supports_bf16, resolve_precision
-from conftest import OPEN, make_model_dir
 
 CPU = torch.device("cpu")
 
