@@ -121,7 +121,7 @@ def engine_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 def member_digest(model: nn.Module, config: dict) -> str:
     """sha256 of what defines a graph: the member's config, every weight (name, dtype, shape, bytes), opset, torch."""
-    digest = hashlib.sha256(json.dumps([config, OPSET, torch.__version__], sort_keys=True).encode("utf-8"))
+    digest = hashlib.sha256(json.dumps([config, OPSET, torch.__version__], sort_keys=True, default=str).encode("utf-8"))
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())

@@ -430,7 +430,12 @@ def predict_probabilities(
 
 
 class Cascade:
-    """A classifier-gated segmenter with its thresholds: load with :meth:`from_pretrained`, then :meth:`predict`."""
+    """A classifier-gated segmenter with its thresholds: load with :meth:`from_pretrained`, then :meth:`predict`.
+
+    ``precision`` / ``backend`` / ``compile`` / ``cache_dir`` choose how the networks run (see
+    :meth:`from_pretrained`); ``tuned_precision`` is the precision the thresholds were tuned at, checked against
+    the one that runs (None: unknown, not checked).
+    """
 
     def __init__(
         self,

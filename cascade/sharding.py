@@ -41,10 +41,11 @@ class Shard:
         return list(items[self.rank :: self.world])
 
     def device(self, device: str) -> str:
-        """``auto`` → ``cuda:LOCAL_RANK`` when CUDA is present under torchrun; anything else is kept as given."""
+        """``auto`` or ``cuda`` → ``cuda:LOCAL_RANK`` when CUDA is present under torchrun (one GPU per process);
+        anything else (``cpu``, ``cuda:N``) is kept as given."""
         import torch
 
-        if self.world > 1 and device == "auto" and torch.cuda.is_available():
+        if self.world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
             return f"cuda:{self.local_rank % torch.cuda.device_count()}"
         return device
 
