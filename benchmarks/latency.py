@@ -1,40 +1,39 @@
-"""Inference speed: the gate against segmenting everything, per-image latency, and what each CPU setting gives.
+"""Inference speed, side by side in one run: engines and precisions, the gate, decoding, and sharded prediction.
 
-Same run, same models, same synthetic folder (SIIM-like 1024² JPEG DICOMs at the challenge's 22% prevalence):
+Same run, same networks (the shipped 512² architectures ``cls-resnet34-512`` + ``seg-unet-resnet34-512`` with
+random weights: speed does not depend on the weights), same inputs:
 
-1. throughput of ``Cascade.predict_many`` with the gate against ``gate=False`` (segmenter on every image), and
-   their ratio (target ≥ 2x on CPU); the answers must be identical;
-2. latency of ``Cascade.predict`` for a gated-out (negative) and a passing (positive) image: median and p95, with
-   the share spent decoding the DICOM;
-3. the networks alone under each CPU setting: channels_last vs contiguous, ``inference_mode`` vs ``no_grad``, and
-   the number of torch threads.
+1. ``Cascade.predict`` latency (median / p95) on a gated-out and a segmented real SIIM image (``../shared/data``;
+   synthetic ones when it is absent) for each engine: fp32 eager PyTorch (the baseline), bf16 eager, ONNX Runtime
+   fp32, ``torch.compile`` (``--compile``), and the ratio to fp32 eager (issue target: >= 2.5x). The line ``auto``
+   says which engine ``precision="auto", backend="auto"`` picks here — compare it with the fastest exact one.
+2. exactness of each engine against fp32 eager on the synthetic set (``benchmarks/precision_drift.py``): share of
+   images whose decision changes (target <= 1%) and the change of mean Dice (target within 0.002);
+3. ``predict_many`` throughput at 22% prevalence on the auto engine: the gate against ``gate=False`` (segmenter on
+   every image), with the bound (c + s) / (c + 0.22 s) from the measured per-image classifier and segmenter costs;
+4. decoding and preprocessing: ``read_dicom`` + ``prepare_image`` of a real 1024² SIIM file and of the 15-bit JPEG
+   2000 CR, as a share of a ``Cascade.predict`` call;
+5. sharded ``cascade predict``: 2 processes (``torchrun --nproc_per_node 2``) against 1 on the same folder, the
+   CSVs compared byte for byte, and the speed-up.
 
-The networks have random weights (speed does not depend on them); the classifier threshold is set to the 78th
-percentile of its own probabilities so that 22% of the images pass the gate, as a classifier that passes exactly
-the positives would. Run: ``python benchmarks/latency.py [--images 60] [--input-size 512]``.
+The gate threshold passes 22% of the synthetic images (as a classifier passing exactly the positives would).
+Run: ``python benchmarks/latency.py [--images 200] [--compile]``; ``--quick`` checks the script at a tiny size.
+On a CPU without native bf16 (no AVX512-BF16/AMX) bf16 is emulated and many times slower than fp32: its exactness
+is measured on the first ``--bf16-images`` images only there.
 
-Measured on the project's 2-core CPU shared with other jobs (load 1.5-5, so absolute times are several times an idle
-machine's and vary between runs; read the ratios within one run), resnet18 + U-Net ResNet34 at 512², 60 images,
-two runs:
-
-- gate 2.30 / 2.44 images/s vs gate open 0.97 / 1.14 images/s: **2.38x / 2.14x**, identical answers. Before the
-  segmenter collected passing images into full batches across classifier batches it ran on the 1-3 passing images
-  of each batch of 8, and the ratio was 1.98x. The ratio is bounded by (c + s) / (c + 0.22 s) for classifier and
-  segmenter costs c and s: a classifier trained at a smaller input (256-384²) raises it most.
-- ``Cascade.predict``: negative median 741 / 233 ms (p95 767 / 275), positive 2426 / 2486 ms (p95 2724 / 2534);
-  decoding a synthetic 1024² JPEG DICOM takes 4 ms (≤2%); a real SIIM DICOM decodes in 9 ms, resizes to 512² in 3.
-- networks alone, batch 4 at 512², ms per image (two runs): 1 thread: contiguous + no_grad 2055 / 830, contiguous
-  + inference_mode 1882 / 846, channels_last + inference_mode 791 / 642; 2 threads: 1259 / 1470, 1331 / 1256,
-  1178 / 1025. channels_last is the consistent win (kept on CPU and CUDA); inference_mode vs no_grad is noise; on
-  this contended machine 1 thread beat 2, so the library leaves the thread count to the caller
-  (``torch.set_num_threads``).
+Earlier figures (2-core CPU shared with other jobs, resnet18 + U-Net ResNet34 at 512², 60 images): gate 2.1-2.4x
+the throughput of segmenting everything; ``Cascade.predict`` 0.2-0.7 s negative, 2.4 s positive; a real SIIM DICOM
+decodes in 9 ms; channels_last beat contiguous (kept on CPU and CUDA); inference_mode vs no_grad was noise.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,17 +41,20 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from precision_drift import PREVALENCE, calibrate, describe, drift, load, shipped_members, truth_masks  # noqa: E402
 
 from cascade.data.dicom import read_dicom  # noqa: E402
+from cascade.data.preprocess import prepare_image  # noqa: E402
 from cascade.data.synth import generate  # noqa: E402
 from cascade.pipeline import Cascade  # noqa: E402
-from cascade.stages.checkpoint import build_model  # noqa: E402
+from cascade.precision import cpu_supports_bf16, resolve_precision  # noqa: E402
 from cascade.thresholds.rule import Thresholds  # noqa: E402
 
-PREVALENCE = 0.22
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def timed(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -66,104 +68,156 @@ def timed(fn: Callable[[], object], repeats: int) -> list[float]:
     return times
 
 
-def p95(values: list[float]) -> float:
-    return float(np.percentile(values, 95))
+def ms(values: list[float]) -> str:
+    return f"median {statistics.median(values) * 1000:8.1f}  p95 {np.percentile(values, 95) * 1000:8.1f} ms"
 
 
-def throughput(model: Cascade, paths: list[Path], batch_size: int, workers: int, gate: bool) -> tuple[float, list]:
-    start = time.perf_counter()
-    preds = list(model.predict_many(paths, batch_size=batch_size, workers=workers, gate=gate))
-    return len(paths) / (time.perf_counter() - start), preds
+def real_images(data: Path, fallback: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Real SIIM sample DICOMs (else synthetic ones) and the real 15-bit JPEG 2000 CR (if present)."""
+    siim = sorted((data / "siim" / "sample-images").glob("*.dcm"))
+    cr = [p for p in [data / "dicom" / "cr-chest-monochrome1-j2k-lossless.dcm"] if p.is_file()]
+    return (siim or fallback), cr
 
 
-def network_settings(model: Cascade, size: int, batch: int, repeats: int) -> None:
-    """Time classifier + segmenter forward passes under each CPU setting."""
-    cls, seg = model._engine.classifier.models[0], model._engine.segmenter.models[0]
-    x = torch.randn(batch, 1, size, size)
-    base_threads = torch.get_num_threads()
+def latency_table(engines: dict[str, Cascade], images: list[Path], repeats: int) -> None:
+    """Section 1: Cascade.predict on the image with the lowest and the highest fp32 probability, per engine."""
+    base = engines["fp32 eager"]
+    probs = {p: base.predict(p).probability for p in images}
+    negative, positive = min(probs, key=probs.get), max(probs, key=probs.get)
+    cls = (probs[negative] + probs[positive]) / 2
+    print(f"\n1. Cascade.predict latency over {repeats} calls, real images (gate cls={cls:.4f} between them):")
+    baseline: dict[str, float] = {}
+    for name, model in engines.items():
+        model.thresholds = Thresholds(cls=cls, top=0.5, area=0, bottom=0.5, min_component=0)
+        for label, path in (("gated out", negative), ("segmented", positive)):
+            times = timed(lambda m=model, p=path: m.predict(p), repeats)
+            median = statistics.median(times)
+            baseline.setdefault(label, median)
+            print(f"  {name:12s} {label:9s} {ms(times)}  {baseline[label] / median:5.2f}x fp32 eager")
 
-    def forward(memory_format: torch.memory_format, mode: Callable) -> float:
-        for net in (cls, seg):
-            net.to(memory_format=memory_format)
-        xi = x.contiguous(memory_format=memory_format)
 
-        def run() -> None:
-            with mode():
-                cls(xi)
-                seg(xi)
+def decisions(engines: dict[str, Cascade], paths: list[Path], labels: Path, batch: int, bf16_images: int) -> None:
+    """Section 2: each engine's decisions against fp32 eager on the synthetic set."""
+    truth = truth_masks(labels, paths)
+    reference = list(engines["fp32 eager"].predict_many(paths, batch_size=batch, workers=0))
+    print(f"\n2. decisions against fp32 eager on {len(paths)} synthetic images:")
+    for name, model in engines.items():
+        if name == "fp32 eager":
+            continue
+        n = bf16_images if model.precision == "bf16" and not cpu_supports_bf16() and model.device.type == "cpu" \
+            else len(paths)
+        preds = list(model.predict_many(paths[:n], batch_size=batch, workers=0))
+        print(describe(name, drift(reference[:n], preds, truth)))
 
-        return statistics.median(timed(run, repeats)) / batch * 1000
 
-    settings = [
-        ("contiguous     no_grad       ", torch.contiguous_format, torch.no_grad),
-        ("contiguous     inference_mode", torch.contiguous_format, torch.inference_mode),
-        ("channels_last  inference_mode", torch.channels_last, torch.inference_mode),
-    ]
-    rows = []
-    for threads in sorted({1, base_threads}):
-        torch.set_num_threads(threads)
-        rows += [(f"threads={threads} {name}", forward(fmt, mode)) for name, fmt, mode in settings]
-    torch.set_num_threads(base_threads)
-    for net in (cls, seg):
-        net.to(memory_format=torch.channels_last)
-    print(f"\nnetworks alone (classifier + segmenter forward, batch {batch}, {size}², ms per image, median):")
-    for name, ms in rows:
-        print(f"  {name}  {ms:8.1f}")
+def gate_throughput(model: Cascade, paths: list[Path], batch: int, workers: int) -> None:
+    """Section 3: gate vs segmenting everything, with the bound from the per-image stage costs."""
+    def run(gate: bool) -> tuple[float, list]:
+        start = time.perf_counter()
+        preds = list(model.predict_many(paths, batch_size=batch, workers=workers, gate=gate))
+        return len(paths) / (time.perf_counter() - start), preds
+
+    gated, a = run(True)
+    opened, b = run(False)
+    same = all(x.probability == y.probability and np.array_equal(x.mask, y.mask) for x, y in zip(a, b))
+    engine = model._engine
+    x = np.zeros((batch, engine.classifier.prep.size, engine.classifier.prep.size), np.uint8)
+    c = statistics.median(timed(lambda: engine.classifier(x, model.tta), 2)) / batch
+    s = statistics.median(timed(lambda: engine.segmenter(x, model.tta), 2)) / batch
+    share = np.mean([p.probability >= model.thresholds.cls for p in a])
+    print(f"\n3. predict_many ({model.precision} on {model.backend}, batch {batch}, {workers} loader worker(s)): gate "
+          f"{gated:.2f} images/s, segment everything {opened:.2f} images/s, ratio {gated / opened:.2f}x (target "
+          f">= 3x); bound (c+s)/(c+{share:.2f}s) = {(c + s) / (c + share * s):.2f}x with c {c * 1000:.0f} ms, "
+          f"s {s * 1000:.0f} ms per image; identical answers: {same}")
+
+
+def decoding(model: Cascade, files: list[Path], repeats: int) -> None:
+    """Section 4: decode + preprocess of real files, as a share of Cascade.predict."""
+    size = model._engine.classifier.prep.size
+    print(f"\n4. decoding + preprocessing ({model.precision} on {model.backend}):")
+    for path in files:
+        decode = timed(lambda p=path: read_dicom(p), repeats)
+        pixels = read_dicom(path).pixels
+        prep = timed(lambda x=pixels: prepare_image(x, size), repeats)
+        total = timed(lambda p=path: model.predict(p), repeats)
+        d, p, t = (statistics.median(v) for v in (decode, prep, total))
+        print(f"  {path.name[:48]:48s} {pixels.shape[1]}x{pixels.shape[0]}: decode {d * 1000:6.1f} ms, resize to "
+              f"{size}² {p * 1000:5.1f} ms = {(d + p) / t:.0%} of predict ({t * 1000:.0f} ms)")
+
+
+def sharded(model: Cascade, folder: Path, tmp: Path, batch: int) -> None:
+    """Section 5: ``cascade predict`` in 1 process and in 2 torchrun processes on the same folder."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        print("\n5. sharded predict: torchrun not found, skipped")
+        return
+    model_dir = model.save_pretrained(tmp / "model")
+    cores = os.cpu_count() or 2
+    root = str(Path(__file__).resolve().parents[1])
+    args = ["-m", "cascade", "predict", str(model_dir), str(folder), "--device", "cpu", "--batch-size", str(batch),
+            "--precision", model.precision, "--backend", model.backend, "--cache-dir", str(tmp / "engines")]
+    results = {}
+    for name, launcher, threads in (("1 process", [sys.executable], cores),
+                                    ("2 processes", [torchrun, "--standalone", "--nproc_per_node", "2"],
+                                     max(1, cores // 2))):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+               "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        out = tmp / f"{name.replace(' ', '-')}.csv"
+        start = time.perf_counter()
+        proc = subprocess.run([*launcher, *args, "--out", str(out)], env=env, capture_output=True, text=True,
+                              timeout=3600)
+        results[name] = (time.perf_counter() - start, out.read_bytes() if out.is_file() else b"", proc)
+        if proc.returncode != 0:
+            print(f"  {name} failed ({proc.returncode}): {proc.stderr[-1500:]}")
+    (one, csv1, _), (two, csv2, _) = results["1 process"], results["2 processes"]
+    print(f"\n5. sharded cascade predict ({model.precision} on {model.backend}, wall time including start-up): "
+          f"1 process {one:.1f} s, 2 processes {two:.1f} s, speed-up {one / two:.2f}x; identical CSV: "
+          f"{csv1 == csv2 and bool(csv1)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=60)
+    parser.add_argument("--images", type=int, default=200, help="synthetic images (22%% positive)")
     parser.add_argument("--image-size", type=int, default=1024, help="side of the synthetic DICOMs")
-    parser.add_argument("--input-size", type=int, default=512, help="network input size of both stages")
-    parser.add_argument("--classifier", default="resnet18")
-    parser.add_argument("--encoder", default="resnet34")
+    parser.add_argument("--input-size", type=int, help="network input size (default: the shipped 512)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="loader processes for predict_many")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--bf16-images", type=int, default=24, help="images for bf16 where it is emulated")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
+    parser.add_argument("--data", type=Path, default=SHARED, help="the real data folder (../shared/data)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every section runs")
     args = parser.parse_args()
+    if args.quick:
+        args.images, args.image_size, args.input_size, args.repeats, args.bf16_images = 12, 256, 64, 2, 4
 
-    prep = {"size": args.input_size, "mean": 0.5, "std": 0.25}
-    torch.manual_seed(0)
-    cls_config = {"stage": "cls", "model": args.classifier, "in_chans": 1, "preprocessing": prep}
-    seg_config = {"stage": "seg", "arch": "unet", "encoder": args.encoder, "in_chans": 1, "preprocessing": prep}
-    shut = Thresholds(cls=1.0, top=0.5, area=0, bottom=0.5, min_component=0)
-    model = Cascade([(build_model(cls_config), cls_config)], [(build_model(seg_config), seg_config)], shut,
-                    device="cpu")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; classifier "
-          f"{args.classifier}, U-Net {args.encoder}, input {args.input_size}², images {args.image_size}², "
-          f"batch {args.batch_size}, {args.workers} loader worker(s)")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        synth = generate(Path(tmp) / "synth", images=args.images, positive_fraction=PREVALENCE,
-                         size=args.image_size, seed=0, progress=False)
+    cls, seg = shipped_members(args.input_size)
+    size = cls[1]["preprocessing"]["size"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_supports_bf16()}; {cls[1]['model']} + "
+          f"U-Net {seg[1]['encoder']} at {size}², {args.images} synthetic images of {args.image_size}²")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        synth = generate(tmp / "synth", images=args.images, positive_fraction=PREVALENCE, size=args.image_size,
+                         seed=0, difficulty="realistic", progress=False)
         paths = sorted(synth.paths.values())
+        names = ["fp32 eager", "bf16", "onnxruntime"] + (["compile"] if args.compile else [])
+        start = Thresholds(cls=0.5, top=0.5, area=0, bottom=0.5, min_component=0)
+        engines = {n: load(n, model_dir=None, members=(cls, seg), thresholds=start, cache_dir=str(tmp / "engines"))
+                   for n in names}
+        auto = Cascade([cls], [seg], start, device="cpu", cache_dir=str(tmp / "engines"))
+        print(f"auto here = {auto.precision} on {auto.backend} (precision auto -> "
+              f"{resolve_precision('auto', torch.device('cpu'))})")
+        siim, cr = real_images(args.data, paths)
+        latency_table(engines, siim, args.repeats)
 
-        probs = [p.probability for p in model.predict_many(paths, batch_size=args.batch_size, workers=0)]
-        cls = float(np.quantile(probs, 1 - PREVALENCE))
-        model.thresholds = Thresholds(cls=cls, top=0.5, area=0, bottom=0.5, min_component=0)
-        passing = sum(p >= cls for p in probs)
-        print(f"gate: cls = {cls:.6f} passes {passing}/{len(paths)} images ({passing / len(paths):.0%})")
-
-        gated, gated_preds = throughput(model, paths, args.batch_size, args.workers, gate=True)
-        opened, open_preds = throughput(model, paths, args.batch_size, args.workers, gate=False)
-        same = all(
-            a.probability == b.probability and np.array_equal(a.mask, b.mask) for a, b in zip(gated_preds, open_preds)
-        )
-        print(f"\npredict_many: gate {gated:.2f} images/s, gate open {opened:.2f} images/s, "
-              f"ratio {gated / opened:.2f}x (target >= 2x); identical answers: {same}")
-
-        negative = next(p for p, q in zip(paths, probs) if q < cls)
-        positive = next(p for p, q in zip(paths, probs) if q >= cls)
-        decode = timed(lambda: read_dicom(negative), args.repeats)
-        print(f"\nCascade.predict latency over {args.repeats} calls (ms): ")
-        for name, path in (("negative (gated out)", negative), ("positive (segmented)", positive)):
-            total = timed(lambda: model.predict(path), args.repeats)
-            share = statistics.median(decode) / statistics.median(total)
-            print(f"  {name}: median {statistics.median(total) * 1000:7.1f}  p95 {p95(total) * 1000:7.1f}  "
-                  f"decoding {statistics.median(decode) * 1000:.1f} ms = {share:.0%}")
-
-    network_settings(model, args.input_size, min(args.batch_size, 4), max(2, args.repeats // 4))
+        thresholds = calibrate(engines["fp32 eager"], paths)
+        for model in [*engines.values(), auto]:
+            model.thresholds = thresholds
+        decisions(engines, paths, synth.labels, args.batch_size, args.bf16_images)
+        gate_throughput(auto, paths, args.batch_size, args.workers)
+        decoding(auto, [*siim[:1], *cr], args.repeats)
+        sharded(auto, synth.labels.parent / "dicom-images-train", tmp, args.batch_size)
 
 
 if __name__ == "__main__":

@@ -25,3 +25,7 @@ class ConfigError(CascadeError):
 
 class ModelError(CascadeError):
     """A model or run folder that is incomplete, changed, or of an unknown version."""
+
+
+class CascadeWarning(UserWarning):
+    """Something a user should know that does not stop the work (the command line prints it as a warning line)."""

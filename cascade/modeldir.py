@@ -2,8 +2,8 @@
 
 Layout (DESIGN.md §4; a single model is exactly this)::
 
-    MODEL_DIR/cascade.json                  schema_version, thresholds, tta, preprocessing, metrics, versions,
-                                            members per stage, sha256 of every weight file
+    MODEL_DIR/cascade.json                  schema_version, thresholds, tta, precision, preprocessing, metrics,
+                                            versions, members per stage, sha256 of every weight file
     MODEL_DIR/classifier/config.json        + model.safetensors   (classifier member 0)
     MODEL_DIR/segmenter/config.json         + model.safetensors   (segmenter member 0)
     MODEL_DIR/MODEL_CARD.md                 intended use, training data, validation metrics, limits (for people)
@@ -12,6 +12,9 @@ A fold ensemble adds ``classifier-1/``, ``classifier-2/``, … and ``segmenter-1
 member folders of each stage in ``members``. Nothing here unpickles: weights are safetensors, metadata is JSON.
 Reading checks the schema version and the sha256 of every weight file, so a changed or truncated weight file, a
 missing file or malformed JSON is refused with one clear :class:`~cascade.errors.ModelError`.
+
+``precision`` (``fp32``, ``bf16`` or ``fp16``) is the precision the thresholds were tuned at; it was added within
+schema version 1, and a folder without it was tuned in fp32 (the only precision before), so it reads as ``fp32``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ MANIFEST = "cascade.json"
 REPORT_DIR = "report"
 MODEL_CARD = "MODEL_CARD.md"
 """The human-readable summary of the folder (intended use, data, metrics, limits); not read by code."""
+TUNED_PRECISIONS = ("fp32", "bf16", "fp16")
 STAGES = {"classifier": "cls", "segmenter": "seg"}
 """Stage folder base name → the ``stage`` value its ``config.json`` must carry."""
 
@@ -58,6 +62,8 @@ class ModelDir:
     preprocessing: dict[str, Preprocessing]
     metrics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    precision: str = "fp32"
+    """The precision the thresholds were tuned at (``fp32`` for folders written before it was recorded)."""
 
 
 def member_name(stage: str, index: int) -> str:
@@ -84,18 +90,22 @@ def write_model_dir(
     *,
     metrics: Mapping[str, Any] | None = None,
     tta: bool = False,
+    precision: str = "fp32",
     report_files: Sequence[str | os.PathLike[str]] = (),
 ) -> Path:
     """Write a complete MODEL_DIR atomically: built in a temporary folder beside it, then renamed into place.
 
     ``classifiers`` / ``segmenters`` are the members of each stage (one each for a single model, several for a fold
     ensemble), each a stage folder or a ``(model, config)`` pair. ``report_files`` are copied into ``report/``.
+    ``precision`` is the one the thresholds were tuned at.
     An existing ``directory`` is replaced only if it is a MODEL_DIR or empty, so a typo cannot wipe other data.
     """
     target = Path(directory)
     th = thresholds if isinstance(thresholds, Thresholds) else Thresholds.from_dict(thresholds)
     if not classifiers or not segmenters:
         raise ModelError(f"{target}: a model folder needs at least one classifier and one segmenter")
+    if precision not in TUNED_PRECISIONS:
+        raise ModelError(f"{target}: precision must be one of {', '.join(TUNED_PRECISIONS)}, got {precision!r}")
     check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -122,6 +132,7 @@ def write_model_dir(
             "schema_version": SCHEMA_VERSION,
             "thresholds": th.to_dict(),
             "tta": {"hflip": bool(tta)},
+            "precision": precision,
             "preprocessing": preprocessing,
             "members": members,
             "sha256": weights,
@@ -157,6 +168,9 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
     tta = _get(manifest, "tta", dict, path).get("hflip", False)
     if not isinstance(tta, bool):
         raise ModelError(f"{path}: tta.hflip must be true or false, got {tta!r}")
+    precision = manifest.get("precision", "fp32")
+    if precision not in TUNED_PRECISIONS:
+        raise ModelError(f"{path}: precision must be one of {', '.join(TUNED_PRECISIONS)}, got {precision!r}")
     members = _get(manifest, "members", dict, path)
     hashes = _get(manifest, "sha256", dict, path)
     recorded_preps = _get(manifest, "preprocessing", dict, path)
@@ -191,6 +205,7 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
         preprocessing=preprocessing,
         metrics=metrics,
         versions=versions,
+        precision=precision,
     )
 
 

@@ -7,10 +7,17 @@ output ``probability`` (``[batch]`` for the classifier, ``[batch, 1, height, wid
 ``Cascade`` thresholds. Batch is dynamic; height and width are dynamic where the network allows (convolutional
 ones do; the segmenter needs multiples of 32). ``cascade.json`` is copied beside the files for the thresholds, and
 ``export.json`` records the inputs, dynamic axes and the measured parity.
+
+The ``onnxruntime`` inference backend (:class:`cascade.Cascade` ``backend="onnxruntime"``) uses the same graphs,
+exported on first use by :func:`cached_graph` into a cache folder (``--cache-dir``, else ``$CASCADE_ENGINE_CACHE``,
+else ``~/.cache/cascade/engines``; never inside MODEL_DIR) under a digest of the network's configuration, its
+weights, the opset and the torch version, so a changed weight file or a new exporter never reuses a stale graph.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import warnings
@@ -30,6 +37,10 @@ from cascade.stages.checkpoint import load_stage
 TOLERANCE = 1e-4
 """Largest absolute difference in probability allowed between ONNX Runtime and PyTorch (float32 on CPU)."""
 OPSET = 17
+ENGINE_TOLERANCE = 1e-3
+"""The same check for the graphs the ``onnxruntime`` backend runs: a 512² U-Net with random weights differs by up
+to ~3e-4 in probability (float32 summation order); decisions are what must not move, and ``benchmarks/latency.py``
+counts how many do."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,45 @@ def export_onnx(
         },
     )
     return results
+
+
+def engine_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where exported inference graphs are kept: ``cache_dir``, ``$CASCADE_ENGINE_CACHE`` or ~/.cache/cascade/engines."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("CASCADE_ENGINE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cascade" / "engines"
+
+
+def member_digest(model: nn.Module, config: dict) -> str:
+    """sha256 of what defines a graph: the member's config, every weight (name, dtype, shape, bytes), opset, torch."""
+    digest = hashlib.sha256(json.dumps([config, OPSET, torch.__version__], sort_keys=True, default=str).encode("utf-8"))
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_graph(
+    model: nn.Module, config: dict, prep: Preprocessing, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """The ONNX graph (uint8 image in, probability out) of one member: from the cache, or exported and checked now.
+
+    A new export is checked against PyTorch like :func:`export_onnx` does and written atomically, so processes
+    exporting the same member at once (``torchrun`` ranks) each leave a complete file.
+    """
+    path = engine_cache_dir(cache_dir) / f"{member_digest(model, config)[:32]}.onnx"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapped = _WithPreprocessing(model, prep).eval()
+    with atomic_path(path) as tmp:
+        _export(wrapped, tmp, prep.size)
+        diff = _parity(wrapped, tmp, np.random.default_rng(0), 2, prep.size)
+        if not diff <= ENGINE_TOLERANCE:
+            raise ModelError(f"{path}: ONNX Runtime differs from PyTorch by {diff:.2e} > {ENGINE_TOLERANCE:.0e}")
+    return path
 
 
 def _export(model: nn.Module, path: Path, size: int) -> bool:

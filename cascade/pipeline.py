@@ -10,11 +10,15 @@ rescaled by :func:`~cascade.thresholds.rule.area_scale` of the native size).
 ``predict_many`` decodes and preprocesses in DataLoader worker processes while the main process runs the networks;
 an unreadable file becomes a failed :class:`Prediction` (with its reason) and the run goes on.
 ``predict_probabilities`` is the same loop without thresholds, for ``cascade tune`` on the validation fold.
+
+Each stage runs at a ``precision`` (:mod:`cascade.precision`: ``auto`` = bf16 where the hardware has it) on a
+``backend``: ``torch`` (eager, or ``torch.compile`` when asked) or ``onnxruntime`` (the exported graphs of
+:func:`cascade.onnx_export.cached_graph`, fp32, CPU). ``auto`` picks by :func:`choose_backend`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import importlib.util
 import math
 import os
 import time
@@ -37,12 +41,14 @@ from cascade.data.dicom import DicomImage, read_dicom
 from cascade.data.synth_spec import is_synthetic
 from cascade.data.preprocess import Preprocessing, normalize, prepare_image
 from cascade.data.rle import EMPTY, rle_encode
-from cascade.errors import CascadeError, ConfigError
+from cascade.errors import CascadeError, CascadeWarning, ConfigError, ModelError
 from cascade.modeldir import Member, read_model_dir, write_model_dir
+from cascade.precision import autocast, check_tuned, resolve_precision
 from cascade.stages.checkpoint import load_stage
 from cascade.thresholds.rule import Thresholds, apply_rule, area_scale
 
 Source = str | os.PathLike[str]
+BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,12 +121,33 @@ def default_workers() -> int:
 
 
 class _Stage:
-    """The members of one stage on a device: uint8 images in, averaged sigmoid probabilities out."""
+    """The members of one stage on a device: uint8 images in, averaged sigmoid probabilities out.
 
-    def __init__(self, models: Sequence[nn.Module], prep: Preprocessing, device: torch.device) -> None:
+    ``models`` stay the eager fp32 networks (what ``save_pretrained`` writes); what runs is either them under
+    autocast at ``precision`` (optionally through ``torch.compile``) or ONNX Runtime sessions of their graphs.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[tuple[nn.Module, dict[str, Any]]],
+        prep: Preprocessing,
+        device: torch.device,
+        *,
+        precision: str = "fp32",
+        backend: str = "torch",
+        compile: bool = False,
+        cache_dir: Source | None = None,
+    ) -> None:
         self.prep = prep
         self.device = device
-        self.models = [self._place(m) for m in models]
+        self.precision = precision
+        self.backend = backend
+        self.models = [m.eval() for m, _ in members]
+        self._sessions = []
+        if backend == "onnxruntime":
+            self._sessions = [_ort_session(m, c, prep, cache_dir) for m, c in members]
+        self.models = [self._place(m) for m in self.models]
+        self._runners = [torch.compile(m, dynamic=True) if compile else m for m in self.models]
 
     def _place(self, model: nn.Module) -> nn.Module:
         model = model.eval().to(self.device)
@@ -128,22 +155,81 @@ class _Stage:
 
     def __call__(self, images: np.ndarray, tta: bool) -> np.ndarray:
         """``images`` uint8 [B,S,S] → float32 probabilities, [B] (classifier) or [B,S,S] (segmenter)."""
-        x = torch.from_numpy(images).to(self.device)
-        x = normalize(x, self.prep).unsqueeze(1).contiguous(memory_format=torch.channels_last)
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
-        )
-        total = None
-        with torch.inference_mode(), autocast:
-            for model in self.models:
-                prob = torch.sigmoid(model(x).float())
-                if tta:
-                    flipped = torch.sigmoid(model(x.flip(-1)).float())
-                    prob = (prob + (flipped.flip(-1) if flipped.ndim == 4 else flipped)) / 2
-                total = prob if total is None else total + prob
-        assert total is not None
-        out = (total / len(self.models)).cpu().numpy().astype(np.float32, copy=False)
+        if self._sessions:
+            x = images[:, None]
+            probs = [
+                _mean_flip(lambda v, s=s: s.run(["probability"], {"image": np.ascontiguousarray(v)})[0], x, tta)
+                for s in self._sessions
+            ]
+            out = np.mean(probs, axis=0, dtype=np.float32) if len(probs) > 1 else probs[0]
+        else:
+            x = torch.from_numpy(images).to(self.device)
+            x = normalize(x, self.prep).unsqueeze(1).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), autocast(self.device, self.precision):
+                total = sum(_mean_flip(lambda v, m=m: torch.sigmoid(m(v).float()), x, tta) for m in self._runners)
+                out = (total / len(self._runners)).cpu().numpy()
+        out = out.astype(np.float32, copy=False)
         return out[:, 0] if out.ndim == 4 else out
+
+
+def _mean_flip(run: Any, x: Any, tta: bool) -> Any:
+    """``run(x)``, averaged with the mirrored ``run`` of the horizontally flipped ``x`` when ``tta`` (torch or numpy)."""
+    prob = run(x)
+    if not tta:
+        return prob
+    flipped = run(x.flip(-1) if isinstance(x, torch.Tensor) else x[..., ::-1])
+    if flipped.ndim == 4:
+        flipped = flipped.flip(-1) if isinstance(flipped, torch.Tensor) else flipped[..., ::-1]
+    return (prob + flipped) / 2
+
+
+def _ort_session(model: nn.Module, config: dict[str, Any], prep: Preprocessing, cache_dir: Source | None) -> Any:
+    """An ONNX Runtime CPU session of the member's cached graph, with as many threads as torch uses."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ConfigError("backend onnxruntime needs onnxruntime: pip install 'pneumothorax-cascade[onnx]'") from None
+    from cascade.onnx_export import cached_graph
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    # no busy-waiting between runs: the decoding workers of predict_many (and torch, in one process) need the cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    path = cached_graph(model, config, prep, cache_dir)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def choose_backend(backend: str, device: torch.device, precision: str, compile: bool = False) -> str:
+    """The backend that runs: ``torch`` or ``onnxruntime``; ``auto`` decides from measurements, as follows.
+
+    The rule is data: ``benchmarks/latency.py`` times eager fp32, eager bf16, ``torch.compile`` and ONNX Runtime
+    on the same networks in one run and prints which is fastest while exact enough; change ``AUTO_ONNXRUNTIME``
+    when it says otherwise on the hardware you care about. ONNX Runtime runs fp32 on the CPU only (its CPU
+    provider has no bf16 convolutions), so it is a candidate only for a CPU at fp32 — which ``auto`` precision
+    means on a CPU without native bf16 — and only when onnx and onnxruntime are installed; asking for
+    ``compile`` means torch. If the export of a network fails (an architecture the exporter cannot trace, or a
+    parity check), ``auto`` falls back to torch with a warning.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
+    if backend == "onnxruntime" and (device.type != "cpu" or precision != "fp32"):
+        raise ConfigError(
+            f"backend onnxruntime runs fp32 on the CPU only; got device {device.type} at {precision} "
+            "(use --backend torch, or --device cpu --precision fp32)"
+        )
+    if backend != "auto":
+        return backend
+    wanted = device.type == "cpu" and precision == "fp32" and not compile and AUTO_ONNXRUNTIME
+    installed = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+    return "onnxruntime" if wanted and installed else "torch"
+
+
+AUTO_ONNXRUNTIME = True
+"""Whether ``auto`` picks ONNX Runtime for fp32 on the CPU. Measured (2-core AVX2 EPYC without native bf16, shared
+and loaded, so ratios within one run only): at the shipped 512² networks, batch 1, ONNX Runtime 1.4-3.5x faster than
+eager PyTorch fp32 for the resnet34 classifier and 1.7x for the U-Net, largest probability difference 2e-4 (random
+weights) and no decision changed on the synthetic set; eager bf16 there was 17-27x slower than fp32 (emulated), so
+``auto`` precision is fp32 on such a CPU. Re-measure with ``benchmarks/latency.py`` and flip this if it loses."""
 
 
 class _DecodeDataset(TorchDataset):
@@ -192,12 +278,35 @@ class _Engine:
         classifiers: Sequence[tuple[nn.Module, dict[str, Any]]],
         segmenters: Sequence[tuple[nn.Module, dict[str, Any]]],
         device: str | torch.device = "auto",
+        *,
+        precision: str = "auto",
+        backend: str = "auto",
+        compile: bool = False,
+        cache_dir: Source | None = None,
     ) -> None:
         if not classifiers or not segmenters:
             raise ConfigError("a cascade needs at least one classifier and one segmenter")
         self.device = resolve_device(device)
-        self.classifier = _Stage([m for m, _ in classifiers], _preprocessing(classifiers, "classifier"), self.device)
-        self.segmenter = _Stage([m for m, _ in segmenters], _preprocessing(segmenters, "segmenter"), self.device)
+        self.precision = resolve_precision(precision, self.device)
+        self.backend = choose_backend(backend, self.device, self.precision, compile)
+        if compile and self.backend != "torch":
+            raise ConfigError("torch.compile applies to the torch backend only (use --backend torch)")
+        preps = (_preprocessing(classifiers, "classifier"), _preprocessing(segmenters, "segmenter"))
+
+        def stages(chosen: str) -> tuple[_Stage, _Stage]:
+            options = {"precision": self.precision, "backend": chosen, "compile": compile, "cache_dir": cache_dir}
+            return (_Stage(classifiers, preps[0], self.device, **options),
+                    _Stage(segmenters, preps[1], self.device, **options))
+
+        try:
+            self.classifier, self.segmenter = stages(self.backend)
+        except ModelError as err:
+            if backend != "auto":
+                raise
+            warnings.warn(f"backend onnxruntime unavailable for this model ({err}); running on torch",
+                          CascadeWarning, stacklevel=3)
+            self.backend = "torch"
+            self.classifier, self.segmenter = stages(self.backend)
         self.sizes = (self.classifier.prep.size, self.segmenter.prep.size)
         self.seconds = {"classifier": 0.0, "segmenter": 0.0}
         """Wall seconds spent in each stage's forwards since loading (per-request timing and metrics)."""
@@ -310,19 +419,32 @@ def predict_probabilities(
     workers: int | None = None,
     tta: bool = False,
     device: str | torch.device = "auto",
+    precision: str = "auto",
+    backend: str = "auto",
+    compile: bool = False,
+    cache_dir: Source | None = None,
 ) -> Iterator[ImageProbabilities]:
     """Classifier and segmenter probabilities of every image, in order, before any threshold.
 
     The members are stage folders or ``(model, config)`` pairs (several per stage are averaged). The segmenter
     runs on every image, so ``seg_prob`` is the map at the segmenter's input size for each readable image. This is
-    the exact computation ``Cascade.predict_many`` makes, so thresholds tuned on it mean the same at inference.
+    the exact computation ``Cascade.predict_many`` makes (with the same ``precision`` and ``backend`` choices), so
+    thresholds tuned on it mean the same at inference.
     """
-    engine = _Engine([_load_member(m) for m in classifiers], [_load_member(m) for m in segmenters], device)
+    engine = _Engine(
+        [_load_member(m) for m in classifiers], [_load_member(m) for m in segmenters], device,
+        precision=precision, backend=backend, compile=compile, cache_dir=cache_dir,
+    )
     yield from engine.probabilities(engine.batches(sources, batch_size, workers), batch_size, None, tta)
 
 
 class Cascade:
-    """A classifier-gated segmenter with its thresholds: load with :meth:`from_pretrained`, then :meth:`predict`."""
+    """A classifier-gated segmenter with its thresholds: load with :meth:`from_pretrained`, then :meth:`predict`.
+
+    ``precision`` / ``backend`` / ``compile`` / ``cache_dir`` choose how the networks run (see
+    :meth:`from_pretrained`); ``tuned_precision`` is the precision the thresholds were tuned at, checked against
+    the one that runs (None: unknown, not checked).
+    """
 
     def __init__(
         self,
@@ -333,8 +455,15 @@ class Cascade:
         tta: bool = False,
         metrics: dict[str, Any] | None = None,
         device: str | torch.device = "auto",
+        precision: str = "auto",
+        backend: str = "auto",
+        compile: bool = False,
+        cache_dir: Source | None = None,
+        tuned_precision: str | None = None,
     ) -> None:
-        self._engine = _Engine(classifiers, segmenters, device)
+        self._engine = _Engine(
+            classifiers, segmenters, device, precision=precision, backend=backend, compile=compile, cache_dir=cache_dir
+        )
         self._configs = ([dict(c) for _, c in classifiers], [dict(c) for _, c in segmenters])
         self.thresholds = thresholds
         self.tta = tta
@@ -342,28 +471,60 @@ class Cascade:
         self.metrics = dict(metrics or {})
         self._synthetic_model = bool(self.metrics.get("training_data", {}).get("synthetic"))
         self._warned_synthetic = False
+        self.tuned_precision = tuned_precision
+        """The precision the thresholds were tuned at (None: unknown, no check)."""
+        if tuned_precision is not None:
+            check_tuned(tuned_precision, self.precision, "cascade")
 
     @property
     def device(self) -> torch.device:
         return self._engine.device
 
+    @property
+    def precision(self) -> str:
+        """What the networks run at: ``fp32``, ``bf16`` or ``fp16`` (``auto`` resolved for this device)."""
+        return self._engine.precision
+
+    @property
+    def backend(self) -> str:
+        """What runs the networks: ``torch`` or ``onnxruntime`` (``auto`` resolved)."""
+        return self._engine.backend
+
     @classmethod
     def from_pretrained(
-        cls, directory: Source, *, device: str | torch.device = "auto", tta: bool | None = None
+        cls,
+        directory: Source,
+        *,
+        device: str | torch.device = "auto",
+        tta: bool | None = None,
+        precision: str = "auto",
+        backend: str = "auto",
+        compile: bool = False,
+        cache_dir: Source | None = None,
     ) -> Cascade:
         """Load a MODEL_DIR (checked: schema version, sha256 of every weight file; nothing is unpickled).
 
-        ``tta`` overrides the model folder's setting when given.
+        ``tta`` overrides the model folder's setting when given. ``precision`` (``auto``, ``fp32``, ``bf16``,
+        ``fp16``) and ``backend`` (``auto``, ``torch``, ``onnxruntime``) choose how the networks run; a precision
+        other than the one the folder was tuned at warns (:class:`cascade.precision.PrecisionWarning`).
+        ``compile`` wraps the torch networks in ``torch.compile``; ``cache_dir`` holds exported ONNX graphs.
         """
         info = read_model_dir(directory)
-        return cls(
+        model = cls(
             [load_stage(d) for d in info.classifiers],
             [load_stage(d) for d in info.segmenters],
             info.thresholds,
             tta=info.tta if tta is None else tta,
             metrics=info.metrics,
             device=device,
+            precision=precision,
+            backend=backend,
+            compile=compile,
+            cache_dir=cache_dir,
         )
+        model.tuned_precision = info.precision
+        check_tuned(info.precision, model.precision, str(info.root))
+        return model
 
     def save_pretrained(self, directory: Source) -> Path:
         """Write this cascade as a MODEL_DIR (the format :meth:`from_pretrained` reads)."""
@@ -375,6 +536,7 @@ class Cascade:
             self.thresholds,
             metrics=self.metrics,
             tta=self.tta,
+            precision=self.tuned_precision or self.precision,
         )
 
     def predict(self, x: Source | Dataset | np.ndarray) -> Prediction:

@@ -47,7 +47,8 @@ from cascade.data.splits import Split, read_split_csv, split_fingerprint
 from cascade.errors import CascadeError, ConfigError, LabelError, ModelError
 from cascade.fileio import atomic_write_json
 from cascade.modeldir import REPORT_DIR, check_replaceable, write_model_dir
-from cascade.pipeline import ImageProbabilities, native_map, predict_probabilities
+from cascade.pipeline import ImageProbabilities, native_map, predict_probabilities, resolve_device
+from cascade.precision import resolve_precision
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config, sha256_file
 from cascade.stages.training import DATA_FILE, SPLIT_FILE, read_sources
 from cascade.thresholds.metrics import json_float
@@ -334,6 +335,10 @@ def tune_runs(
     batch_size: int = 16,
     workers: int | None = None,
     device: str = "auto",
+    precision: str = "auto",
+    backend: str = "auto",
+    compile: bool = False,
+    cache_dir: PathArg | None = None,
     images: PathArg | None = None,
     labels: PathArg | None = None,
     grid: Grid | None = None,
@@ -346,7 +351,10 @@ def tune_runs(
     feed one search; MODEL_DIR gets every run as a member of its stage. ``images`` / ``labels`` override the paths
     the runs recorded in ``data.json``. Every input is checked before the (long) prediction starts; a failure
     leaves ``out`` untouched. Unreadable validation images are left out and listed in ``TuneOutcome.failed`` (and
-    in the report); if none is readable, the search raises.
+    in the report); if none is readable, the search raises. The networks run at ``precision`` (``auto``: bf16
+    where the hardware computes it natively), which MODEL_DIR records: inference at another precision warns; and on
+    ``backend`` (``auto`` is what ``cascade predict`` picks by default too, so thresholds are tuned on the
+    probabilities they will be applied to).
     """
     start = time.perf_counter()
     if min_sensitivity is not None and not 0.0 <= min_sensitivity <= 1.0:
@@ -357,6 +365,7 @@ def tune_runs(
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     target = Path(out)
     check_replaceable(target)
+    precision = resolve_precision(precision, resolve_device(device))
     pairs = pair_folds([read_run(r, "cls") for r in _as_list(cls_runs)],
                        [read_run(r, "seg") for r in _as_list(seg_runs)])
     images_dir, labels_path = _data_paths(*pairs[0], images, labels)
@@ -376,7 +385,8 @@ def tune_runs(
     for (cls, seg), paths in zip(pairs, fold_paths):
         before = len(search)
         predictions = predict_probabilities(
-            [cls.best], [seg.best], paths, batch_size=batch_size, workers=workers, tta=tta, device=device
+            [cls.best], [seg.best], paths, batch_size=batch_size, workers=workers, tta=tta, device=device,
+            precision=precision, backend=backend, compile=compile, cache_dir=cache_dir,
         )
         for image_id, cls_prob, seg_map, mask in _stream(predictions, truth, failed, synthetic, bar):
             search.add(cls_prob, seg_map, mask)
@@ -389,6 +399,7 @@ def tune_runs(
     result = search.result(min_sensitivity, max_segmented_share)
     metrics = validation_metrics(result, pairs=pairs, images_per_fold=per_fold, tta=tta, failed=len(failed))
     metrics["training_data"] = training_data(pairs, Path(labels_path), synthetic)
+    metrics["validation"]["precision"] = precision
 
     with tempfile.TemporaryDirectory(prefix="cascade-tune-report-") as tmp:
         files = write_tune_report(result, tmp)
@@ -408,7 +419,7 @@ def tune_runs(
         atomic_write_json(Path(tmp) / "validation.json", context)
         write_model_dir(
             target, [c.best for c, _ in pairs], [s.best for _, s in pairs], result.thresholds, metrics=metrics,
-            tta=tta, report_files=[*files, Path(tmp) / "validation.json"],
+            tta=tta, precision=precision, report_files=[*files, Path(tmp) / "validation.json"],
         )
     return TuneOutcome(target, result, metrics, failed, time.perf_counter() - start, searched)
 

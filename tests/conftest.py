@@ -12,6 +12,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+if "CASCADE_ENGINE_CACHE" not in os.environ:  # exported ONNX graphs of the tiny test networks: one folder per session
+    import tempfile
+
+    os.environ["CASCADE_ENGINE_CACHE"] = tempfile.mkdtemp(prefix="cascade-test-engines-")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

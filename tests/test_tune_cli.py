@@ -23,6 +23,7 @@ from cascade.data.labels import read_labels
 from cascade.data.splits import read_split_csv, split_fingerprint, write_split_csv
 from cascade.modeldir import read_model_dir
 from cascade.pipeline import predict_probabilities
+from cascade.precision import resolve_precision
 from cascade.stages.checkpoint import sha256_file
 from cascade.thresholds import Summary, dice, summarize, tune
 
@@ -110,6 +111,7 @@ def test_writes_a_complete_model_folder_that_loads(runs: Path, tuned: tuple[Path
     assert v["fold"] == 0 and v["folds"] == 4 and "out_of_fold" not in v  # the single-pair record is unchanged
     assert v["positives"] == sum(read_labels(runs / "synth" / "train-rle.csv").is_positive(i) for i in ids)
     assert data["preprocessing"]["segmenter"] == {"size": 64, "mean": 0.5, "std": 0.25}
+    assert data["precision"] == v["precision"] == resolve_precision("auto", torch.device("cpu"))  # what auto ran
     assert set(data["versions"]) == {"cascade", "torch", "timm", "smp"}
     assert sorted(data["report"]) == sorted(f"report/{name}" for name in REPORT_FILES)
     for name in REPORT_FILES:

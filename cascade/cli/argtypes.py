@@ -1,4 +1,5 @@
-"""Argument types shared by the subcommands: argparse turns their ValueErrors into a usage error (exit 2)."""
+"""Arguments shared by the subcommands: types (argparse turns their ValueErrors into a usage error, exit 2) and the
+speed options of the commands that run the networks."""
 
 from __future__ import annotations
 
@@ -35,3 +36,21 @@ def positive_float(text: str) -> float:
     if not (0.0 < value < float("inf")):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+def add_speed_arguments(p: argparse.ArgumentParser) -> None:
+    """--precision, --backend, --compile and --cache-dir: how the networks run (shared with commands that predict)."""
+    p.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+        help="network precision (default auto: bf16 on CUDA and on CPUs with native bf16, else fp32); a precision "
+        "other than the one the thresholds were tuned at warns",
+    )
+    p.add_argument(
+        "--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
+        help="engine (default auto: ONNX Runtime for fp32 on the CPU when installed, else PyTorch)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch backend: run the networks through torch.compile")
+    p.add_argument(
+        "--cache-dir", metavar="DIR",
+        help="where ONNX graphs are exported on first use (default $CASCADE_ENGINE_CACHE or ~/.cache/cascade/engines)",
+    )

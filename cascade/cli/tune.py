@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from cascade.cli.argtypes import non_negative_int, positive_int, probability
+from cascade.cli.argtypes import add_speed_arguments, non_negative_int, positive_int, probability
 
 if TYPE_CHECKING:
     from cascade.tuning import TuneOutcome
@@ -49,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="B", help="images per batch (default 16)")
     p.add_argument("--device", default="auto", metavar="D", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--workers", type=non_negative_int, metavar="N", help="decoding processes (default: half the CPUs)")
+    add_speed_arguments(p)
     p.add_argument("--images", metavar="DIR", help="images folder (default: the one the runs were trained on)")
     p.add_argument("--labels", metavar="CSV", help="label CSV (default: the one the runs were trained on)")
     p.add_argument(
@@ -83,7 +84,7 @@ def summary_lines(outcome: TuneOutcome) -> list[str]:
     return [
         f"{where}: {v['images']} images, {v['positives']} positive"
         + (f", {v['unreadable_images']} unreadable (left out)" if v["unreadable_images"] else "")
-        + f"; scored at native resolution{', flip TTA' if v['tta'] else ''}",
+        + f"; scored at native resolution{', flip TTA' if v['tta'] else ''}, networks at {v['precision']}",
         f"thresholds{mode}: cls {th.cls:g}, top {th.top:g}, area {th.area:g} px, bottom {th.bottom:g}, "
         f"min_component {th.min_component:g} px (areas at 1024²)",
         f"mean Dice {format_number(v['mean_dice'])} (all-empty baseline {format_number(v['baseline_empty'])}), "
@@ -105,8 +106,10 @@ def run(args: argparse.Namespace) -> int:
     grid = read_grid(args.grid) if args.grid else None
     outcome = tune_runs(
         args.cls, args.seg, args.out,
-        min_sensitivity=args.min_sensitivity, max_segmented_share=args.max_segmenter_share, tta=args.tta, batch_size=args.batch_size, workers=args.workers,
-        device=args.device, images=args.images, labels=args.labels, grid=grid, progress=not args.quiet,
+        min_sensitivity=args.min_sensitivity, max_segmented_share=args.max_segmenter_share, tta=args.tta,
+        batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
+        backend=args.backend, compile=args.compile, cache_dir=args.cache_dir, images=args.images,
+        labels=args.labels, grid=grid, progress=not args.quiet,
     )
     for line in outcome.failed:
         print(f"cascade tune: warning: left out of the search: {line}", file=sys.stderr)

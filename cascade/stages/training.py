@@ -23,7 +23,6 @@ import io
 import math
 import os
 import random
-import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -46,6 +45,7 @@ from cascade.data.preprocess import Preprocessing
 from cascade.data.splits import make_folds, read_groups, split_fingerprint, write_split_csv
 from cascade.errors import ConfigError, ModelError
 from cascade.fileio import atomic_path, atomic_write_json, atomic_write_text, read_json_object
+from cascade.precision import cpu_supports_bf16
 from cascade.stages.checkpoint import build_model, save_stage
 from cascade.stages.config import positive_share, to_yaml
 from cascade.stages.losses import ComboLoss
@@ -94,15 +94,6 @@ class RunData:
 
 
 # ---------------------------------------------------------------------------------------------------- runtime
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast is slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:

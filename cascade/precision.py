@@ -1,0 +1,71 @@
+"""Numeric precision of inference: which one ``auto`` means here, the autocast it runs under, and the tuned check.
+
+``auto`` is bf16 where the hardware computes it natively — any CUDA device, and CPUs with AVX512-BF16 or AMX
+(detected from the CPU flags, never assumed) — and fp32 elsewhere: on a CPU without those units bf16 is emulated
+and slower than fp32. ``fp16`` is meant for CUDA (it also runs on CPU, slowly). The thresholds of a model folder
+were tuned on probabilities computed at one precision (``cascade.json`` records it; folders written before the field
+existed were tuned in fp32), so running at another one warns: decisions near a threshold can move.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from cascade.errors import CascadeWarning, ConfigError
+from cascade.modeldir import TUNED_PRECISIONS
+
+PRECISIONS = ("auto", *TUNED_PRECISIONS)
+"""What ``--precision`` / ``precision=`` accept; ``auto`` resolves to one of the others, which a model folder records."""
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PrecisionWarning(CascadeWarning):
+    """Inference runs at another precision than the thresholds were tuned at."""
+
+
+def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX flags); elsewhere bf16 is slower than fp32.
+
+    ``cpuinfo`` is the text of ``/proc/cpuinfo`` (read when None); where that file does not exist (macOS,
+    Windows) PyTorch's own CPU feature probe answers.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+            return bool(probe()) if probe is not None else False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: ``auto`` → bf16 on CUDA and on CPUs with native bf16, else fp32."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or cpu_supports_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context that runs a network at ``precision`` (a resolved one) on ``device``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_DTYPES[precision])
+
+
+def check_tuned(tuned: str, used: str, where: str) -> None:
+    """Warn (once per call, i.e. once per loaded model) when ``used`` differs from the ``tuned`` precision."""
+    if tuned != used:
+        warnings.warn(
+            f"{where}: thresholds were tuned at {tuned} but inference runs at {used}; decisions near a threshold "
+            f"can differ (use precision {tuned} to reproduce the tuned operating point, or re-tune at {used})",
+            PrecisionWarning,
+            stacklevel=3,
+        )
+
