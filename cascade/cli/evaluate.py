@@ -44,11 +44,14 @@ def run(args: argparse.Namespace) -> int:
 
     from cascade.data.labels import read_labels
     from cascade.errors import ConfigError, LabelError
+    from cascade.fileio import check_output
     from cascade.thresholds.metrics import dice, format_number, summarize
 
     height, width = args.size
     if height <= 0 or width <= 0:
         raise ConfigError(f"--size must be two positive integers, got {height} {width}")
+    if args.report:
+        check_output(args.report, folder=True, inputs=[args.submission, args.labels])
     truth = read_labels(args.labels)
     sub = read_labels(args.submission)
     unknown = [i for i in sub.image_ids if i not in truth]

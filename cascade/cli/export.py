@@ -21,8 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cascade.fileio import check_output
     from cascade.onnx_export import TOLERANCE, describe, export_onnx
 
+    check_output(args.out, folder=True, inside=[args.model_dir])
     results = export_onnx(args.model_dir, args.out)
     print(describe(results))
     print(f"ONNX Runtime matches PyTorch within {TOLERANCE:.0e} on every network → {args.out}")

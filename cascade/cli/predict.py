@@ -42,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """The DICOM files to predict (folders searched recursively), in ImageId order, and duplicate warnings.
+    """The DICOM files to predict (folders searched recursively), in ImageId order, and warnings (duplicates,
+    unreadable sub-folders, ``*.dcm`` entries that are not regular files).
 
     A file named explicitly is taken whatever its extension; if it cannot be read, prediction reports it like any
     other bad file. Several files with one ImageId would give repeated submission rows: the first is kept.
@@ -53,27 +54,33 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     warnings = [
         f"ImageId {image_id} found more than once; kept {index.paths[image_id]}, skipped {', '.join(map(str, extra))}"
         for image_id, extra in sorted(index.duplicates.items())
-    ]
+    ] + index.warnings()
     return [index.paths[k] for k in sorted(index.paths)], warnings
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from cascade.data.labels import write_labels
+    from cascade.data.index import UNREADABLE_FOLDERS
+    from cascade.data.labels import submission_id_problem, write_labels
     from cascade.errors import ConfigError
+    from cascade.fileio import check_output
     from cascade.pipeline import Cascade
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
-    model = Cascade.from_pretrained(args.model_dir, device=args.device, tta=args.tta)
+    check_output(args.out, inputs=args.inputs, inside=[args.model_dir])
+    if args.overlays:
+        check_output(args.overlays, folder=True, inputs=args.inputs, inside=[args.model_dir])
     paths, warnings = collect_inputs(args.inputs)
+    check_output(args.out, inputs=paths)
     for warning in warnings:
         print(f"cascade predict: warning: {warning}", file=sys.stderr)
     if not paths:
         raise ConfigError(f"no DICOM files (*.dcm) found in {', '.join(args.inputs)}")
+    model = Cascade.from_pretrained(args.model_dir, device=args.device, tta=args.tta)
 
     rows: list[tuple[str, str]] = []
     failures: list[str] = []
@@ -81,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     predictions = model.predict_many(paths, batch_size=args.batch_size, workers=args.workers)
     for pred in tqdm(predictions, total=len(paths), unit="img", desc="predict", file=sys.stderr):
+        problem = submission_id_problem(pred.image_id)
+        if problem is not None:  # the rest of the submission is still written (docs/robustness.md)
+            failures.append(f"{pred.source}: ImageId {pred.image_id!r} {problem}: it cannot be a submission row")
+            continue
         if not pred.ok:
             failures.append(str(pred.error))
             continue
@@ -102,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         f"{len(paths) / max(elapsed, 1e-9):.1f} images/s (device {model.device}, tta {'on' if model.tta else 'off'})"
         f" → {args.out}"
     )
-    return 2 if failures else 0
+    return 2 if failures or any(UNREADABLE_FOLDERS in w for w in warnings) else 0
 
 
 def write_overlay(path: Path, pred: Prediction) -> None:

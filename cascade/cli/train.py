@@ -96,10 +96,11 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cascade.fileio import check_output
     from cascade.stages import config as cfg
     from cascade.stages import training
 
-    out = Path(args.out)
+    out = check_output(args.out, folder=True, inputs=[args.images, args.labels])
     if args.resume:
         training.check_run_dir(out, resume=True)
         config = cfg.resume_config(out / training.CONFIG_FILE, args.stage, args.config, overrides(args))

@@ -93,8 +93,11 @@ def summary_lines(outcome: TuneOutcome) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cascade.fileio import check_output
     from cascade.tuning import tune_runs
 
+    check_output(args.out, folder=True, inside=[*args.cls, *args.seg],
+                 inputs=[p for p in (args.images, args.labels) if p])
     outcome = tune_runs(
         args.cls, args.seg, args.out,
         min_sensitivity=args.min_sensitivity, tta=args.tta, batch_size=args.batch_size, workers=args.workers,

@@ -123,18 +123,24 @@ def read_split_csv(path: str | os.PathLike[str]) -> Split:
     return split
 
 
-def read_groups(paths: Mapping[str, Path], progress: bool = True) -> dict[str, str | None]:
+def read_groups(
+    paths: Mapping[str, Path], progress: bool = True, sizes: dict[str, tuple[int, int]] | None = None
+) -> dict[str, str | None]:
     """Patient key per ImageId from the DICOM headers (None when absent or unreadable, which is logged).
 
-    The keys are hashes of PatientID: keep them in memory for ``make_folds``, never write them out.
+    The keys are hashes of PatientID: keep them in memory for ``make_folds``, never write them out. ``sizes``, when
+    given, receives each readable image's native ``(rows, columns)`` from the same header read.
     """
-    from cascade.data.dicom import read_patient_key  # pydicom is only needed here, not to split
+    from cascade.data.dicom import read_header_facts  # pydicom is only needed here, not to split
 
     groups: dict[str, str | None] = {}
     for image_id, path in tqdm(paths.items(), desc="patient keys", unit="file", disable=not progress or len(paths) < 100):
         try:
-            groups[image_id] = read_patient_key(path)
+            groups[image_id], rows, cols = read_header_facts(path)
         except DicomError as err:
             log.warning("%s (the image is its own group)", err)
             groups[image_id] = None
+            continue
+        if sizes is not None:
+            sizes[image_id] = (rows, cols)
     return groups
