@@ -64,14 +64,14 @@ def empty_baseline(summary: dict[str, Any]) -> float:
 
 def _run(step: str, argv: Sequence[str], seconds: dict[str, float]) -> None:
     """Run one ``cascade`` command in-process, echoing it; a failure stops the demo with that command named."""
-    from cascade.cli.main import Terminated, main
+    from cascade.cli.main import main
 
     print(f"\n$ cascade {shlex.join(argv)}", flush=True)
     start = time.perf_counter()
     status = main(list(argv))
     seconds[step] = time.perf_counter() - start
-    if status in (130, 143):  # the step was interrupted: so is the demo
-        raise KeyboardInterrupt if status == 130 else Terminated
+    if status == 130:  # the step was interrupted: so is the demo
+        raise KeyboardInterrupt
     if status != 0:
         raise CascadeError(f"demo step '{step}' failed (exit status {status}): cascade {shlex.join(argv)}")
 

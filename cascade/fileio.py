@@ -13,6 +13,32 @@ from pathlib import Path
 from typing import Any
 
 
+_PENDING: set[Path] = set()
+"""Temporary files and folders of writes in progress: what :func:`remove_pending` deletes when a signal ends the
+process before their ``finally`` blocks can run."""
+
+
+@contextmanager
+def pending(path: Path) -> Iterator[Path]:
+    """Register ``path`` (a temporary file or folder) as in progress for the duration of the block."""
+    _PENDING.add(path)
+    try:
+        yield path
+    finally:
+        _PENDING.discard(path)
+
+
+def remove_pending() -> None:
+    """Delete every temporary file and folder of a write in progress (called on SIGTERM, just before exiting)."""
+    import shutil
+
+    for path in list(_PENDING):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def _default_mode() -> int:
     """Permissions a plain ``open(path, "w")`` would give: 0o666 less the process umask (mkstemp gives 0o600)."""
     umask = os.umask(0)
@@ -27,13 +53,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, _default_mode())  # after the block: a writer may replace the file (safetensors gives 0600)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with pending(Path(tmp_name)) as tmp:
+        try:
+            yield tmp
+            os.chmod(tmp, _default_mode())  # after the block: a writer may replace the file (safetensors gives 0600)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -113,18 +139,29 @@ def path_kind(path: str | os.PathLike[str]) -> str:
     return next((name for test, name in _SPECIAL if test(mode)), "not a regular file")
 
 
-def input_file(path: str | os.PathLike[str], error: type[Exception] | None = None, what: str = "file") -> Path:
-    """``path`` if it is a regular file; else ``error`` (a ``CascadeError`` class) naming it and saying what it is.
+def input_file(
+    path: str | os.PathLike[str], error: type[Exception] | None = None, what: str = "file", *, folder: bool = False
+) -> Path:
+    """``path`` if it is a regular file (a folder with ``folder=True``); else ``error`` (a ``CascadeError`` class)
+    naming it and saying what it is instead.
 
-    Checked with ``stat`` before any ``open``: opening a FIFO would block until someone writes to it."""
+    Checked with ``stat`` before any ``open``: opening a FIFO would block until someone writes to it. Commands call
+    this on their inputs before importing torch, so a mistyped path is refused at once.
+    """
     from cascade.errors import CascadeError
 
     kind = path_kind(path)
-    if kind == "file":
+    wanted = "folder" if folder else "file"
+    if kind == wanted:
         return Path(path)
-    reason = {"missing": f"no such {what}", "folder": f"is a folder, not a {what}"}.get(kind, f"is {kind}")
-    if not kind.startswith("not accessible") and kind not in ("missing", "folder"):
-        reason += f", not a regular {what}"
+    if kind == "missing":
+        reason = f"no such {what}"
+    elif kind in ("file", "folder"):
+        reason = f"is a {kind}, not a {what}"
+    elif kind.startswith("not accessible"):
+        reason = f"is {kind}"
+    else:
+        reason = f"is {kind}, not a {'' if folder else 'regular '}{what}"
     raise (error or CascadeError)(f"{path}: {reason}")
 
 

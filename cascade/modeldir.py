@@ -33,7 +33,14 @@ from torch import nn
 from cascade import __version__
 from cascade.data.preprocess import Preprocessing
 from cascade.errors import CascadeError, ModelError
-from cascade.fileio import atomic_write_json, parse_json_object, path_kind, read_json_bytes, read_json_object
+from cascade.fileio import (
+    atomic_write_json,
+    parse_json_object,
+    path_kind,
+    pending,
+    read_json_bytes,
+    read_json_object,
+)
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, load_stage, read_config, save_stage, sha256_file, validate_config
 from cascade.thresholds.rule import Thresholds
 
@@ -110,40 +117,41 @@ def write_model_dir(
     check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        members: dict[str, list[str]] = {}
-        weights: dict[str, str] = {}
-        preprocessing: dict[str, dict[str, Any]] = {}
-        for stage, sources in (("classifier", classifiers), ("segmenter", segmenters)):
-            names = [member_name(stage, i) for i in range(len(sources))]
-            configs = [_write_member(tmp / name, source, stage) for name, source in zip(names, sources)]
-            preprocessing[stage] = _stage_preprocessing(configs, stage, tmp).to_dict()
-            members[stage] = names
-            for name in names:
-                for file in (CONFIG, WEIGHTS):
-                    weights[f"{name}/{file}"] = sha256_file(tmp / name / file)
-        reports = []
-        for report in report_files:
-            src = Path(report)
-            (tmp / REPORT_DIR).mkdir(exist_ok=True)
-            shutil.copyfile(src, tmp / REPORT_DIR / src.name)
-            reports.append(f"{REPORT_DIR}/{src.name}")
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "thresholds": th.to_dict(),
-            "tta": {"hflip": bool(tta)},
-            "preprocessing": preprocessing,
-            "members": members,
-            "sha256": weights,
-            "metrics": dict(metrics or {}),
-            "versions": library_versions(),
-            "report": reports,
-        }
-        atomic_write_json(tmp / MANIFEST, manifest)
-        tmp.chmod(0o755)
-        _swap_into_place(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with pending(tmp):
+        try:
+            members: dict[str, list[str]] = {}
+            weights: dict[str, str] = {}
+            preprocessing: dict[str, dict[str, Any]] = {}
+            for stage, sources in (("classifier", classifiers), ("segmenter", segmenters)):
+                names = [member_name(stage, i) for i in range(len(sources))]
+                configs = [_write_member(tmp / name, source, stage) for name, source in zip(names, sources)]
+                preprocessing[stage] = _stage_preprocessing(configs, stage, tmp).to_dict()
+                members[stage] = names
+                for name in names:
+                    for file in (CONFIG, WEIGHTS):
+                        weights[f"{name}/{file}"] = sha256_file(tmp / name / file)
+            reports = []
+            for report in report_files:
+                src = Path(report)
+                (tmp / REPORT_DIR).mkdir(exist_ok=True)
+                shutil.copyfile(src, tmp / REPORT_DIR / src.name)
+                reports.append(f"{REPORT_DIR}/{src.name}")
+            manifest = {
+                "schema_version": SCHEMA_VERSION,
+                "thresholds": th.to_dict(),
+                "tta": {"hflip": bool(tta)},
+                "preprocessing": preprocessing,
+                "members": members,
+                "sha256": weights,
+                "metrics": dict(metrics or {}),
+                "versions": library_versions(),
+                "report": reports,
+            }
+            atomic_write_json(tmp / MANIFEST, manifest)
+            tmp.chmod(0o755)
+            _swap_into_place(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

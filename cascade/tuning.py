@@ -45,7 +45,7 @@ from cascade.data.index import scan_dicoms
 from cascade.data.labels import Labels, read_labels
 from cascade.data.splits import Split, read_split_csv, split_fingerprint
 from cascade.errors import CascadeError, ConfigError, LabelError, ModelError
-from cascade.fileio import atomic_write_json
+from cascade.fileio import atomic_write_json, pending
 from cascade.modeldir import REPORT_DIR, check_replaceable, write_model_dir
 from cascade.pipeline import ImageProbabilities, native_map, predict_probabilities
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config
@@ -364,7 +364,7 @@ def tune_runs(
     result = search.result(min_sensitivity)
     metrics = validation_metrics(result, pairs=pairs, images_per_fold=per_fold, tta=tta, failed=len(failed))
 
-    with tempfile.TemporaryDirectory(prefix="cascade-tune-report-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cascade-tune-report-") as tmp, pending(Path(tmp)):
         files = write_tune_report(result, tmp)
         runs: dict[str, Any] = (
             {"cls_run": str(pairs[0][0].root), "seg_run": str(pairs[0][1].root)} if len(pairs) == 1

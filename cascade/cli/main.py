@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import multiprocessing
+import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cascade import __version__
 from cascade.errors import CascadeError, from_worker
+from cascade.fileio import remove_pending
 
 SUBCOMMANDS = ("synth", "train", "tune", "predict", "evaluate", "export", "demo")
 
@@ -35,22 +38,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread like KeyboardInterrupt (a BaseException, so no ``except Exception`` in a
-    decoder swallows it): the command unwinds, removing temporary files and stopping its workers."""
+def _terminate(command: str) -> Callable[[int, object], None]:
+    """The SIGTERM handler of ``command``: remove the temporary files of writes in progress, stop the worker
+    processes and exit 143 at once.
 
+    Exiting from the handler, rather than raising into the running code, cannot be lost: an exception raised while
+    the main thread is inside a ``__del__`` (a DataLoader shutting its workers down) is printed and ignored, and
+    the command would go on. Outputs are only ever renamed into place whole, so none is half-written.
+    """
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
+    def handler(signum: int, frame: object) -> None:
+        remove_pending()
+        for child in multiprocessing.active_children():
+            child.kill()
+        print(f"\ncascade {command}: terminated", file=sys.stderr, flush=True)
+        os._exit(128 + signal.SIGTERM)
+
+    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 success, 2 bad usage or input, 1 other failures,
-    130 after Ctrl-C, 143 after SIGTERM)."""
+    130 after Ctrl-C; SIGTERM exits 143 from its handler)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     handle = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
-    previous = signal.signal(signal.SIGTERM, _terminate) if handle else None
+    previous = signal.signal(signal.SIGTERM, _terminate(args.command)) if handle else None
     try:
         return int(args.func(args) or 0)
     except CascadeError as err:
@@ -60,12 +73,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"cascade {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug, not bad input: one line, the traceback only on request
+        if os.environ.get("CASCADE_TRACEBACK"):
+            raise
+        first = (str(err).strip().splitlines() or [""])[0]
+        print(f"cascade {args.command}: internal error: {type(err).__name__}: {first} (set CASCADE_TRACEBACK=1 for "
+              "the traceback, and please report it)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"cascade {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        print(f"cascade {args.command}: terminated", file=sys.stderr)
-        return 143
     finally:
         if handle:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

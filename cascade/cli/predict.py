@@ -63,14 +63,14 @@ def run(args: argparse.Namespace) -> int:
 
     from cascade.data.index import UNREADABLE_FOLDERS
     from cascade.data.labels import submission_id_problem, write_labels
-    from cascade.errors import ConfigError
-    from cascade.fileio import check_output
-    from cascade.pipeline import Cascade
+    from cascade.errors import ConfigError, ModelError
+    from cascade.fileio import check_output, input_file
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
+    input_file(args.model_dir, ModelError, "model folder", folder=True)
     check_output(args.out, inputs=args.inputs, inside=[args.model_dir])
     if args.overlays:
         check_output(args.overlays, folder=True, inputs=args.inputs, inside=[args.model_dir])
@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"cascade predict: warning: {warning}", file=sys.stderr)
     if not paths:
         raise ConfigError(f"no DICOM files (*.dcm) found in {', '.join(args.inputs)}")
+    from cascade.pipeline import Cascade  # torch: imported once the arguments have been checked
+
     model = Cascade.from_pretrained(args.model_dir, device=args.device, tta=args.tta)
 
     rows: list[tuple[str, str]] = []

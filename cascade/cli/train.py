@@ -96,11 +96,17 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cascade.fileio import check_output
-    from cascade.stages import config as cfg
+    from cascade.errors import LabelError
+    from cascade.fileio import check_output, input_file, path_kind
+
+    input_file(args.images, ConfigError, "folder of images", folder=True)
+    input_file(args.labels, LabelError, "label file")
+    if args.config and path_kind(args.config) != "missing":  # absent: the name of a shipped configuration
+        input_file(args.config, ConfigError, "configuration file")
+    out = check_output(args.out, folder=True, inputs=[args.images, args.labels])
+    from cascade.stages import config as cfg  # torch: imported once the output has been checked
     from cascade.stages import training
 
-    out = check_output(args.out, folder=True, inputs=[args.images, args.labels])
     if args.resume:
         training.check_run_dir(out, resume=True)
         config = cfg.resume_config(out / training.CONFIG_FILE, args.stage, args.config, overrides(args))

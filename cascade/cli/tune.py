@@ -93,11 +93,16 @@ def summary_lines(outcome: TuneOutcome) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cascade.fileio import check_output
-    from cascade.tuning import tune_runs
+    from cascade.errors import ConfigError
+    from cascade.fileio import check_output, input_file
 
+    for flag, runs in (("--cls", args.cls), ("--seg", args.seg)):
+        for run in runs:
+            input_file(run, ConfigError, f"run folder (give {flag} a folder written by 'cascade train')", folder=True)
     check_output(args.out, folder=True, inside=[*args.cls, *args.seg],
                  inputs=[p for p in (args.images, args.labels) if p])
+    from cascade.tuning import tune_runs  # torch: imported once the output has been checked
+
     outcome = tune_runs(
         args.cls, args.seg, args.out,
         min_sensitivity=args.min_sensitivity, tta=args.tta, batch_size=args.batch_size, workers=args.workers,
