@@ -15,8 +15,10 @@ DESCRIPTION = """\
 Predict pneumothorax masks for DICOM files and folders (searched recursively for *.dcm) and write the submission
 CSV `ImageId,EncodedPixels` (one row per readable image, -1 when negative; the ImageId is the file stem). The
 classifier gates the segmenter: only images it passes are segmented. Unreadable files are listed on stderr with
-the reason and skipped; the others are still written. Exit status: 0 when every image was predicted, 2 when some
-input failed (or the model folder or the arguments are bad)."""
+the reason and skipped, as is an image whose ImageId cannot be a CSV row (comma, quote, surrounding space, line
+break); the others are still written. FIFOs and devices in a folder are skipped unopened. Exit status: 0 when
+every image was predicted, 2 when some input failed or a sub-folder could not be read (or the model folder, the
+output paths or the arguments are bad), 143 after SIGTERM."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
