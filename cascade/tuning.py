@@ -230,7 +230,7 @@ def validation_images(runs: Sequence[Run], images: Path, labels_path: Path) -> t
         if missing:
             raise ConfigError(
                 f"{images}: {len(missing)} validation image(s) of {run.root / SPLIT_FILE} not found "
-                f"(first: {missing[0]})"
+                f"(first: {missing[0]})" + "".join(f"; {line}" for line in index.warnings())
             )
         unlabelled = [i for i in ids if i not in labels]
         if unlabelled:

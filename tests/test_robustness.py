@@ -486,6 +486,8 @@ def _corpus(root: Path, synth: SynthSummary, model_dir: Path) -> list[tuple[list
         (["export", missing, "--format", "onnx", "--out", new], new, "no such model folder"),
         (["export", model_dir, "--format", "onnx", "--out", file], file, "is a file"),
         (["export", model_dir, "--format", "onnx", "--out", model_dir], None, "lies inside"),
+        (["predict", model_dir, "--out", new], new, "required: INPUT"),
+        (["evaluate", labels, "--labels", labels, "--size", "x", "1"], None, "invalid int value"),
         (["demo", "--out", file], file, "is a file"),
         (["demo", "--out", file / "sub"], file, "is not a folder"),
     ]

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from cascade import __version__
 from cascade.errors import CascadeError, from_worker
@@ -22,9 +23,16 @@ from cascade.fileio import remove_pending
 SUBCOMMANDS = ("synth", "train", "tune", "predict", "evaluate", "export", "demo")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (``cascade <cmd>: error: …``, exit 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cascade",
         description="Pneumothorax detection on chest radiographs: a classifier gates a segmenter, "
         "with thresholds tuned for the SIIM-ACR metric (mean per-image Dice).",

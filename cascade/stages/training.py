@@ -161,9 +161,10 @@ def load_run_data(config: dict[str, Any], images: Path, labels_path: Path, progr
     matched = match(index, labels)
     if matched.labels_without_images:
         first = sorted(matched.labels_without_images)[0]
+        skipped = "".join(f"; {line}" for line in index.warnings())  # e.g. the sub-folders that could not be read
         raise ConfigError(
             f"{labels_path}: {len(matched.labels_without_images)} labelled image(s) have no DICOM file under "
-            f"{images} (first: {first})"
+            f"{images} (first: {first}){skipped}"
         )
     items = make_items(index.paths, labels)
     if not items:
