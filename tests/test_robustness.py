@@ -13,7 +13,8 @@ import resource
 import shutil
 import signal
 import stat
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from pydicom import dcmread
 from cascade.cli.main import main
 from cascade.data.labels import read_labels
 from cascade.data.synth import SynthSummary, generate
-from cascade.errors import ConfigError, ModelError
+from cascade.errors import CascadeError, ConfigError, ModelError
 from cascade.modeldir import MANIFEST
 from cascade.pipeline import Cascade
 from conftest import make_model_dir
@@ -136,6 +137,27 @@ def test_fifo_or_symlink_loop_named_directly_is_said_to_be_one(
     (line,) = error_lines(capsys.readouterr().err, "predict")
     assert ("a FIFO" if kind == "fifo" else "a symlink loop") in line and "no such" not in line
     assert not (tmp_path / "s.csv").exists()
+
+
+def _readers() -> dict[str, Callable[[Path], object]]:
+    from cascade.data.dicom import read_dicom, read_patient_key
+    from cascade.data.index import scan_dicoms
+    from cascade.data.splits import read_split_csv
+    from cascade.stages.checkpoint import read_config
+    from cascade.stages.config import read_yaml
+
+    return {"read_dicom": read_dicom, "read_patient_key": read_patient_key, "read_labels": read_labels,
+            "read_split_csv": read_split_csv, "read_yaml": read_yaml, "scan_dicoms": scan_dicoms,
+            "from_pretrained": Cascade.from_pretrained, "read_config": lambda p: read_config(p.parent)}
+
+
+@pytest.mark.parametrize("reader", sorted(_readers()))
+def test_library_readers_refuse_a_fifo_at_once(tmp_path: Path, reader: str, no_hang: None) -> None:
+    fifo = tmp_path / ("config.json" if reader == "read_config" else "input")
+    os.mkfifo(fifo)
+    with pytest.raises(CascadeError, match="FIFO|not a folder") as err:
+        _readers()[reader](fifo)
+    assert str(err.value).startswith(f"{fifo}: ")
 
 
 # ---------------------------------------------------------------------------------------------------- 2. outputs
@@ -379,12 +401,14 @@ def test_header_values_never_reach_the_terminal(
 ) -> None:
     folder = tmp_path / "in"
     colour, odd_uid = dicoms(synth, folder, 2)
-    ds = dcmread(colour)
-    ds.PhotometricInterpretation = "Doe^John"
-    ds.save_as(colour)
-    ds = dcmread(odd_uid)
-    ds.StudyInstanceUID = "Doe^John"  # pydicom warns about an invalid UI value by quoting it
-    ds.save_as(odd_uid)
+    with warnings.catch_warnings():  # pydicom warns (quoting the value) already when the test writes it
+        warnings.simplefilter("ignore")
+        ds = dcmread(colour)
+        ds.PhotometricInterpretation = "Doe^John"
+        ds.save_as(colour)
+        ds = dcmread(odd_uid)
+        ds.StudyInstanceUID = "Doe^John"  # pydicom warns about an invalid UI value by quoting it
+        ds.save_as(odd_uid)
     out = tmp_path / "sub.csv"
     assert predict(model_dir, folder, out=out) == 2
     captured = capfd.readouterr()

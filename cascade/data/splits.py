@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cascade.errors import ConfigError, DicomError, LabelError
-from cascade.fileio import atomic_write_text
+from cascade.fileio import atomic_write_text, input_file
 
 SPLIT_COLUMNS = ("ImageId", "fold", "positive")
 
@@ -100,6 +100,7 @@ def write_split_csv(path: str | os.PathLike[str], folds: Mapping[str, int], posi
 def read_split_csv(path: str | os.PathLike[str]) -> Split:
     """Read a ``split.csv`` written by ``write_split_csv``; a malformed row raises LabelError naming it."""
     name = str(path)
+    input_file(path, LabelError, "split file")  # stat first: opening a FIFO would block
     try:
         with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.reader(f))
