@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-
 _PENDING: set[Path] = set()
 """Temporary files and folders of writes in progress: what :func:`remove_pending` deletes when a signal ends the
 process before their ``finally`` blocks can run."""

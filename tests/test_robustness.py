@@ -21,15 +21,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pydicom import dcmread
-
-from cascade.cli.main import main
-from cascade.data.labels import read_labels
-from cascade.data.synth import SynthSummary, generate
-from cascade.errors import CascadeError, ConfigError, ModelError
-from cascade.modeldir import MANIFEST
-from cascade.pipeline import Cascade
 from conftest import make_model_dir
+from pydicom import dcmread
 from robust_helpers import (
     ROOT,
     alive,
@@ -41,6 +34,13 @@ from robust_helpers import (
     unprivileged,
     wait_until,
 )
+
+from cascade.cli.main import main
+from cascade.data.labels import read_labels
+from cascade.data.synth import SynthSummary, generate
+from cascade.errors import CascadeError, ConfigError, ModelError
+from cascade.modeldir import MANIFEST
+from cascade.pipeline import Cascade
 
 CONFIGS = ROOT / "cascade" / "configs"
 
@@ -276,10 +276,22 @@ def test_empty_or_non_finite_array_is_refused(model_dir: Path, array: np.ndarray
 def _many_inputs(synth: SynthSummary, folder: Path, count: int) -> Path:
     """``count`` DICOMs (links to one synthetic file, each its own ImageId): enough work to be signalled mid-run."""
     folder.mkdir()
-    source = sorted(synth.paths.values())[0]
+    source = min(synth.paths.values())
     for i in range(count):
         (folder / f"1.2.3.{i}.dcm").symlink_to(source)
     return folder
+
+
+def _signal_mid_run(proc: Any, args: list[Any], sig: signal.Signals) -> Any:
+    """Once ``proc`` runs its loader workers, send it ``sig``; its result, after checking that no worker (nor any
+    other process of its group) is alive 5 s later."""
+    assert wait_until(lambda: len(children(proc.pid)) >= 2 or proc.poll() is not None, 90), "no workers"
+    assert proc.poll() is None, proc.communicate()
+    workers = children(proc.pid)
+    os.kill(proc.pid, sig)
+    result = finish(proc, args, timeout=30)  # also: nothing of its process group left after 5 s
+    assert wait_until(lambda: not any(alive(w) for w in workers), 5.0), "a worker outlived its parent"
+    return result
 
 
 @pytest.mark.parametrize("command", ["predict", "train"])
@@ -302,12 +314,7 @@ def test_sigterm_and_sigkill_leave_no_worker_behind(
                     "--quiet"]
         runs[sig] = (start(args), args, out)
     for sig, (proc, args, out) in runs.items():
-        assert wait_until(lambda: len(children(proc.pid)) >= 2 or proc.poll() is not None, 90), "no workers"
-        assert proc.poll() is None, proc.communicate()
-        workers = children(proc.pid)
-        os.kill(proc.pid, sig)
-        result = finish(proc, args, timeout=30)  # also: nothing of its process group left after 5 s
-        assert wait_until(lambda: not any(alive(w) for w in workers), 5.0), "a worker outlived its parent"
+        result = _signal_mid_run(proc, args, sig)
         if sig == signal.SIGTERM:
             assert result.returncode == 143 and result.stderr.strip().splitlines()[-1] == f"cascade {command}: terminated"
             assert "Traceback" not in result.stderr, result.stderr
@@ -438,8 +445,9 @@ def test_unsafe_state_pt_error_gives_no_unsafe_advice(
 
 
 def test_run_folder_files_get_normal_permissions(tmp_path: Path) -> None:
-    from cascade.stages.checkpoint import save_stage
     from conftest import SEG_CONFIG, tiny_stage
+
+    from cascade.stages.checkpoint import save_stage
 
     save_stage(tmp_path / "best", *tiny_stage(SEG_CONFIG, seed=0))
     umask = os.umask(0)
@@ -472,7 +480,7 @@ def _corpus(root: Path, synth: SynthSummary, model_dir: Path) -> list[tuple[list
     loop.symlink_to(loop)
     new = root / "new"
     images, labels = synth.labels.parent / "dicom-images-train", synth.labels
-    image = sorted(synth.paths.values())[0]
+    image = min(synth.paths.values())
     tampered = root / "tampered"
     shutil.copytree(model_dir, tampered)
     _edit_config(tampered, rehash=False, std=1e-30)

@@ -40,9 +40,8 @@ class DicomIndex:
     def warnings(self) -> list[str]:
         """One line per kind of skipped entry (counts and the first path), for the commands to print."""
         lines = []
-        for entries, what in ((self.unreadable_folders, UNREADABLE_FOLDERS),
-                              (self.special_files, "*.dcm entries are not regular files (FIFO, socket, device or "
-                               "broken link) and were skipped")):
+        special = "*.dcm entries are not regular files (FIFO, socket, device or broken link) and were skipped"
+        for entries, what in ((self.unreadable_folders, UNREADABLE_FOLDERS), (self.special_files, special)):
             if entries:
                 lines.append(f"{len(entries)} {what} (first: {entries[0]})")
         return lines

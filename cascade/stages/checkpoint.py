@@ -124,7 +124,7 @@ def load_stage(
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:
-        diff = sorted(set(expected.items()) ^ set(found.items()))[0][0]
+        diff = min(set(expected.items()) ^ set(found.items()))[0]
         raise ModelError(f"{path}: weights do not fit the network in {CONFIG} (first difference: {diff})")
     model = build_model(config)
     try:
@@ -141,7 +141,7 @@ def load_weights_only(path: str | os.PathLike[str], what: str) -> Any:
     file = input_file(path, ModelError)
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception:  # torch raises many types for a bad or unsafe file; all mean "not usable"
+    except Exception:  # noqa: BLE001  (torch raises many types for a bad or unsafe file; all mean "not usable")
         raise ModelError(
             f"{path}: not a readable {what} (truncated, not a torch file, or holding objects other than tensors "
             "and plain values, which cascade never unpickles)"
