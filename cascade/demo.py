@@ -70,6 +70,8 @@ def _run(step: str, argv: Sequence[str], seconds: dict[str, float]) -> None:
     start = time.perf_counter()
     status = main(list(argv))
     seconds[step] = time.perf_counter() - start
+    if status == 130:  # the step was interrupted: so is the demo
+        raise KeyboardInterrupt
     if status != 0:
         raise CascadeError(f"demo step '{step}' failed (exit status {status}): cascade {shlex.join(argv)}")
 

@@ -29,3 +29,17 @@ class ModelError(CascadeError):
 
 class CascadeWarning(UserWarning):
     """Something a user should know that does not stop the work (the command line prints it as a warning line)."""
+
+
+def from_worker(err: CascadeError) -> CascadeError:
+    """``err`` with its own one-line message when a DataLoader worker raised it.
+
+    PyTorch re-raises a worker's exception in the parent as the same class, but with the worker's whole traceback
+    as its message (``Caught LabelError in DataLoader worker process 0. Original Traceback ...``); the original
+    message is the traceback's last line. Any other error is returned unchanged.
+    """
+    lines = str(err).strip().splitlines()
+    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+    if len(lines) > 1 and lines[0].startswith("Caught ") and lines[-1].startswith(prefix):
+        return type(err)(lines[-1][len(prefix):])
+    return err

@@ -10,8 +10,11 @@ Layout (DESIGN.md §4; a single model is exactly this)::
 
 A fold ensemble adds ``classifier-1/``, ``classifier-2/``, … and ``segmenter-1/``, …; ``cascade.json`` lists the
 member folders of each stage in ``members``. Nothing here unpickles: weights are safetensors, metadata is JSON.
-Reading checks the schema version and the sha256 of every weight file, so a changed or truncated weight file, a
-missing file or malformed JSON is refused with one clear :class:`~cascade.errors.ModelError`.
+``cascade.json`` records the sha256 of every file of every member (``config.json`` and ``model.safetensors``).
+Reading checks the schema version, each config's sha256 and every field a network is built from, refuses member
+folders or files that lead (by symlink) outside MODEL_DIR, and checks each weight file's sha256 on the same bytes it
+loads (:meth:`ModelDir.load`), so a changed or truncated file, a missing file, malformed JSON or an edited config is
+refused with one clear :class:`~cascade.errors.ModelError`.
 
 ``precision`` (``fp32``, ``bf16`` or ``fp16``) is the precision the thresholds were tuned at; it was added within
 schema version 1, and a folder without it was tuned in fp32 (the only precision before), so it reads as ``fp32``.
@@ -19,6 +22,7 @@ schema version 1, and a folder without it was tuned in fp32 (the only precision 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -33,8 +37,16 @@ from torch import nn
 from cascade import __version__, model_card
 from cascade.data.preprocess import Preprocessing
 from cascade.errors import CascadeError, ModelError
-from cascade.fileio import atomic_write_json, atomic_write_text, read_json_object
-from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config, save_stage, sha256_file
+from cascade.fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    parse_json_object,
+    path_kind,
+    pending,
+    read_json_bytes,
+    read_json_object,
+)
+from cascade.stages.checkpoint import CONFIG, WEIGHTS, load_stage, read_config, save_stage, sha256_file, validate_config
 from cascade.thresholds.rule import Thresholds
 
 SCHEMA_VERSION = 1
@@ -64,6 +76,16 @@ class ModelDir:
     versions: dict[str, str] = field(default_factory=dict)
     precision: str = "fp32"
     """The precision the thresholds were tuned at (``fp32`` for folders written before it was recorded)."""
+    configs: dict[Path, dict[str, Any]] = field(default_factory=dict, repr=False)
+    """The verified ``config.json`` of each member folder."""
+    sha256: dict[Path, str] = field(default_factory=dict, repr=False)
+    """The recorded sha256 of each member folder's weight file."""
+
+    def load(self, stage: str) -> list[tuple[nn.Module, dict[str, Any]]]:
+        """The networks of ``stage`` (``"classifier"`` / ``"segmenter"``), each weight file read once: hashed and
+        loaded from the same bytes."""
+        dirs = self.classifiers if stage == "classifier" else self.segmenters
+        return [load_stage(d, config=self.configs[d], sha256=self.sha256[d]) for d in dirs]
 
 
 def member_name(stage: str, index: int) -> str:
@@ -109,48 +131,51 @@ def write_model_dir(
     check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        members: dict[str, list[str]] = {}
-        member_configs: dict[str, list[dict[str, Any]]] = {}
-        weights: dict[str, str] = {}
-        preprocessing: dict[str, dict[str, Any]] = {}
-        for stage, sources in (("classifier", classifiers), ("segmenter", segmenters)):
-            names = [member_name(stage, i) for i in range(len(sources))]
-            configs = [_write_member(tmp / name, source, stage) for name, source in zip(names, sources)]
-            preprocessing[stage] = _stage_preprocessing(configs, stage, tmp).to_dict()
-            members[stage] = names
-            member_configs[stage] = configs
-            for name in names:
-                weights[f"{name}/{WEIGHTS}"] = sha256_file(tmp / name / WEIGHTS)
-        reports = []
-        for report in report_files:
-            src = Path(report)
-            (tmp / REPORT_DIR).mkdir(exist_ok=True)
-            shutil.copyfile(src, tmp / REPORT_DIR / src.name)
-            reports.append(f"{REPORT_DIR}/{src.name}")
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "thresholds": th.to_dict(),
-            "tta": {"hflip": bool(tta)},
-            "precision": precision,
-            "preprocessing": preprocessing,
-            "members": members,
-            "sha256": weights,
-            "metrics": dict(metrics or {}),
-            "versions": library_versions(),
-            "report": reports,
-        }
-        atomic_write_json(tmp / MANIFEST, manifest)
-        atomic_write_text(tmp / MODEL_CARD, model_card.render(manifest, member_configs))
-        tmp.chmod(0o755)
-        _swap_into_place(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with pending(tmp):
+        try:
+            members: dict[str, list[str]] = {}
+            member_configs: dict[str, list[dict[str, Any]]] = {}
+            weights: dict[str, str] = {}
+            preprocessing: dict[str, dict[str, Any]] = {}
+            for stage, sources in (("classifier", classifiers), ("segmenter", segmenters)):
+                names = [member_name(stage, i) for i in range(len(sources))]
+                configs = [_write_member(tmp / name, source, stage) for name, source in zip(names, sources)]
+                preprocessing[stage] = _stage_preprocessing(configs, stage, tmp).to_dict()
+                members[stage] = names
+                member_configs[stage] = configs
+                for name in names:
+                    for file in (CONFIG, WEIGHTS):
+                        weights[f"{name}/{file}"] = sha256_file(tmp / name / file)
+            reports = []
+            for report in report_files:
+                src = Path(report)
+                (tmp / REPORT_DIR).mkdir(exist_ok=True)
+                shutil.copyfile(src, tmp / REPORT_DIR / src.name)
+                reports.append(f"{REPORT_DIR}/{src.name}")
+            manifest = {
+                "schema_version": SCHEMA_VERSION,
+                "thresholds": th.to_dict(),
+                "tta": {"hflip": bool(tta)},
+                "precision": precision,
+                "preprocessing": preprocessing,
+                "members": members,
+                "sha256": weights,
+                "metrics": dict(metrics or {}),
+                "versions": library_versions(),
+                "report": reports,
+            }
+            atomic_write_json(tmp / MANIFEST, manifest)
+            atomic_write_text(tmp / MODEL_CARD, model_card.render(manifest, member_configs))
+            tmp.chmod(0o755)
+            _swap_into_place(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
 def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
-    """Read and verify a MODEL_DIR: schema version, every listed file present, every weight's sha256 matching."""
+    """Read and verify a MODEL_DIR: schema version, every listed file present and inside it, every config's sha256
+    and fields; the weights' sha256 is checked as :meth:`ModelDir.load` reads them."""
     root = Path(directory)
     path = root / MANIFEST
     if not root.is_dir():
@@ -177,6 +202,8 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
     metrics = _get(manifest, "metrics", dict, path)
     versions = _get(manifest, "versions", dict, path)
     stage_dirs: dict[str, list[Path]] = {}
+    configs: dict[Path, dict[str, Any]] = {}
+    weight_hashes: dict[Path, str] = {}
     preprocessing: dict[str, Preprocessing] = {}
     for stage in STAGES:
         names = members.get(stage)
@@ -186,10 +213,10 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
         for name in names:
             if Path(name).name != name or name in ("", ".", ".."):
                 raise ModelError(f"{path}: member {name!r} must be a folder name inside the model folder")
-            _verify_member(root, name, stage, hashes.get(f"{name}/{WEIGHTS}"), path)
+            configs[root / name], weight_hashes[root / name] = _verify_member(root, name, stage, hashes, path)
             dirs.append(root / name)
         stage_dirs[stage] = dirs
-        preprocessing[stage] = _stage_preprocessing([read_config(d) for d in dirs], stage, root)
+        preprocessing[stage] = _stage_preprocessing([configs[d] for d in dirs], stage, root)
         recorded = recorded_preps.get(stage)
         if recorded is not None and recorded != preprocessing[stage].to_dict():
             raise ModelError(
@@ -206,6 +233,8 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
         metrics=metrics,
         versions=versions,
         precision=precision,
+        configs=configs,
+        sha256=weight_hashes,
     )
 
 
@@ -216,18 +245,38 @@ def _get(manifest: dict[str, Any], key: str, kind: type, path: Path) -> Any:
     return value
 
 
-def _verify_member(root: Path, name: str, stage: str, expected: Any, manifest: Path) -> None:
-    """A member folder must hold its config (of the right stage) and a weight file with the recorded sha256."""
-    config = read_config(root / name)
+def _verify_member(
+    root: Path, name: str, stage: str, hashes: dict[str, Any], manifest: Path
+) -> tuple[dict[str, Any], str]:
+    """A member folder must lie inside ``root``, hold a config (of the right stage, sha256 as recorded, every field
+    valid) and a weight file with a recorded sha256; returns the config and that sha256."""
+    real_root = os.path.realpath(root)
+    recorded = {}
+    for file in ("", CONFIG, WEIGHTS):
+        path = root / name / file if file else root / name
+        real = os.path.realpath(path)
+        if not real.startswith(real_root + os.sep):
+            raise ModelError(f"{path}: leads outside the model folder (a symlink); refusing to read it")
+        if file:
+            expected = hashes.get(f"{name}/{file}")
+            if not isinstance(expected, str):
+                raise ModelError(
+                    f"{manifest}: no sha256 recorded for {name}/{file} (written by an older cascade? run "
+                    "'cascade tune' again)"
+                )
+            recorded[file] = expected
+    config_path = root / name / CONFIG
+    data = read_json_bytes(config_path, f"a stage folder needs {CONFIG} and {WEIGHTS}")
+    if hashlib.sha256(data).hexdigest() != recorded[CONFIG]:
+        raise ModelError(f"{config_path}: sha256 does not match {MANIFEST}: the file was edited or truncated")
+    config = parse_json_object(data, config_path)
     if config.get("stage") != STAGES[stage]:
-        raise ModelError(f"{root / name / CONFIG}: stage {config.get('stage')!r}, expected {STAGES[stage]!r}")
+        raise ModelError(f"{config_path}: stage {config.get('stage')!r}, expected {STAGES[stage]!r}")
+    validate_config(config, config_path)
     weights = root / name / WEIGHTS
-    if not isinstance(expected, str):
-        raise ModelError(f"{manifest}: no sha256 recorded for {name}/{WEIGHTS}")
-    if not weights.is_file():
+    if path_kind(weights) != "file":
         raise ModelError(f"{weights}: missing")
-    if sha256_file(weights) != expected:
-        raise ModelError(f"{weights}: sha256 does not match {MANIFEST}: the file was changed or truncated")
+    return config, recorded[WEIGHTS]
 
 
 def _stage_preprocessing(configs: list[dict[str, Any]], stage: str, where: Path) -> Preprocessing:

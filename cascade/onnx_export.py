@@ -32,7 +32,6 @@ from cascade.data.preprocess import Preprocessing, normalize
 from cascade.errors import ConfigError, ModelError
 from cascade.fileio import atomic_path, atomic_write_json
 from cascade.modeldir import MANIFEST, read_model_dir
-from cascade.stages.checkpoint import load_stage
 
 TOLERANCE = 1e-4
 """Largest absolute difference in probability allowed between ONNX Runtime and PyTorch (float32 on CPU)."""
@@ -84,8 +83,7 @@ def export_onnx(
     results = []
     for stage, dirs in (("classifier", info.classifiers), ("segmenter", info.segmenters)):
         prep = info.preprocessing[stage]
-        for directory in dirs:
-            model, _ = load_stage(directory)
+        for directory, (model, _) in zip(dirs, info.load(stage)):
             wrapped = _WithPreprocessing(model, prep).eval()
             path = target / f"{directory.name}.onnx"
             dynamic_spatial = _export(wrapped, path, prep.size)

@@ -37,13 +37,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from cascade.data.dicom import DicomImage, read_dicom
+from cascade.data.dicom import MAX_SIDE, DicomImage, read_dicom
 from cascade.data.synth_spec import is_synthetic
 from cascade.data.preprocess import Preprocessing, normalize, prepare_image
 from cascade.data.rle import EMPTY, rle_encode
 from cascade.errors import CascadeError, CascadeWarning, ConfigError, ModelError
 from cascade.modeldir import Member, read_model_dir, write_model_dir
 from cascade.precision import autocast, check_tuned, resolve_precision
+from cascade.processes import die_with_parent
 from cascade.stages.checkpoint import load_stage
 from cascade.thresholds.rule import Thresholds, apply_rule, area_scale
 
@@ -323,6 +324,7 @@ class _Engine:
             num_workers=workers,
             collate_fn=_collate,
             prefetch_factor=2 if workers else None,
+            worker_init_fn=die_with_parent if workers else None,
         )
         yield from loader
 
@@ -502,7 +504,8 @@ class Cascade:
         compile: bool = False,
         cache_dir: Source | None = None,
     ) -> Cascade:
-        """Load a MODEL_DIR (checked: schema version, sha256 of every weight file; nothing is unpickled).
+        """Load a MODEL_DIR (checked: schema version, sha256 of every member file, config fields; nothing is
+        unpickled).
 
         ``tta`` overrides the model folder's setting when given. ``precision`` (``auto``, ``fp32``, ``bf16``,
         ``fp16``) and ``backend`` (``auto``, ``torch``, ``onnxruntime``) choose how the networks run; a precision
@@ -511,8 +514,8 @@ class Cascade:
         """
         info = read_model_dir(directory)
         model = cls(
-            [load_stage(d) for d in info.classifiers],
-            [load_stage(d) for d in info.segmenters],
+            info.load("classifier"),
+            info.load("segmenter"),
             info.thresholds,
             tta=info.tta if tta is None else tta,
             metrics=info.metrics,
@@ -642,8 +645,8 @@ def native_map(probs: ImageProbabilities) -> np.ndarray:
 
 def _array_pixels(x: np.ndarray) -> np.ndarray:
     """A 2-D array as float32 pixels in [0,1]: uint8 is divided by 255, floats must already lie in [0,1]."""
-    if x.ndim != 2:
-        raise ConfigError(f"an image array must be 2-D (height x width), got shape {x.shape}")
+    if x.ndim != 2 or not (0 < x.shape[0] <= MAX_SIDE and 0 < x.shape[1] <= MAX_SIDE):
+        raise ConfigError(f"an image array must be 2-D (height x width, each 1..{MAX_SIDE}), got shape {x.shape}")
     if x.dtype == np.uint8:
         return x.astype(np.float32) / 255.0
     if not np.issubdtype(x.dtype, np.floating):

@@ -45,7 +45,7 @@ from cascade.data.synth_spec import is_synthetic
 from cascade.data.labels import Labels, read_labels
 from cascade.data.splits import Split, read_split_csv, split_fingerprint
 from cascade.errors import CascadeError, ConfigError, LabelError, ModelError
-from cascade.fileio import atomic_write_json
+from cascade.fileio import atomic_write_json, pending
 from cascade.modeldir import REPORT_DIR, check_replaceable, write_model_dir
 from cascade.pipeline import ImageProbabilities, native_map, predict_probabilities, resolve_device
 from cascade.precision import resolve_precision
@@ -223,7 +223,7 @@ def validation_images(runs: Sequence[Run], images: Path, labels_path: Path) -> t
         if missing:
             raise ConfigError(
                 f"{images}: {len(missing)} validation image(s) of {run.root / SPLIT_FILE} not found "
-                f"(first: {missing[0]})"
+                f"(first: {missing[0]})" + "".join(f"; {line}" for line in index.warnings())
             )
         unlabelled = [i for i in ids if i not in labels]
         if unlabelled:
@@ -401,7 +401,7 @@ def tune_runs(
     metrics["training_data"] = training_data(pairs, Path(labels_path), synthetic)
     metrics["validation"]["precision"] = precision
 
-    with tempfile.TemporaryDirectory(prefix="cascade-tune-report-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cascade-tune-report-") as tmp, pending(Path(tmp)):
         files = write_tune_report(result, tmp)
         runs: dict[str, Any] = (
             {"cls_run": str(pairs[0][0].root), "seg_run": str(pairs[0][1].root)} if len(pairs) == 1

@@ -360,7 +360,7 @@ BAD_FILES = [
     (_rows(20000), "absurd image size"),
     (_rows(512), "cannot decode the JPEG Baseline (Process 1) pixel data"),
     (_cut_jpeg_stream, "cannot decode the JPEG Baseline (Process 1) pixel data"),
-    (_syntax("1.2.3.4.5"), "transfer syntax 1.2.3.4.5 is not supported"),
+    (_syntax("1.2.3.4.5"), "transfer syntax (an unknown UID) is not supported"),
     (_syntax(MPEG2MPML), "MPEG2 Main Profile / Main Level is not supported"),
     (_random_bytes, "not a DICOM file"),
     (_garbage_after_prefix, "truncated file (the last element declares"),

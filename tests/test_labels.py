@@ -226,8 +226,8 @@ def test_write_labels_round_trips_a_submission(tmp_path: Path) -> None:
     ("rows", "message"),
     [
         ([("a", "-1"), ("a", "1 2")], "'a' appears twice"),
-        ([("a,b", "-1")], "has spaces, commas"),
-        ([(" a", "-1")], "has spaces, commas"),
+        ([("a,b", "-1")], "holds a comma or a quote"),
+        ([(" a", "-1")], "has leading or trailing spaces"),
         ([("", "-1")], "is empty"),
         ([("a", "1 2 3")], "ImageId 'a': RLE has an odd number"),
         ([], "no rows to write"),

@@ -23,7 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cascade.demo import QUICK, DemoPlan, run_demo
+    from cascade.fileio import check_output
 
+    check_output(args.out, folder=True)
     result = run_demo(args.out, QUICK if args.quick else DemoPlan(), progress=not args.quiet)
     test, gate = result.test, result.gate
     print(

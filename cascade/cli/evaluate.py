@@ -78,7 +78,10 @@ def summary_lines(evaluation: object) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from cascade.evaluation import score_submission
+    from cascade.fileio import check_output
 
+    if args.report:
+        check_output(args.report, folder=True, inputs=[args.submission, args.labels])
     evaluation = score_submission(
         args.submission, args.labels, size=tuple(args.size), only_submitted=args.only_submitted,
         ignore_unknown=args.ignore_unknown, progress=not args.quiet,

@@ -21,7 +21,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cascade.onnx_export import TOLERANCE, describe, export_onnx
+    from cascade.errors import ModelError
+    from cascade.fileio import check_output, input_file
+
+    input_file(args.model_dir, ModelError, "model folder", folder=True)
+    check_output(args.out, folder=True, inside=[args.model_dir])
+    from cascade.onnx_export import TOLERANCE, describe, export_onnx  # torch: once the output has been checked
 
     results = export_onnx(args.model_dir, args.out)
     print(describe(results))

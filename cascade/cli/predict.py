@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 import warnings
@@ -14,8 +15,10 @@ DESCRIPTION = """\
 Predict pneumothorax masks for DICOM files and folders (searched recursively for *.dcm) and write the submission
 CSV `ImageId,EncodedPixels` (one row per readable image, -1 when negative; the ImageId is the file stem). The
 classifier gates the segmenter: only images it passes are segmented. Unreadable files are listed on stderr with
-the reason and skipped; the others are still written. Exit status: 0 when every image was predicted, 2 when some
-input failed (or the model folder or the arguments are bad).
+the reason and skipped, as is an image whose ImageId cannot be a CSV row (comma, quote, surrounding space, line
+break); the others are still written. FIFOs and devices in a folder are skipped unopened. Exit status: 0 when
+every image was predicted, 2 when some input failed or a sub-folder could not be read (or the model folder, the
+output paths or the arguments are bad), 143 after SIGTERM.
 
 Speed: --precision auto runs bf16 where the hardware computes it natively (CUDA, CPUs with AVX512-BF16/AMX) and
 fp32 elsewhere; --backend auto picks the measured fastest engine (ONNX Runtime for fp32 on a CPU, exported once into
@@ -53,7 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """The DICOM files to predict (folders searched recursively), in ImageId order, and duplicate warnings.
+    """The DICOM files to predict (folders searched recursively), in ImageId order, and warnings (duplicates,
+    unreadable sub-folders, ``*.dcm`` entries that are not regular files).
 
     A file named explicitly is taken whatever its extension; if it cannot be read, prediction reports it like any
     other bad file. Several files with one ImageId would give repeated submission rows: the first is kept.
@@ -64,25 +68,36 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     warnings = [
         f"ImageId {image_id} found more than once; kept {index.paths[image_id]}, skipped {', '.join(map(str, extra))}"
         for image_id, extra in sorted(index.duplicates.items())
-    ]
+    ] + index.warnings()
     return [index.paths[k] for k in sorted(index.paths)], warnings
 
 
 def run(args: argparse.Namespace) -> int:
-    from cascade.data.labels import write_labels
-    from cascade.errors import CascadeError, CascadeWarning, ConfigError
-    from cascade.outputs.dicom_seg import write_segmentation
-    from cascade.outputs.overlay import write_overlay
-    from cascade.pipeline import Cascade
-    from cascade.progress import progress_bar
-    from cascade.sharding import current_shard, gather_in_order, process_group
+    from cascade.data.index import UNREADABLE_FOLDERS
+    from cascade.data.labels import submission_id_problem, write_labels
+    from cascade.errors import CascadeError, CascadeWarning, ConfigError, ModelError
+    from cascade.fileio import check_output, input_file
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
+    input_file(args.model_dir, ModelError, "model folder", folder=True)
+    check_output(args.out, inputs=args.inputs, inside=[args.model_dir])
+    for folder in (args.overlays, args.dicom_seg):
+        if folder:
+            check_output(folder, folder=True, inputs=args.inputs, inside=[args.model_dir])
     if args.dicom_seg:
         check_output_folder(Path(args.dicom_seg), [Path(args.model_dir), *map(Path, args.inputs)])
+    paths, notes = collect_inputs(args.inputs)
+    check_output(args.out, inputs=paths)
+
+    from cascade.outputs.dicom_seg import write_segmentation  # torch: imported once the arguments have been checked
+    from cascade.outputs.overlay import write_overlay
+    from cascade.pipeline import Cascade
+    from cascade.progress import progress_bar
+    from cascade.sharding import current_shard, gather_in_order, process_group
+
     shard = current_shard()
     with process_group(shard):
         with warnings.catch_warnings(record=True) as caught:
@@ -91,13 +106,12 @@ def run(args: argparse.Namespace) -> int:
                 args.model_dir, device=shard.device(args.device), tta=args.tta, precision=args.precision,
                 backend=args.backend, compile=args.compile, cache_dir=args.cache_dir,
             )
-        paths, duplicates = collect_inputs(args.inputs)
         for w in caught if shard.main else ():  # ours as warning lines, other libraries' as Python shows them
             if issubclass(w.category, CascadeWarning):
                 print(f"cascade predict: warning: {w.message}", file=sys.stderr)
             else:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-        for warning in duplicates if shard.main else ():
+        for warning in notes if shard.main else ():
             print(f"cascade predict: warning: {warning}", file=sys.stderr)
         if not paths:
             raise ConfigError(f"no DICOM files (*.dcm) found in {', '.join(args.inputs)}")
@@ -109,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
         predictions = model.predict_many(mine, batch_size=args.batch_size, workers=args.workers)
         for pred in progress_bar(predictions, total=len(mine), unit="img", desc="predict", disable=not shard.main):
             seg_error = None
+            problem = submission_id_problem(pred.image_id)
+            if problem is not None:  # the rest of the submission is still written (docs/robustness.md)
+                pred = dataclasses.replace(pred, error=f"{pred.source}: ImageId {pred.image_id!r} {problem}: it "
+                                           "cannot be a submission row", positive=False)
             if pred.positive and args.overlays:
                 write_overlay(Path(args.overlays) / f"{pred.image_id}.png", pred)
             if pred.positive and args.dicom_seg:
@@ -140,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         f"{f' x {shard.world} processes' if shard.world > 1 else ''}, {model.precision} on {model.backend}, "
         f"tta {'on' if model.tta else 'off'}) → {args.out}"
     )
-    return 2 if failures else 0
+    return 2 if failures or any(UNREADABLE_FOLDERS in w for w in notes) else 0
 
 
 def check_output_folder(out: Path, protected: list[Path]) -> None:

@@ -43,7 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cascade.data.synth import generate
+    from cascade.fileio import check_output
 
+    check_output(args.out, folder=True, inputs=[args.mask_bank] if args.mask_bank else [])
     summary = generate(
         args.out,
         images=args.images,

@@ -124,8 +124,8 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cascade.stages import config as cfg
-    from cascade.stages import training
+    from cascade.errors import LabelError
+    from cascade.fileio import check_output, input_file, path_kind
 
     resume = args.resume is not None
     if resume:
@@ -133,7 +133,14 @@ def run(args: argparse.Namespace) -> int:
     missing = [f"--{k}" for k in ("stage", "images", "labels", "out") if getattr(args, k) is None]
     if missing:
         raise ConfigError(f"{', '.join(missing)} required (or --resume RUN_DIR to continue a run)")
-    out = Path(args.out)
+    input_file(args.images, ConfigError, "folder of images", folder=True)
+    input_file(args.labels, LabelError, "label file")
+    if args.config and path_kind(args.config) != "missing":  # absent: the name of a shipped configuration
+        input_file(args.config, ConfigError, "configuration file")
+    out = check_output(args.out, folder=True, inputs=[args.images, args.labels])
+    from cascade.stages import config as cfg  # torch: imported once the output has been checked
+    from cascade.stages import training
+
     if resume:
         config = cfg.resume_config(out / training.CONFIG_FILE, args.stage, args.config, overrides(args))
     else:

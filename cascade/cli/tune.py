@@ -100,8 +100,16 @@ def summary_lines(outcome: TuneOutcome) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cascade.errors import ConfigError
+    from cascade.fileio import check_output, input_file
+
+    for flag, runs in (("--cls", args.cls), ("--seg", args.seg)):
+        for run in runs:
+            input_file(run, ConfigError, f"run folder (give {flag} a folder written by 'cascade train')", folder=True)
+    check_output(args.out, folder=True, inside=[*args.cls, *args.seg],
+                 inputs=[p for p in (args.images, args.labels) if p])
     from cascade.thresholds.search import read_grid
-    from cascade.tuning import tune_runs
+    from cascade.tuning import tune_runs  # torch: imported once the output has been checked
 
     grid = read_grid(args.grid) if args.grid else None
     outcome = tune_runs(

@@ -11,15 +11,21 @@ full range, and a second intensity path would have to be recorded in the model f
 inference to give the same input. The SIIM images are 8-bit and already windowed, so it would change nothing there.
 
 Errors are ``DicomError`` with ``"<file>: <reason>"``; the reason is written here, never copied from pydicom, whose
-messages may quote header values (patient name, dates).
+messages may quote header values (patient name, dates). Messages name the attribute, never a header's text; only
+integers cascade itself parsed (sizes, bit depths) appear. pydicom's own warnings (which quote invalid values
+verbatim) and numpy's overflow warnings are silenced inside these reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import logging
 import math
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -40,6 +46,7 @@ from pydicom.uid import (
 )
 
 from cascade.errors import DicomError
+from cascade.fileio import path_kind
 
 MAX_SIDE = 16384
 """Largest accepted image side in pixels; anything bigger is a corrupt header, not a radiograph."""
@@ -67,11 +74,31 @@ class DicomImage:
     copy (patient, study, series, SOP instance). Carried, never logged; None for an array input."""
 
 
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence pydicom's warnings and log lines (they quote invalid header values verbatim: a patient name in a UI
+    element would reach the terminal) and numpy's floating-point warnings, for the duration of one read."""
+    logger = logging.getLogger("pydicom")
+    disabled = logger.disabled
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        logger.disabled = True
+        try:
+            yield
+        finally:
+            logger.disabled = disabled
+
+
 def read_dicom(source: DicomSource) -> DicomImage:
     """Read a path, a binary file object or a pydicom ``Dataset``; raise ``DicomError`` for anything unusable.
 
     ``image_id`` is the SOPInstanceUID, else the file stem (``"unknown"`` for a file object or Dataset without one).
     """
+    with quiet():
+        return _read_dicom(source)
+
+
+def _read_dicom(source: DicomSource) -> DicomImage:
     if isinstance(source, Dataset):
         name, ds, fallback_id = "<dataset>", source, "unknown"
     elif isinstance(source, (str, os.PathLike)):
@@ -106,7 +133,19 @@ def _without_pixels(ds: Dataset) -> Dataset:
 
 def read_patient_key(path: str | os.PathLike[str]) -> str | None:
     """The patient key of a DICOM file, reading its header only (fast enough for whole training sets)."""
-    return _patient_key(_read_path(Path(path), header_only=True), str(path))
+    return read_header_facts(path)[0]
+
+
+def read_header_facts(path: str | os.PathLike[str]) -> tuple[str | None, int, int]:
+    """``(patient key, rows, columns)`` of a DICOM file from its header alone: what training checks before it
+    decodes anything (the folds group by patient; every label must fit its image's native size)."""
+    name = str(path)
+    with quiet():
+        ds = _read_path(Path(path), header_only=True)
+        rows, cols = _header_int(ds, "Rows", name), _header_int(ds, "Columns", name)
+        if not (0 < rows <= MAX_SIDE and 0 < cols <= MAX_SIDE):
+            raise DicomError(f"{name}: absurd image size {rows} x {cols} (each side must be 1..{MAX_SIDE})")
+        return _patient_key(ds, name), rows, cols
 
 
 def _patient_key(ds: Dataset, name: str) -> str | None:
@@ -135,7 +174,12 @@ def _pixel_spacing(ds: Dataset, name: str) -> tuple[float, float] | None:
 
 
 def _read_path(path: Path, *, header_only: bool) -> Dataset:
-    """Open and parse ``path``, turning file-system failures into one-line ``DicomError``s."""
+    """Open and parse ``path``, turning file-system failures into one-line ``DicomError``s.
+
+    The path is checked with ``stat`` first: opening a FIFO would block until something writes to it."""
+    kind = path_kind(path)
+    if kind not in ("file", "missing", "folder"):
+        raise DicomError(f"{path}: is {kind}, not a DICOM file")
     try:
         with path.open("rb") as fp:
             return _parse(fp, str(path), header_only=header_only)
@@ -238,8 +282,9 @@ def _pixels(ds: Dataset, name: str) -> np.ndarray:
     photometric = str(_element(ds, "PhotometricInterpretation", name) or "").strip()
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise DicomError(
-            f"{name}: colour image ({samples} samples per pixel, photometric interpretation "
-            f"{photometric[:16] or 'missing'}) is not supported; expected a greyscale radiograph"
+            f"{name}: colour image or unknown photometric interpretation ({samples} samples per pixel, "
+            f"PhotometricInterpretation {'missing' if not photometric else 'not MONOCHROME1/MONOCHROME2'}) is not "
+            "supported; expected a greyscale radiograph"
         )
     frames = _header_int(ds, "NumberOfFrames", name, default=1)
     if frames > 1:
@@ -276,6 +321,9 @@ def _pixels(ds: Dataset, name: str) -> np.ndarray:
         pixels = apply_modality_lut(stored_values, ds).astype(np.float32)
     except Exception:  # a corrupt rescale or LUT fails inside pydicom in many ways
         raise DicomError(f"{name}: the modality LUT (rescale or LUT sequence) is corrupt") from None
+    if not (math.isfinite(low) and math.isfinite(high) and math.isfinite(high - low) and np.isfinite(pixels).all()):
+        # RescaleSlope 1e308 or NaN: scaled, such pixels would be a black image the networks may call positive
+        raise DicomError(f"{name}: the modality LUT (RescaleSlope/RescaleIntercept or LUT) gives non-finite values")
     if not high > low:
         raise DicomError(f"{name}: the modality LUT maps every stored value to {low:g} (no contrast)")
     pixels -= low
@@ -292,7 +340,7 @@ def _check_decoder(ds: Dataset, name: str) -> UID:
     if not syntax:
         raise DicomError(f"{name}: header lacks the transfer syntax (0002,0010), so the pixels cannot be decoded")
     syntax = UID(str(syntax))
-    label = syntax.name if syntax.is_valid else "an invalid UID"
+    label = syntax.name if syntax.is_transfer_syntax else "(an unknown UID)"  # never echo a header's text
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:

@@ -17,13 +17,15 @@ from typing import TextIO
 
 import numpy as np
 
-from cascade.data.rle import EMPTY, check_rle, rle_decode
+from cascade.data.rle import EMPTY, check_rle, parse_rle, rle_decode
 from cascade.errors import LabelError
-from cascade.fileio import atomic_path
+from cascade.fileio import atomic_path, input_file
 
 COLUMNS = ("ImageId", "EncodedPixels")
 _BOM = "\ufeff"
 _MAX_FIELD = 1 << 26  # the RLE of a large, ragged mask can exceed csv's default 128 KiB field limit
+MAX_LINE = _MAX_FIELD + 4096
+"""Longest line read from a label file (characters): a longer one is refused as soon as this much is read."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,17 @@ class Labels:
             mask |= other
         return mask
 
+    def check_fits(self, image_id: str, height: int, width: int) -> None:
+        """``LabelError`` if an annotation of the image runs past a ``height`` x ``width`` image (nothing decoded)."""
+        for index, rle in enumerate(self._annotations_of(image_id)):
+            where = self._where(image_id, index)
+            starts, lengths = parse_rle(rle, where=where)
+            if starts.size and int(starts[-1] + lengths[-1]) > height * width:
+                end = int(starts[-1] + lengths[-1])
+                raise LabelError(
+                    f"{where}: RLE runs past the end of the {height}x{width} image (pixel {end} > {height * width})"
+                )
+
     def _where(self, image_id: str, index: int) -> str:
         """``file:row N (ImageId X)`` of the image's ``index``-th annotation, for error messages."""
         rows = self.rows.get(image_id, [])
@@ -114,6 +127,7 @@ def read_labels(source: str | os.PathLike[str] | TextIO) -> Labels:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         name = str(path)
+        input_file(path, LabelError, what="label file")  # stat first: opening a FIFO would block
         try:
             opener = gzip.open if path.suffix.lower() == ".gz" else open
             with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
@@ -128,11 +142,41 @@ def read_labels(source: str | os.PathLike[str] | TextIO) -> Labels:
 def _parse(f: TextIO, name: str) -> Labels:
     """Parse an open label file named ``name`` in error messages."""
     csv.field_size_limit(max(csv.field_size_limit(), _MAX_FIELD))
-    reader = csv.reader(f, skipinitialspace=True, strict=True)
+    reader = csv.reader(_bounded_lines(f, name), skipinitialspace=True, strict=True)
     try:
         return _parse_rows(((reader.line_num, cells) for cells in reader if any(c.strip() for c in cells)), name)
     except csv.Error as err:
         raise LabelError(f"{name}:row {reader.line_num}: not a valid CSV row ({err})") from None
+
+
+def _bounded_lines(f: TextIO, name: str) -> Iterator[str]:
+    """The lines of ``f``, each read with a length limit: a 1 GB line is refused after ``MAX_LINE`` characters
+    instead of being read whole into memory."""
+    number = 0
+    while line := f.readline(MAX_LINE + 1):
+        number += 1
+        if len(line) > MAX_LINE:
+            raise LabelError(f"{name}:line {number}: longer than {MAX_LINE} characters; not a label file")
+        yield line
+
+
+def submission_id_problem(image_id: str) -> str | None:
+    """Why ``image_id`` cannot be a row of a submission CSV, or None when it can.
+
+    The challenge's ImageIds are DICOM UIDs (digits and dots), and its scorer compares them as plain text, so an id
+    that would need CSV quoting (comma, quote, line break), has leading or trailing spaces (which CSV readers
+    strip: the row would name another image), is empty, or holds unprintable characters never matches an image
+    and is refused rather than quoted (see docs/robustness.md).
+    """
+    if not image_id:
+        return "is empty"
+    if image_id != image_id.strip():
+        return "has leading or trailing spaces"
+    if any(c in image_id for c in ',"'):
+        return "holds a comma or a quote"
+    if not image_id.isprintable():
+        return "holds a line break, control or undecodable character"
+    return None
 
 
 def _parse_rows(rows: Iterator[tuple[int, list[str]]], name: str) -> Labels:
@@ -189,8 +233,9 @@ def write_labels(path: str | os.PathLike[str], rows: Mapping[str, str] | Iterabl
     seen: set[str] = set()
     for image_id, rle in items:
         where = f"{path}: ImageId {image_id!r}"
-        if not image_id or image_id != image_id.strip() or any(c in image_id for c in ',"\r\n'):
-            raise LabelError(f"{where} is empty or has spaces, commas, quotes or line breaks")
+        problem = submission_id_problem(image_id)
+        if problem is not None:
+            raise LabelError(f"{where} {problem}: it cannot be a submission row")
         if image_id in seen:
             raise LabelError(f"{where} appears twice: a submission has one row per image")
         seen.add(image_id)

@@ -7,6 +7,7 @@ turns uint8 images into the float tensor the networks see.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,8 +26,12 @@ class Preprocessing:
     std: float = 0.25
 
     def __post_init__(self) -> None:
-        if not (16 <= int(self.size) <= 4096):
-            raise ConfigError(f"image size {self.size} is out of range (16..4096)")
+        if type(self.size) is not int or not 16 <= self.size <= 4096:
+            raise ConfigError("image size must be an integer in 16..4096")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"normalisation {name} must be a finite number")
         if self.std <= 0:
             raise ConfigError(f"normalisation std must be positive, got {self.std}")
 

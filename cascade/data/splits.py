@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cascade.errors import ConfigError, DicomError, LabelError
-from cascade.fileio import atomic_write_text
+from cascade.fileio import atomic_write_text, input_file
 
 SPLIT_COLUMNS = ("ImageId", "fold", "positive")
 
@@ -99,6 +99,7 @@ def write_split_csv(path: str | os.PathLike[str], folds: Mapping[str, int], posi
 def read_split_csv(path: str | os.PathLike[str]) -> Split:
     """Read a ``split.csv`` written by ``write_split_csv``; a malformed row raises LabelError naming it."""
     name = str(path)
+    input_file(path, LabelError, "split file")  # stat first: opening a FIFO would block
     try:
         with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.reader(f))
@@ -122,20 +123,26 @@ def read_split_csv(path: str | os.PathLike[str]) -> Split:
     return split
 
 
-def read_groups(paths: Mapping[str, Path], progress: bool = True) -> dict[str, str | None]:
+def read_groups(
+    paths: Mapping[str, Path], progress: bool = True, sizes: dict[str, tuple[int, int]] | None = None
+) -> dict[str, str | None]:
     """Patient key per ImageId from the DICOM headers (None when absent or unreadable, which is logged).
 
-    The keys are hashes of PatientID: keep them in memory for ``make_folds``, never write them out.
+    The keys are hashes of PatientID: keep them in memory for ``make_folds``, never write them out. ``sizes``, when
+    given, receives each readable image's native ``(rows, columns)`` from the same header read.
     """
-    from cascade.data.dicom import read_patient_key  # pydicom is only needed here, not to split
+    from cascade.data.dicom import read_header_facts  # pydicom is only needed here, not to split
     from cascade.progress import progress_bar
 
     groups: dict[str, str | None] = {}
     keys = progress_bar(paths.items(), desc="patient keys", unit="file", disable=not progress or len(paths) < 100)
     for image_id, path in keys:
         try:
-            groups[image_id] = read_patient_key(path)
+            groups[image_id], rows, cols = read_header_facts(path)
         except DicomError as err:
             log.warning("%s (the image is its own group)", err)
             groups[image_id] = None
+            continue
+        if sizes is not None:
+            sizes[image_id] = (rows, cols)
     return groups

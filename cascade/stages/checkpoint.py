@@ -6,18 +6,21 @@ Nothing here unpickles: weights are safetensors and metadata is JSON, so a model
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 from torch import nn
 
+from cascade.data.preprocess import Preprocessing
 from cascade.errors import CascadeError, ModelError
-from cascade.fileio import atomic_path, atomic_write_json, read_json_object
-from cascade.stages.classifier import build_classifier
+from cascade.fileio import atomic_path, atomic_write_json, input_file, path_kind, read_json_object
+from cascade.stages.classifier import POOLS, build_classifier
 from cascade.stages.segmenter import build_segmenter
 
 WEIGHTS = "model.safetensors"
@@ -53,26 +56,96 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return read_json_object(Path(directory) / CONFIG, f"a stage folder needs {CONFIG} and {WEIGHTS}")
 
 
-def load_stage(directory: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a stage's network from ``config.json`` and load ``model.safetensors`` into it (strictly)."""
-    config = read_config(directory)
-    path = Path(directory) / WEIGHTS
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_config(config: dict[str, Any], where: str | os.PathLike[str]) -> None:
+    """Check every field a network is built from (type and range) before anything is built: a ``ModelError``
+    naming ``where`` and the field, never a traceback from timm or smp, nor gigabytes spent on a bogus network."""
+    stage = config.get("stage")
+    if stage not in ("cls", "seg"):
+        raise ModelError(f"{where}: stage must be 'cls' or 'seg'")
+    names = ("model",) if stage == "cls" else ("arch", "encoder")
+    for key in names:
+        value = config.get(key, "default")
+        if not isinstance(value, str) or not 0 < len(value) <= 200:
+            raise ModelError(f"{where}: {key} must be a network name (a short string)")
+    in_chans = config.get("in_chans", 1)
+    if type(in_chans) is not int or in_chans != 1:
+        raise ModelError(f"{where}: in_chans must be the integer 1 (cascade feeds greyscale images)")
+    if stage == "cls":
+        if config.get("pool", "avg") not in POOLS:
+            raise ModelError(f"{where}: pool must be one of {', '.join(POOLS)}")
+        drop = config.get("drop_rate", 0.0)
+        if not _number(drop) or not 0.0 <= drop < 1.0:
+            raise ModelError(f"{where}: drop_rate must be a number in [0, 1)")
+    prep = config.get("preprocessing")
+    if not isinstance(prep, dict):
+        raise ModelError(f"{where}: preprocessing must be an object with size, mean and std")
     try:
-        model = build_model(config)
-    except CascadeError as err:
-        raise ModelError(f"{Path(directory) / CONFIG}: {err}") from None
+        Preprocessing.from_dict(prep)
+    except (CascadeError, TypeError) as err:
+        raise ModelError(f"{where}: bad preprocessing ({err})") from None
+
+
+def load_stage(
+    directory: str | os.PathLike[str], *, config: dict[str, Any] | None = None, sha256: str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a stage's network from ``config.json`` (or ``config``, already read) and load ``model.safetensors``
+    into it (strictly).
+
+    The weights file is read once: its bytes are hashed (checked against ``sha256`` when given) and loaded. The
+    network is first built on the meta device (no memory) and its tensor names and shapes compared with the file,
+    so weights for another network are refused before a real one is allocated.
+    """
+    directory = Path(directory)
+    where = directory / CONFIG
+    config = read_config(directory) if config is None else config
+    validate_config(config, where)
+    path = directory / WEIGHTS
+    if path_kind(path) == "missing":
+        raise ModelError(f"{path}: missing")
     try:
-        state = load_file(str(path))
-    except FileNotFoundError:
-        raise ModelError(f"{path}: missing") from None
+        data = input_file(path, ModelError).read_bytes()
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read ({err.strerror or type(err).__name__})") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ModelError(f"{path}: sha256 does not match cascade.json: the file was changed or truncated")
+    try:
+        state = load_bytes(data)
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelError(f"{path}: not a readable safetensors file ({err})") from None
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(config)
+    except CascadeError as err:
+        raise ModelError(f"{where}: {err}") from None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        diff = min(set(expected.items()) ^ set(found.items()))[0]
+        raise ModelError(f"{path}: weights do not fit the network in {CONFIG} (first difference: {diff})")
+    model = build_model(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise ModelError(f"{path}: weights do not fit the network in {CONFIG} ({first})") from None
     return model.eval(), config
+
+
+def load_weights_only(path: str | os.PathLike[str], what: str) -> Any:
+    """``torch.load(path, weights_only=True)``; any failure is a ``ModelError`` in cascade's words (torch's own
+    message advises ``weights_only=False``, which would let the file run code: never relayed)."""
+    file = input_file(path, ModelError)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001  (torch raises many types for a bad or unsafe file; all mean "not usable")
+        raise ModelError(
+            f"{path}: not a readable {what} (truncated, not a torch file, or holding objects other than tensors "
+            "and plain values, which cascade never unpickles)"
+        ) from None
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

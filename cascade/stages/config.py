@@ -24,6 +24,7 @@ import yaml
 from cascade.data.augment import LEVELS as AUGMENT_LEVELS
 from cascade.configs import shipped_config
 from cascade.errors import ConfigError
+from cascade.fileio import input_file, path_kind
 from cascade.stages.segmenter import ARCHS
 
 STAGES = ("cls", "seg")
@@ -138,8 +139,11 @@ def defaults(stage: str) -> dict[str, Any]:
 def find_config(name_or_path: str | os.PathLike[str]) -> Path:
     """``--config`` value → a YAML file: an existing path, else the name of a shipped configuration."""
     path = Path(name_or_path)
-    if path.is_file():
+    kind = path_kind(path)
+    if kind == "file":
         return path
+    if kind != "missing":
+        input_file(path, ConfigError, what="configuration file")  # a folder, FIFO or symlink loop: say which
     if path.suffix or len(path.parts) > 1:
         raise ConfigError(f"{path}: no such configuration file")
     return shipped_config(str(name_or_path))
@@ -147,12 +151,14 @@ def find_config(name_or_path: str | os.PathLike[str]) -> Path:
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a configuration YAML file (a mapping) with a clear error when missing or malformed."""
+    if path_kind(path) == "missing":
+        raise ConfigError(f"{path}: no such configuration file")
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such configuration file") from None
+        data = yaml.safe_load(input_file(path, ConfigError, what="configuration file").read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -43,10 +43,11 @@ from cascade.data.index import match, scan_dicoms
 from cascade.data.labels import Labels, read_labels
 from cascade.data.preprocess import Preprocessing
 from cascade.data.splits import make_folds, read_groups, split_fingerprint, write_split_csv
-from cascade.errors import ConfigError, ModelError
+from cascade.errors import CascadeError, ConfigError, ModelError, from_worker
 from cascade.fileio import atomic_path, atomic_write_json, atomic_write_text, read_json_object
 from cascade.precision import cpu_supports_bf16
-from cascade.stages.checkpoint import build_model, save_stage
+from cascade.processes import die_with_parent
+from cascade.stages.checkpoint import build_model, load_weights_only, save_stage
 from cascade.stages.config import positive_share, to_yaml
 from cascade.stages.losses import ComboLoss
 from cascade.stages.sampling import PositiveShareSampler
@@ -151,9 +152,10 @@ def load_run_data(config: dict[str, Any], images: Path, labels_path: Path, progr
     matched = match(index, labels)
     if matched.labels_without_images:
         first = sorted(matched.labels_without_images)[0]
+        skipped = "".join(f"; {line}" for line in index.warnings())  # e.g. the sub-folders that could not be read
         raise ConfigError(
             f"{labels_path}: {len(matched.labels_without_images)} labelled image(s) have no DICOM file under "
-            f"{images} (first: {first})"
+            f"{images} (first: {first}){skipped}"
         )
     items = make_items(index.paths, labels)
     if not items:
@@ -161,7 +163,11 @@ def load_run_data(config: dict[str, Any], images: Path, labels_path: Path, progr
     ids = [item.image_id for item in items]
     positive = {item.image_id: item.positive for item in items}
     data = config["data"]
-    groups = read_groups({item.image_id: item.path for item in items}, progress)
+    sizes: dict[str, tuple[int, int]] = {}
+    groups = read_groups({item.image_id: item.path for item in items}, progress, sizes)
+    for item in items:  # a label past its image's edge is refused now, not after decoding the whole data set
+        if item.positive and item.image_id in sizes:
+            labels.check_fits(item.image_id, *sizes[item.image_id])
     folds = make_folds(ids, positive, groups, data["folds"], config["seed"])
     train = [item for item in items if folds[item.image_id] != data["fold"]]
     val = [item for item in items if folds[item.image_id] == data["fold"]]
@@ -295,10 +301,7 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 def load_state(path: Path) -> dict[str, Any]:
     """Read ``state.pt`` with ``weights_only=True``."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: any error means "cannot resume from it"
-        raise ModelError(f"{path}: not a readable training state ({str(err).splitlines()[0]})") from None
+    return load_weights_only(path, "training state")
 
 
 # ---------------------------------------------------------------------------------------------------- epochs
@@ -348,11 +351,17 @@ def make_loader(
         shuffle=False,
         num_workers=workers,
         pin_memory=rt.device.type == "cuda",
-        worker_init_fn=seed_worker if workers else None,
+        worker_init_fn=_init_worker if workers else None,
         generator=torch.Generator().manual_seed(generator_seed),
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
+
+
+def _init_worker(worker_id: int) -> None:
+    """A training loader worker: dies with the main process, then seeds its augmentation."""
+    die_with_parent(worker_id)
+    seed_worker(worker_id)
 
 
 def train_epoch(
@@ -552,6 +561,8 @@ def train(
         return _train(config, images, labels, out, rt, resume, pretrained, progress)
     except torch.OutOfMemoryError:
         raise ConfigError(oom_message(config)) from None
+    except CascadeError as err:  # one raised in a loader worker arrives with the worker's traceback as message
+        raise from_worker(err) from None
     finally:
         if rt.world > 1 and dist.is_initialized():
             dist.destroy_process_group()

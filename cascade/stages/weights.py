@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from cascade.errors import ModelError
-from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config
+from cascade.fileio import input_file
+from cascade.stages.checkpoint import CONFIG, WEIGHTS, load_weights_only, read_config
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.")
 
@@ -36,6 +37,7 @@ def target_module(model: nn.Module, stage: str) -> tuple[nn.Module, tuple[str, .
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file or a weights-only torch file (unwrapping ``state_dict``/``model``)."""
+    input_file(path, ModelError)  # stat first: a FIFO would block the read
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -44,11 +46,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
             raise ModelError(f"{path}: not a readable safetensors file ({err})") from None
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a bad or unsafe file; all mean "not usable"
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelError(f"{path}: not a weights-only torch state dict ({first})") from None
+    obj: Any = load_weights_only(path, "weights-only torch state dict")
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
