@@ -84,11 +84,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
     input_file(args.model_dir, ModelError, "model folder", folder=True)
     check_output(args.out, inputs=args.inputs, inside=[args.model_dir])
+    input_folders = [p for p in args.inputs if Path(p).is_dir()]  # outputs there would be read back as inputs
     for folder in (args.overlays, args.dicom_seg):
         if folder:
-            check_output(folder, folder=True, inputs=args.inputs, inside=[args.model_dir])
-    if args.dicom_seg:
-        check_output_folder(Path(args.dicom_seg), [Path(args.model_dir), *map(Path, args.inputs)])
+            check_output(folder, folder=True, inputs=args.inputs, inside=[args.model_dir, *input_folders])
     paths, notes = collect_inputs(args.inputs)
     check_output(args.out, inputs=paths)
 
@@ -159,15 +158,3 @@ def run(args: argparse.Namespace) -> int:
         f"tta {'on' if model.tta else 'off'}) → {args.out}"
     )
     return 2 if failures or any(UNREADABLE_FOLDERS in w for w in notes) else 0
-
-
-def check_output_folder(out: Path, protected: list[Path]) -> None:
-    """Refuse an output folder that is, or lies inside, an input folder, the folder of an input file, or the model
-    folder: outputs there would be read back as inputs by the next run or mix with the model's files."""
-    from cascade.errors import ConfigError
-
-    target = out.resolve()
-    for path in protected:
-        folder = path.resolve() if path.is_dir() else path.resolve().parent
-        if target == folder or folder in target.parents:
-            raise ConfigError(f"{out}: is or lies inside {path} (an input or the model folder); choose another folder")
