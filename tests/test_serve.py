@@ -385,7 +385,8 @@ def test_server_process_serves_refuses_a_2gb_upload_and_stops(
         except subprocess.TimeoutExpired:
             server.kill()
             out, err = server.communicate()
-    assert server.returncode in (0, -signal.SIGTERM), err[-2000:]  # uvicorn re-raises the signal it shut down on
+    # uvicorn shuts down cleanly, then re-raises the signal it stopped on: cascade's handler exits 143, as every command
+    assert server.returncode in (0, 128 + signal.SIGTERM, -signal.SIGTERM), err[-2000:]
     assert "Application shutdown complete" in err
     assert "/v1/predict 200" in err and samples[0].stem not in err + out
 

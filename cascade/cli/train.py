@@ -169,6 +169,8 @@ def _fill_from_run(args: argparse.Namespace) -> None:
     saved_stage = read_yaml(run_dir / training.CONFIG_FILE).get("stage")
     if args.stage is None:
         args.stage = saved_stage
+    if args.images is not None and args.labels is not None and not (run_dir / training.DATA_FILE).exists():
+        return  # a run without data.json (an older one): the paths given are all there is
     recorded = training.read_sources(run_dir)
     for key in ("images", "labels"):
         given = getattr(args, key)
