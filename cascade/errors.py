@@ -19,6 +19,10 @@ class LabelError(CascadeError):
     """A label CSV or RLE string that does not follow the challenge's format."""
 
 
+class ImageError(CascadeError):
+    """An image given as an array (to ``Cascade.predict``) that is not a usable radiograph: shape, type, values."""
+
+
 class ConfigError(CascadeError):
     """A configuration key or value that is unknown or out of range."""
 

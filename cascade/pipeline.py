@@ -41,7 +41,7 @@ from cascade.data.dicom import MAX_SIDE, DicomImage, read_dicom
 from cascade.data.synth_spec import is_synthetic
 from cascade.data.preprocess import Preprocessing, normalize, prepare_image
 from cascade.data.rle import EMPTY, rle_encode
-from cascade.errors import CascadeError, CascadeWarning, ConfigError, ModelError
+from cascade.errors import CascadeError, CascadeWarning, ConfigError, ImageError, ModelError
 from cascade.modeldir import Member, read_model_dir, write_model_dir
 from cascade.precision import autocast, check_tuned, resolve_precision
 from cascade.processes import die_with_parent
@@ -646,12 +646,12 @@ def native_map(probs: ImageProbabilities) -> np.ndarray:
 def _array_pixels(x: np.ndarray) -> np.ndarray:
     """A 2-D array as float32 pixels in [0,1]: uint8 is divided by 255, floats must already lie in [0,1]."""
     if x.ndim != 2 or not (0 < x.shape[0] <= MAX_SIDE and 0 < x.shape[1] <= MAX_SIDE):
-        raise ConfigError(f"an image array must be 2-D (height x width, each 1..{MAX_SIDE}), got shape {x.shape}")
+        raise ImageError(f"an image array must be 2-D (height x width, each 1..{MAX_SIDE}), got shape {x.shape}")
     if x.dtype == np.uint8:
         return x.astype(np.float32) / 255.0
     if not np.issubdtype(x.dtype, np.floating):
-        raise ConfigError(f"an image array must be uint8 or float in [0,1], got {x.dtype}")
+        raise ImageError(f"an image array must be uint8 or float in [0,1], got {x.dtype}")
     pixels = x.astype(np.float32, copy=False)
     if not (np.isfinite(pixels).all() and pixels.min() >= 0.0 and pixels.max() <= 1.0):
-        raise ConfigError("a float image array must hold finite values in [0,1] (MONOCHROME2: bright = dense)")
+        raise ImageError("a float image array must hold finite values in [0,1] (MONOCHROME2: bright = dense)")
     return pixels

@@ -60,3 +60,16 @@ def test_a_parity_failure_is_an_error(exported: tuple[Path, Path], tmp_path: Pat
     with pytest.raises(ModelError, match="ONNX Runtime differs from PyTorch"):
         export_onnx(model_dir, tmp_path / "strict", tolerance=-1.0)
     assert not list((tmp_path / "strict").glob("*.onnx")), "a file that failed the check is not left behind"
+
+
+def test_export_refuses_a_non_empty_folder(tmp_path: Path, capsys) -> None:
+    from cascade.cli.main import main
+    from conftest import make_model_dir
+
+    model = make_model_dir(tmp_path / "model")
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "keep.txt").write_text("a user's file")
+    assert main(["export", str(model), "--format", "onnx", "--out", str(out)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]

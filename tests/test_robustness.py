@@ -38,7 +38,7 @@ from robust_helpers import (
 from cascade.cli.main import main
 from cascade.data.labels import read_labels
 from cascade.data.synth import SynthSummary, generate
-from cascade.errors import CascadeError, ConfigError, ModelError
+from cascade.errors import CascadeError, ConfigError, ImageError, ModelError
 from cascade.modeldir import MANIFEST
 from cascade.pipeline import Cascade
 
@@ -266,7 +266,7 @@ def test_rescale_overflow_is_a_dicom_error_not_a_black_image(
                          ids=["0x0", "0x5", "nan", "inf"])
 def test_empty_or_non_finite_array_is_refused(model_dir: Path, array: np.ndarray) -> None:
     model = Cascade.from_pretrained(model_dir, device="cpu")
-    with pytest.raises(ConfigError, match="image array"):
+    with pytest.raises(ImageError, match="image array"):  # an input error, not a configuration error
         model.predict(array)
 
 

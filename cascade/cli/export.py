@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 DESCRIPTION = """\
 Export both stages of a model folder (every member of a fold ensemble) to ONNX: `classifier.onnx`,
@@ -26,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
 
     input_file(args.model_dir, ModelError, "model folder", folder=True)
     check_output(args.out, folder=True, inside=[args.model_dir])
+    if Path(args.out).is_dir() and any(Path(args.out).iterdir()):
+        raise ModelError(f"{args.out}: exists and is not empty; choose a new --out (export never mixes into a folder)")
     from cascade.onnx_export import TOLERANCE, describe, export_onnx  # torch: once the output has been checked
 
     results = export_onnx(args.model_dir, args.out)

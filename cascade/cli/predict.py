@@ -32,7 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="model folder written by 'cascade tune'")
     p.add_argument("inputs", metavar="INPUT", nargs="+", help="DICOM files and/or folders (searched recursively)")
-    p.add_argument("--out", required=True, metavar="SUBMISSION_CSV", help="CSV to write (atomically)")
+    p.add_argument(
+        "--out", required=True, metavar="SUBMISSION_CSV",
+        help="CSV to write, atomically; an existing file there is replaced (it is never one of the inputs)",
+    )
     p.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
