@@ -1,6 +1,6 @@
 """MODEL_DIR: the self-contained folder a trained cascade ships in — the one reader and the one writer.
 
-Layout (DESIGN.md §4; a single model is exactly this)::
+Layout (the README's "The model folder"; a single model is exactly this)::
 
     MODEL_DIR/cascade.json                  schema_version, thresholds, tta, precision, preprocessing, metrics,
                                             versions, members per stage, sha256 of every weight file

@@ -1,4 +1,4 @@
-"""Threshold rule, challenge metrics and the exact threshold search (DESIGN.md §5)."""
+"""Threshold rule, challenge metrics and the exact threshold search (the rule: cascade.thresholds.rule)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The cascade's decision rule: the one implementation used by inference, the search and the tests.
 
-Rule (DESIGN.md §5) for one image with classifier probability ``p`` and segmentation probability map ``s``:
+Rule (also in the README's "The threshold rule") for one image with classifier probability ``p`` and segmentation probability map ``s``:
 
 1. the image is a candidate iff ``p >= cls`` **and** ``#(s >= top) >= area * scale``;
 2. its mask is ``s >= bottom`` minus the connected components with fewer than ``min_component * scale`` pixels;

@@ -1,4 +1,4 @@
-"""Exact grid search of the cascade's thresholds for mean per-image Dice (DESIGN.md §5).
+"""Exact grid search of the cascade's thresholds for mean per-image Dice (the rule: cascade.thresholds.rule).
 
 One streaming pass keeps, per image, a few small integer arrays (:class:`ThresholdSearch.add`):
 
