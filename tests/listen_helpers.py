@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import signal
@@ -54,7 +55,13 @@ def wait_findings(out: Path, count: int, timeout: float = 90.0) -> list[dict[str
 
 
 def require(tool: str) -> str:
-    path = shutil.which(tool)
+    """The full path of a system tool (dcmtk, Orthanc); skips when absent. pynetdicom installs apps named
+    ``storescu``/``echoscu`` into the virtual environment, which comes first on PATH when it is active: those are
+    passed over, since the point is a client no one here wrote."""
+    venv_bin = os.path.realpath(os.path.dirname(sys.executable))
+    search = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                             if d and os.path.realpath(d) != venv_bin)
+    path = shutil.which(tool, path=search)
     if path is None:
         pytest.skip(f"{tool} is not installed (.ci/run installs dcmtk and orthanc with apt)")
     return path

@@ -248,14 +248,14 @@ def test_a_foreign_findings_file_is_refused_untouched(model_dir: Path, tmp_path:
 def test_dcmtk_storescu_and_echoscu_against_the_cli(
     model_dir: Path, samples: list[Path], expected: dict[str, Prediction], tmp_path: Path
 ) -> None:
-    require("storescu")
+    storescu = require("storescu")
     out = tmp_path / "node"
     node = NodeProcess(model_dir, out, tmp_path / "node.log", "--ae-title", "TRIAGE")
     try:
-        echo = subprocess.run(["echoscu", "-aec", "TRIAGE", "127.0.0.1", str(node.port)],
+        echo = subprocess.run([require("echoscu"), "-aec", "TRIAGE", "127.0.0.1", str(node.port)],
                               capture_output=True, text=True, timeout=30)
         assert echo.returncode == 0, echo.stderr
-        sent = subprocess.run(["storescu", "-xy", "-aec", "TRIAGE", "127.0.0.1", str(node.port), "+sd",
+        sent = subprocess.run([storescu, "-xy", "-aec", "TRIAGE", "127.0.0.1", str(node.port), "+sd",
                                str(samples[0].parent)], capture_output=True, text=True, timeout=120)
         assert sent.returncode == 0, sent.stderr
         assert node.terminate() == 0  # at once, mid-queue: the node drains what it acknowledged, then exits
@@ -275,12 +275,12 @@ def test_kill_then_restart_then_sigterm_mid_queue_give_one_finding_each(
 ) -> None:
     """A real SIGKILL right after storescu is answered (the queue still full), a restart, more images and SIGTERM
     mid-queue: every image acknowledged has exactly one finding, its own (~45 s on two loaded cores)."""
-    require("storescu")
+    storescu = require("storescu")
     first, second = copies(samples, tmp_path / "first", 16), copies(samples, tmp_path / "second", 8)
     out, log = tmp_path / "node", tmp_path / "node.log"
 
     def push(folder: Path, port: int) -> None:
-        sent = subprocess.run(["storescu", "-xy", "-aec", "CASCADE", "127.0.0.1", str(port), "+sd", str(folder)],
+        sent = subprocess.run([storescu, "-xy", "-aec", "CASCADE", "127.0.0.1", str(port), "+sd", str(folder)],
                               capture_output=True, text=True, timeout=120)
         assert sent.returncode == 0, sent.stderr
 
@@ -307,7 +307,7 @@ def test_orthanc_routes_to_the_node_and_receives_each_seg_in_its_study_despite_o
     """The README's Orthanc configuration, for real: storescu → Orthanc → (Lua route) → node → SEG → Orthanc.
     Then Orthanc goes down twice: SEGs made meanwhile wait in the outbox and reach it once it is back, first with
     the node running (back-off), then across a node restart."""
-    require("storescu")
+    storescu = require("storescu")
     positives = [p for p in samples if expected[p.stem].positive]
     negatives = [p for p in samples if not expected[p.stem].positive]
     routed, while_down = positives[:1] + negatives[:2], positives[1:2] + negatives[2:3]
@@ -329,7 +329,7 @@ def test_orthanc_routes_to_the_node_and_receives_each_seg_in_its_study_despite_o
         folder.mkdir()
         for path in routed:
             (folder / path.name).write_bytes(path.read_bytes())
-        sent = subprocess.run(["storescu", "-xy", "-aet", "STORESCU", "-aec", "ORTHANC", "127.0.0.1",
+        sent = subprocess.run([storescu, "-xy", "-aet", "STORESCU", "-aec", "ORTHANC", "127.0.0.1",
                                str(orthanc.dicom_port), "+sd", str(folder)], capture_output=True, text=True,
                               timeout=60)
         assert sent.returncode == 0, sent.stderr
