@@ -87,3 +87,19 @@ def make_model_dir(
 
     cls = [tiny_stage(CLS_CONFIG, seed=i, bias=cls_bias) for i in range(classifiers)]
     return write_model_dir(path, cls, [tiny_stage(SEG_CONFIG, seed=10, bias=seg_bias)], thresholds, tta=tta)
+
+
+def assert_refused_when_damaged(model_dir: Path, tmp_path: Path, damage: Any, message: str) -> None:
+    """A copy of ``model_dir`` damaged by ``damage(copy)`` is refused by ``Cascade.from_pretrained`` with one
+    ``ModelError`` line matching ``message``."""
+    import shutil
+
+    from cascade.errors import ModelError
+    from cascade.pipeline import Cascade
+
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    damage(copy)
+    with pytest.raises(ModelError, match=message) as err:
+        Cascade.from_pretrained(copy, device="cpu")
+    assert "\n" not in str(err.value)

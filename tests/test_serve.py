@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -337,6 +337,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(base: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Poll ``base``/healthz until it answers 200, the time is up, or ``alive()`` turns false (bounded)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
 def raw_answer(port: int, request: bytes, timeout: float = 20) -> bytes:
     """Send raw bytes and return the status line and headers of the answer (a client that sends no body)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
@@ -361,14 +375,7 @@ def test_server_process_serves_refuses_a_2gb_upload_and_stops(
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(base, 90, alive=lambda: server.poll() is None)
         assert server.poll() is None, "the server exited early"
         answer = httpx.post(f"{base}/v1/predict", content=samples[0].read_bytes(), headers=DICOM, timeout=30)
         assert_same(answer.json(), reference[samples[0].stem])
@@ -406,17 +413,8 @@ def live_server(model_dir: Path) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        import httpx
-
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_healthy(base, 60)
         yield base
     finally:
         server.should_exit = True
