@@ -123,6 +123,7 @@ def gate_comparison(model_dir: Path, images: Path, labels: Path, size: int, out:
     from cascade.data.labels import read_labels, write_labels
     from cascade.evaluation import score_submission
     from cascade.pipeline import Cascade
+    from cascade.thresholds.metrics import roc_auc
 
     model = Cascade.from_pretrained(model_dir, device="cpu")
     paths = sorted(images.rglob("*.dcm"))
@@ -137,10 +138,13 @@ def gate_comparison(model_dir: Path, images: Path, labels: Path, size: int, out:
         submission = out / f"submission-{name}.csv"
         write_labels(submission, [(p.image_id, p.rle) for p in predictions if p.ok])
         scored = score_submission(submission, labels, size=(size, size)).summary
-        passed = [p.probability >= thresholds.cls for p in predictions if p.ok]
-        negatives = [ok for p, ok in zip(predictions, passed) if not truth.is_positive(p.image_id)]
+        done = [p for p in predictions if p.ok]
+        passed = [p.probability >= thresholds.cls for p in done]
+        negatives = [ok for p, ok in zip(done, passed) if not truth.is_positive(p.image_id)]
         results[name] = {
             "mean_dice": scored.mean_dice,
+            "baseline_empty": scored.baseline_empty,
+            "classifier_auc": roc_auc([p.probability for p in done], [truth.is_positive(p.image_id) for p in done]),
             "segmented_share": sum(passed) / len(passed),
             "skipped_negatives": 1 - sum(negatives) / len(negatives) if negatives else float("nan"),
             "seconds": seconds,

@@ -12,9 +12,9 @@ import yaml
 
 from cascade.cli.main import main
 from cascade.data.splits import read_split_csv
-from cascade.stages.checkpoint import build_model, load_stage
+from cascade.stages.checkpoint import load_stage
 from cascade.stages import training
-from cascade.stages.training import STATE_FILE
+from cascade.stages.training import STATE_FILE, build_training_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
 
@@ -63,8 +63,10 @@ def test_classifier_learns_and_writes_a_complete_run(synth: Path, tmp_path: Path
 
     last_model, _ = load_stage(run / "last")
     state = torch.load(run / STATE_FILE, weights_only=True)
-    fresh = build_model({"stage": "cls", "in_chans": 1, **config["network"]}).eval()
+    assert config["loss"]["mask"] == 1.0 and any(k.startswith("mask_head.") for k in state["model"])
+    fresh = build_training_model(config)  # state.pt resumes the auxiliary mask head too; best/ and last/ lack it
     fresh.load_state_dict(state["model"])
+    fresh.eval()
     x = torch.randn(3, 1, 64, 64)
     with torch.no_grad():
         assert torch.equal(last_model(x), fresh(x))

@@ -241,3 +241,56 @@ def test_resolve_amp_follows_the_mode_and_the_hardware(monkeypatch: pytest.Monke
     assert training.resolve_amp("auto", cpu) is torch.bfloat16
     monkeypatch.setattr(training, "cpu_supports_bf16", lambda: False)
     assert training.resolve_amp("auto", cpu) is None  # bf16 emulated in software is slower than fp32
+
+
+def test_the_recipe_sets_only_what_is_auto_and_by_the_size_of_the_data() -> None:
+    seg = cfg.resolve("seg")
+    assert seg["optim"]["lr"] == cfg.AUTO and seg["sampling"]["positive_share"] == cfg.AUTO
+    small, line = cfg.apply_recipe(seg, 480)
+    assert (small["optim"]["lr"], small["optim"]["batch_size"], small["sampling"]["positive_share"]) == (1e-3, 8, 0.5)
+    assert line is not None and "small data (480 training images < 2000)" in line and "optim.lr 0.001" in line
+    large, _ = cfg.apply_recipe(seg, cfg.SMALL_DATA)
+    assert (large["optim"]["lr"], large["optim"]["batch_size"], large["sampling"]["positive_share"]) == (
+        3e-4, 16, [0.8, 0.4])
+    given = cfg.resolve("seg", None, {"optim": {"lr": 0.01}})  # a value given by the user is never replaced
+    chosen, line = cfg.apply_recipe(given, 480)
+    assert chosen["optim"]["lr"] == 0.01 and chosen["optim"]["batch_size"] == 8 and "optim.lr" not in line
+    cls, _ = cfg.apply_recipe(cfg.resolve("cls"), 480)
+    assert cls["sampling"]["positive_share"] is None  # the classifier sees every image each epoch
+    assert cfg.apply_recipe(cfg.resolve("seg", CONFIGS / "tiny-seg.yaml"), 480)[1] is None
+    with pytest.raises(ConfigError, match=r"optim\.lr must be auto or a number"):
+        cfg.resolve("seg", None, {"optim": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match=r"optim\.batch_size must be auto or an integer"):
+        cfg.resolve("seg", None, {"optim": {"batch_size": 2.5}})
+
+
+def test_mask_head_trains_on_the_pooled_mask_and_is_never_saved() -> None:
+    from cascade.stages.losses import MaskAuxLoss
+
+    torch.manual_seed(0)
+    model = build_model({"stage": "cls", "model": "resnet18", "in_chans": 1}).add_mask_head()
+    x = torch.randn(2, 1, 64, 64)
+    logits, mask_logits = model.train()(x)
+    assert logits.shape == (2,) and mask_logits.shape == (2, 1, 2, 2)  # stride 32: a 2x2 grid at 64 px
+    assert model.eval()(x).shape == (2,)  # eval mode: an ordinary classifier
+    saved = model.deployable().state_dict()
+    assert not any(k.startswith("mask_head") for k in saved) and len(saved) == len(model.state_dict()) - 2
+    labels, masks = torch.tensor([1.0, 0.0]), torch.zeros(2, 1, 64, 64)
+    masks[0, 0, 40:42, 5:7] = 1  # one lesion in the bottom-left cell only
+    cells = torch.tensor([[[[0.0, 0.0], [1.0, 0.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+    expected = ComboLoss()(logits, labels) + 0.5 * ComboLoss(bce=1.0, dice=1.0)(mask_logits, cells)
+    got = MaskAuxLoss(ComboLoss(), 0.5)((logits, mask_logits), (labels, masks))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert MaskAuxLoss(ComboLoss(), 0.5)(logits, (labels, masks)).item() == pytest.approx(
+        ComboLoss()(logits, labels).item())
+    with pytest.raises(ConfigError, match="loss.mask .* classifier only"):
+        cfg.resolve("seg", None, {"loss": {"mask": 1.0}})
+
+
+def test_a_classifier_run_saved_before_the_mask_loss_resumes_without_it(tmp_path: Path) -> None:
+    old = cfg.resolve("cls", CONFIGS / "tiny-cls.yaml")
+    del old["loss"]["mask"]
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.to_yaml(old))
+    assert cfg.resume_config(saved, "cls")["loss"]["mask"] == 0.0
+    assert cfg.resolve("cls")["loss"]["mask"] == 1.0

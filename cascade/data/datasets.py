@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -73,15 +73,47 @@ class _CachedImages(Dataset):
         return torch.from_numpy(normalize(image, self.prep)[None])
 
 
-class ClassifierDataset(_CachedImages):
-    """``(image float32 [1,S,S], label float32 scalar: 1 for a positive image)``."""
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _image_and_mask(self, i: int, labels: Labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented image and its mask (float32 [1,S,S] in {0,1}), transformed together."""
         item = self.items[i]
+        cached = self.cache.get(item.image_id, item.path)
+        size = self.prep.size
+        if item.positive:
+            mask = resize_mask(labels.mask(item.image_id, cached.height, cached.width), size).view(np.uint8)
+        else:
+            mask = np.zeros((size, size), dtype=np.uint8)
+        image = cached.image
+        if self.augment is not None:
+            out = self.augment(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return self._tensor(image), torch.from_numpy(mask.astype(np.float32)[None])
+
+
+class ClassifierDataset(_CachedImages):
+    """``(image float32 [1,S,S], label float32 scalar: 1 for a positive image)``; with ``labels`` (training with
+    the auxiliary mask loss) the target is ``(label, mask float32 [1,S,S])``, the mask transformed with the image."""
+
+    def __init__(
+        self,
+        items: Sequence[Item],
+        prep: Preprocessing,
+        cache: PreprocessCache,
+        augment: A.Compose | None = None,
+        labels: Labels | None = None,
+    ) -> None:
+        super().__init__(items, prep, cache, augment)
+        self.labels = labels
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
+        item = self.items[i]
+        label = torch.tensor(float(item.positive), dtype=torch.float32)
+        if self.labels is not None:
+            image, mask = self._image_and_mask(i, self.labels)
+            return image, (label, mask)
         image = self.cache.get(item.image_id, item.path).image
         if self.augment is not None:
             image = self.augment(image=image)["image"]
-        return self._tensor(image), torch.tensor(float(item.positive), dtype=torch.float32)
+        return self._tensor(image), label
 
 
 class SegmenterDataset(_CachedImages):
@@ -99,15 +131,4 @@ class SegmenterDataset(_CachedImages):
         self.labels = labels
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        item = self.items[i]
-        cached = self.cache.get(item.image_id, item.path)
-        size = self.prep.size
-        if item.positive:
-            mask = resize_mask(self.labels.mask(item.image_id, cached.height, cached.width), size).view(np.uint8)
-        else:
-            mask = np.zeros((size, size), dtype=np.uint8)
-        image = cached.image
-        if self.augment is not None:
-            out = self.augment(image=image, mask=mask)
-            image, mask = out["image"], out["mask"]
-        return self._tensor(image), torch.from_numpy(mask.astype(np.float32)[None])
+        return self._image_and_mask(i, self.labels)

@@ -56,7 +56,17 @@ def _share(v: Any) -> bool:
 BOOL = (bool, lambda v: True, "true or false")
 TEXT = (str, lambda v: bool(v), "a non-empty string")
 OPTIONAL_TEXT = (str, lambda v: v is None or bool(v), "a path or null")
-SHARE = (object, lambda v: v is None or _share(v), "null, a share in (0, 1] or a list of shares")
+SHARE = (object, lambda v: v is None or v == AUTO or _share(v), "null, auto, a share in (0, 1] or a list of shares")
+AUTO = "auto"
+"""A value the training recipe sets from the size of the training split (:func:`apply_recipe`)."""
+
+
+def _auto_or(kind: type, lo: float, hi: float) -> tuple[type, Check, str]:
+    def check(v: Any) -> bool:
+        return v == AUTO or (isinstance(v, (int, float)) and not isinstance(v, bool) and lo < v <= hi
+                             and (kind is float or isinstance(v, int)))
+
+    return (object, check, f"auto or {'an integer' if kind is int else 'a number'} in ({lo:g}, {hi:g}]")
 
 # section -> key -> (type, check, description); "network" differs by stage.
 NETWORK_SCHEMA: dict[str, dict[str, tuple[type, Check, str]]] = {
@@ -75,9 +85,9 @@ SCHEMA: dict[str, dict[str, tuple[type, Check, str]]] = {
     },
     "optim": {
         "epochs": _int(1, 10_000),
-        "batch_size": _int(1, 65_536),
+        "batch_size": _auto_or(int, 0, 65_536),
         "accumulate": _int(1, 1024),
-        "lr": _float(0.0, 10.0, open_lo=True),
+        "lr": _auto_or(float, 0.0, 10.0),
         "weight_decay": _float(0.0, 10.0),
         "warmup_epochs": _float(0.0, 1000.0),
         "min_lr_ratio": _float(0.0, 1.0),
@@ -85,7 +95,13 @@ SCHEMA: dict[str, dict[str, tuple[type, Check, str]]] = {
         "freeze_backbone_epochs": _int(0, 10_000),
         "time_budget": _float(0.0),
     },
-    "loss": {"bce": _float(0.0), "dice": _float(0.0), "focal": _float(0.0), "focal_gamma": _float(0.0, 10.0)},
+    "loss": {
+        "bce": _float(0.0),
+        "dice": _float(0.0),
+        "focal": _float(0.0),
+        "focal_gamma": _float(0.0, 10.0),
+        "mask": _float(0.0),
+    },
     "sampling": {"positive_share": SHARE},
     "runtime": {
         "device": _choice(DEVICES),
@@ -103,9 +119,9 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "data": {"folds": 5, "fold": 0, "workers": 4, "cache": True, "cache_dir": None, "augment": "light"},
     "optim": {
         "epochs": 20,
-        "batch_size": 16,
+        "batch_size": AUTO,
         "accumulate": 1,
-        "lr": 3e-4,
+        "lr": AUTO,
         "weight_decay": 1e-4,
         "warmup_epochs": 1.0,
         "min_lr_ratio": 0.01,
@@ -118,15 +134,43 @@ COMMON_DEFAULTS: dict[str, Any] = {
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cls": {
         "network": {"model": "resnet34", "pool": "avg", "drop_rate": 0.0, "init_from": None},
-        "loss": {"bce": 1.0, "dice": 0.0, "focal": 0.0, "focal_gamma": 2.0},
+        "loss": {"bce": 1.0, "dice": 0.0, "focal": 0.0, "focal_gamma": 2.0, "mask": 1.0},
         "sampling": {"positive_share": None},
     },
     "seg": {
         "network": {"arch": "unet", "encoder": "resnet34"},
-        "loss": {"bce": 1.0, "dice": 1.0, "focal": 0.0, "focal_gamma": 2.0},
-        "sampling": {"positive_share": [0.8, 0.4]},
+        "loss": {"bce": 1.0, "dice": 1.0, "focal": 0.0, "focal_gamma": 2.0, "mask": 0.0},
+        "sampling": {"positive_share": AUTO},
     },
 }
+
+SMALL_DATA = 2000
+"""Training splits with fewer images than this get the small-data recipe (docs/training-recipe.md)."""
+RECIPES: dict[str, dict[str, Any]] = {
+    "small": {"lr": 1e-3, "batch_size": 8, "positive_share": 0.5},
+    "large": {"lr": 3e-4, "batch_size": 16, "positive_share": [0.8, 0.4]},
+}
+"""What ``auto`` means. Small: a few hundred images give few optimizer steps per epoch, so smaller batches (more
+steps) at a higher learning rate, and half of each segmenter epoch positive; with the large recipe's 3e-4, batches
+of 16 and 0.8 → 0.4 positives the segmenter collapsed to empty masks on 480 realistic images. Large: the SIIM
+winners' first stage, the shipped 512 px configurations' values."""
+
+
+def apply_recipe(config: dict[str, Any], train_images: int) -> tuple[dict[str, Any], str | None]:
+    """``config`` with every ``auto`` value set by the recipe for ``train_images``, and a line saying what was
+    chosen and why (None when nothing was ``auto``). ``config.yaml`` records the numbers, so a resumed run keeps them."""
+    name = "small" if train_images < SMALL_DATA else "large"
+    recipe = RECIPES[name]
+    out = copy.deepcopy(config)
+    chosen = []
+    for section, key in (("optim", "lr"), ("optim", "batch_size"), ("sampling", "positive_share")):
+        if out[section][key] == AUTO:
+            out[section][key] = recipe[key]
+            chosen.append(f"{section}.{key} {recipe[key]}")
+    if not chosen:
+        return out, None
+    reason = f"{'<' if name == 'small' else '>='} {SMALL_DATA}"
+    return out, f"recipe: {name} data ({train_images} training images {reason}): " + ", ".join(chosen)
 
 
 def defaults(stage: str) -> dict[str, Any]:
@@ -224,6 +268,9 @@ def validate(config: dict[str, Any], origin: str) -> dict[str, Any]:
     loss = out["loss"]
     if out["stage"] == "cls" and loss["dice"] > 0:
         raise ConfigError(f"{origin}: loss.dice applies to the segmenter only; set it to 0 for stage cls")
+    if out["stage"] == "seg" and loss["mask"] > 0:
+        raise ConfigError(f"{origin}: loss.mask (the auxiliary mask head) applies to the classifier only; set it to 0 "
+                          "for stage seg")
     if loss["bce"] + loss["dice"] + loss["focal"] <= 0:
         raise ConfigError(f"{origin}: loss.bce, loss.dice and loss.focal are all 0; give at least one a weight")
     return out
@@ -244,6 +291,9 @@ def resolve(
         config = merge(config, overrides, "command line")
     return validate(config, str(config_file) if config_file is not None else "configuration")
 
+
+ADDED_LATER: dict[str, dict[str, Any]] = {"loss": {"mask": 0.0}}
+"""Keys added after runs were first saved, with the value that reproduces how those runs trained."""
 
 RESUME_MAY_CHANGE = ("data.cache", "data.cache_dir", "runtime.device", "optim.time_budget")
 """Keys a resumed run may change: where images are cached and which device runs (same device, same numbers)."""
@@ -266,8 +316,10 @@ def resume_config(
     """The configuration of a run being resumed: its ``config.yaml``, with flags allowed to change only
     ``RESUME_MAY_CHANGE`` (anything else would make the resumed run differ from an uninterrupted one)."""
     raw = read_yaml(saved_path)
-    if raw.get("stage") in STAGES:  # a run saved before a key existed gets that key's default
-        raw = merge(defaults(raw["stage"]), raw, str(saved_path))
+    if raw.get("stage") in STAGES:  # a run saved before a key existed gets that key's default ...
+        legacy = {section: {k: v for k, v in keys.items() if k not in (raw.get(section) or {})}
+                  for section, keys in ADDED_LATER.items()}  # ... or, where the default changed, how it ran then
+        raw = merge(merge(defaults(raw["stage"]), legacy, "defaults"), raw, str(saved_path))
     saved = validate(raw, str(saved_path))
     if saved["stage"] != stage:
         raise ConfigError(f"{saved_path}: the run trained stage {saved['stage']!r} but --stage is {stage!r}")

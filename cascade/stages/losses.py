@@ -51,3 +51,25 @@ class ComboLoss(nn.Module):
         if self.focal:
             total = total + self.focal * focal_loss(logits, target, self.gamma)
         return total
+
+
+class MaskAuxLoss(nn.Module):
+    """The classifier's loss plus ``weight`` × (BCE + soft Dice) of its auxiliary mask head, whose target is the
+    lesion mask max-pooled to the head's grid (a cell is lesion when any of its pixels is).
+
+    ``outputs`` is ``(logits [B], mask logits [B,1,h,w])`` and ``targets`` is ``(labels [B], masks [B,1,H,W])``;
+    a plain logits tensor (eval mode) is scored on the labels alone.
+    """
+
+    def __init__(self, main: ComboLoss, weight: float) -> None:
+        super().__init__()
+        self.main, self.weight = main, weight
+        self.aux = ComboLoss(bce=1.0, dice=1.0)
+
+    def forward(self, outputs: Any, targets: Any) -> torch.Tensor:
+        labels, masks = targets
+        if not isinstance(outputs, tuple):
+            return self.main(outputs, labels)
+        logits, mask_logits = outputs
+        cells = F.adaptive_max_pool2d(masks.float(), mask_logits.shape[-2:])
+        return self.main(logits, labels) + self.weight * self.aux(mask_logits, cells)

@@ -48,8 +48,9 @@ from cascade.fileio import atomic_path, atomic_write_json, atomic_write_text, re
 from cascade.precision import cpu_supports_bf16
 from cascade.processes import die_with_parent
 from cascade.stages.checkpoint import build_model, load_weights_only, save_stage
-from cascade.stages.config import positive_share, to_yaml
-from cascade.stages.losses import ComboLoss
+from cascade.stages.config import apply_recipe, positive_share, to_yaml
+from cascade.stages.classifier import Classifier
+from cascade.stages.losses import ComboLoss, MaskAuxLoss
 from cascade.stages.sampling import PositiveShareSampler
 from cascade.stages.weights import init_from_segmenter, init_source, load_pretrained, set_backbone_trainable
 from cascade.thresholds.metrics import confusion, dice_from_counts, json_float, roc_auc, sensitivity, specificity
@@ -204,7 +205,8 @@ def make_datasets(config: dict[str, Any], run: RunData, cache: PreprocessCache) 
     prep = Preprocessing(**config["preprocessing"])
     augment = build_augment(config["data"]["augment"])
     if config["stage"] == "cls":
-        return ClassifierDataset(run.train, prep, cache, augment), ClassifierDataset(run.val, prep, cache)
+        masks = run.labels if config["loss"]["mask"] > 0 else None  # the auxiliary mask loss trains on masks
+        return ClassifierDataset(run.train, prep, cache, augment, masks), ClassifierDataset(run.val, prep, cache)
     return (
         SegmenterDataset(run.train, prep, cache, run.labels, augment),
         SegmenterDataset(run.val, prep, cache, run.labels),
@@ -259,6 +261,23 @@ class Ema:
                 self.state[key].lerp_(value.detach(), 1.0 - d)
             else:
                 self.state[key].copy_(value)
+
+
+def build_training_model(config: dict[str, Any]) -> nn.Module:
+    """The network a run trains: the stage's network, plus the classifier's auxiliary mask head when
+    ``loss.mask`` weighs it (the head is dropped from every saved stage folder, kept in ``state.pt``)."""
+    model = build_model(network_config(config))
+    if config["stage"] == "cls" and config["loss"]["mask"] > 0:
+        model.add_mask_head()
+    return model
+
+
+def training_loss(config: dict[str, Any]) -> nn.Module:
+    """The loss a run trains with: the combined loss, with the classifier's auxiliary mask term when weighted."""
+    loss = ComboLoss.from_config(config["loss"])
+    if config["stage"] == "cls" and config["loss"]["mask"] > 0:
+        return MaskAuxLoss(loss, config["loss"]["mask"])
+    return loss
 
 
 def network_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -364,6 +383,13 @@ def _init_worker(worker_id: int) -> None:
     seed_worker(worker_id)
 
 
+def _to_device(target: Any, device: torch.device) -> Any:
+    """A batch's target on ``device``: a tensor, or a tuple of them (label and mask for the auxiliary loss)."""
+    if isinstance(target, (tuple, list)):
+        return tuple(t.to(device, non_blocking=True) for t in target)
+    return target.to(device, non_blocking=True)
+
+
 def train_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -394,7 +420,7 @@ def train_epoch(
     for i, (wait, (x, y)) in enumerate(_timed(loader)):
         waited += wait
         x = x.to(rt.device, non_blocking=True)
-        y = y.to(rt.device, non_blocking=True)
+        y = _to_device(y, rt.device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         stepping = (i + 1) % accumulate == 0 or i + 1 == steps
@@ -586,8 +612,9 @@ def _train(
     if init_from and not resume:
         init_source(config)
     run = load_run_data(config, images, labels, progress and rt.main)
+    config, recipe = apply_recipe(config, len(run.train))
     if rt.main and progress:
-        print(run.description, file=sys.stderr)
+        print(run.description + (f"\n{recipe}" if recipe else ""), file=sys.stderr)
     workers = loader_workers(config["data"])
     if rt.main and workers < config["data"]["workers"]:
         print(f"data.workers {config['data']['workers']} capped to {workers}: this machine has {os.cpu_count()} "
@@ -605,7 +632,7 @@ def _train(
     train_set, val_set = make_datasets(config, run, cache)
 
     seed_everything(config["seed"])
-    model = build_model(network_config(config))
+    model = build_training_model(config)
     if pretrained and state is None:
         load_pretrained(model, config, pretrained)
     if init_from and state is None:
@@ -634,14 +661,14 @@ def _train(
 
     eval_model = model
     if ema is not None:
-        eval_model = build_model(network_config(config)).to(rt.device)
+        eval_model = build_training_model(config).to(rt.device)
         if config["runtime"]["channels_last"]:
             eval_model.to(memory_format=torch.channels_last)
 
     epochs = config["optim"]["epochs"]
     shares = [positive_share(config, e) for e in range(epochs)]
     sampler = PositiveShareSampler(train_set.positive, shares, config["seed"], rt.rank, rt.world)
-    criterion = ComboLoss.from_config(config["loss"])
+    criterion = training_loss(config)
     row: dict[str, Any] = history[-1] if history else {}
     frozen: bool | None = None
     clock.begin_epochs()
@@ -794,6 +821,8 @@ def _write_epoch(
         if k.startswith("val_") or k in ("tp", "fp", "fn", "tn")
     }
     saved = stage_config(config, run, row["epoch"], metrics)
+    if isinstance(model, Classifier):
+        model = model.deployable()
     save_stage(out / "last", model, saved)
     if improved:
         save_stage(out / "best", model, saved)
