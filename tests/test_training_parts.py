@@ -154,8 +154,8 @@ def test_pretrained_hub_name_fails_at_once_offline(monkeypatch: pytest.MonkeyPat
 def test_an_all_empty_segmenter_is_never_the_best_checkpoint() -> None:
     from cascade.stages.training import selection_score
 
-    empty = {"val_mean_dice": 0.6, "val_dice_pos": 0.0}  # predicts nothing: scores the all-empty baseline
-    learning = {"val_mean_dice": 0.4, "val_dice_pos": 0.3}
+    empty = {"val_mean_dice_area": 0.6, "val_dice_pos": 0.0}  # predicts nothing: scores the all-empty baseline
+    learning = {"val_mean_dice_area": 0.4, "val_dice_pos": 0.3}
     assert math.isnan(selection_score("seg", empty))
     assert selection_score("seg", learning) == 0.4
     assert selection_score("cls", {"val_auc": 0.7}) == 0.7
@@ -278,7 +278,7 @@ def test_mask_head_trains_on_the_pooled_mask_and_is_never_saved() -> None:
     labels, masks = torch.tensor([1.0, 0.0]), torch.zeros(2, 1, 64, 64)
     masks[0, 0, 40:42, 5:7] = 1  # one lesion in the bottom-left cell only
     cells = torch.tensor([[[[0.0, 0.0], [1.0, 0.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
-    expected = ComboLoss()(logits, labels) + 0.5 * ComboLoss(bce=1.0, dice=1.0)(mask_logits, cells)
+    expected = ComboLoss()(logits, labels) + 0.5 * ComboLoss(bce=1.0, dice=1.0, dice_per="batch")(mask_logits, cells)
     got = MaskAuxLoss(ComboLoss(), 0.5)((logits, mask_logits), (labels, masks))
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     assert MaskAuxLoss(ComboLoss(), 0.5)(logits, (labels, masks)).item() == pytest.approx(
@@ -294,3 +294,30 @@ def test_a_classifier_run_saved_before_the_mask_loss_resumes_without_it(tmp_path
     saved.write_text(cfg.to_yaml(old))
     assert cfg.resume_config(saved, "cls")["loss"]["mask"] == 0.0
     assert cfg.resolve("cls")["loss"]["mask"] == 1.0
+
+
+def test_batch_dice_charges_a_false_positive_by_the_batch_lesion_area_not_the_whole_image() -> None:
+    target = torch.zeros(2, 1, 8, 8)
+    target[0, 0, :4, :4] = 1  # image 0: a 16-pixel lesion; image 1: negative
+    logits = torch.full((2, 1, 8, 8), -20.0)
+    logits[0, 0, :4, :4] = 20.0  # the lesion found exactly ...
+    logits[1, 0, 0, 0] = 20.0  # ... and one false-positive pixel on the negative image
+    per_image = soft_dice_loss(logits, target)
+    per_batch = soft_dice_loss(logits, target, per="batch")
+    assert per_image.item() == pytest.approx((0 + (1 - 1 / 2)) / 2, abs=1e-4)  # the negative's term: 1 - 1/(1+1)
+    assert per_batch.item() == pytest.approx(1 - 33 / 34, abs=1e-4)  # (2·16 + 1) / (17 + 16 + 1)
+    assert ComboLoss(bce=0.0, dice=1.0, dice_per="batch")(logits, target).item() == pytest.approx(per_batch.item())
+    assert cfg.resolve("seg")["loss"]["dice_per"] == "batch"
+    shipped = cfg.resolve("seg", CONFIGS / "seg-unet-resnet34-512.yaml")
+    assert shipped["loss"]["dice_per"] == "image"  # the shipped, measured configurations keep their loss
+
+
+def test_best_min_area_empties_small_predictions_where_that_raises_mean_dice() -> None:
+    from cascade.thresholds.metrics import best_min_area
+
+    # image: 0 positive found (area 50), 1 positive missed by a 3-pixel blob, 2-3 negatives with 2 and 4 stray pixels
+    inter, pred, area = [40, 0, 0, 0], [50, 3, 2, 4], [50, 60, 0, 0]
+    score, minimum = best_min_area(inter, pred, area)
+    assert minimum == 5 and score == pytest.approx((0.8 + 0 + 1 + 1) / 4)  # strays gone, the hit kept
+    assert best_min_area([10], [10], [10]) == (1.0, 0)  # nothing to gain: keep every prediction (minimum 0)
+    assert best_min_area([0, 0], [0, 900], [0, 0]) == (1.0, 901)

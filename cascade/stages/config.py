@@ -101,6 +101,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Check, str]]] = {
         "focal": _float(0.0),
         "focal_gamma": _float(0.0, 10.0),
         "mask": _float(0.0),
+        "dice_per": _choice(("image", "batch")),
     },
     "sampling": {"positive_share": SHARE},
     "runtime": {
@@ -134,12 +135,12 @@ COMMON_DEFAULTS: dict[str, Any] = {
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cls": {
         "network": {"model": "resnet34", "pool": "avg", "drop_rate": 0.0, "init_from": None},
-        "loss": {"bce": 1.0, "dice": 0.0, "focal": 0.0, "focal_gamma": 2.0, "mask": 1.0},
+        "loss": {"bce": 1.0, "dice": 0.0, "focal": 0.0, "focal_gamma": 2.0, "mask": 1.0, "dice_per": "image"},
         "sampling": {"positive_share": None},
     },
     "seg": {
         "network": {"arch": "unet", "encoder": "resnet34"},
-        "loss": {"bce": 1.0, "dice": 1.0, "focal": 0.0, "focal_gamma": 2.0, "mask": 0.0},
+        "loss": {"bce": 1.0, "dice": 1.0, "focal": 0.0, "focal_gamma": 2.0, "mask": 0.0, "dice_per": "batch"},
         "sampling": {"positive_share": AUTO},
     },
 }
@@ -292,7 +293,7 @@ def resolve(
     return validate(config, str(config_file) if config_file is not None else "configuration")
 
 
-ADDED_LATER: dict[str, dict[str, Any]] = {"loss": {"mask": 0.0}}
+ADDED_LATER: dict[str, dict[str, Any]] = {"loss": {"mask": 0.0, "dice_per": "image"}}
 """Keys added after runs were first saved, with the value that reproduces how those runs trained."""
 
 RESUME_MAY_CHANGE = ("data.cache", "data.cache_dir", "runtime.device", "optim.time_budget")

@@ -14,10 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """``1 - mean over images of (2·Σpt + s) / (Σp + Σt + s)`` with ``p = sigmoid(logits)``."""
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, per: str = "image") -> torch.Tensor:
+    """Soft Dice loss with ``p = sigmoid(logits)``: per ``"image"``, ``1 - mean over images of (2·Σpt + s) /
+    (Σp + Σt + s)``; per ``"batch"``, the same ratio with the sums taken over the whole batch.
+
+    Per image, an empty image's term is ``1 - s/(Σp + s)``: any probability mass on a negative image costs nearly
+    the whole term, which on small, mostly negative data drives the segmenter to empty masks. Per batch, a false
+    positive costs in proportion to the lesion area of the batch."""
     p = torch.sigmoid(logits).flatten(1)
     t = target.flatten(1)
+    if per == "batch":
+        return 1.0 - (2.0 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth)
     dice = (2.0 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
     return 1.0 - dice.mean()
 
@@ -32,13 +39,15 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torc
 class ComboLoss(nn.Module):
     """``bce·BCE + dice·SoftDice + focal·Focal`` with the weights of a config's ``loss`` section."""
 
-    def __init__(self, bce: float = 1.0, dice: float = 0.0, focal: float = 0.0, focal_gamma: float = 2.0) -> None:
+    def __init__(
+        self, bce: float = 1.0, dice: float = 0.0, focal: float = 0.0, focal_gamma: float = 2.0, dice_per: str = "image"
+    ) -> None:
         super().__init__()
-        self.bce, self.dice, self.focal, self.gamma = bce, dice, focal, focal_gamma
+        self.bce, self.dice, self.focal, self.gamma, self.dice_per = bce, dice, focal, focal_gamma, dice_per
 
     @classmethod
     def from_config(cls, loss: dict[str, Any]) -> ComboLoss:
-        return cls(loss["bce"], loss["dice"], loss["focal"], loss["focal_gamma"])
+        return cls(loss["bce"], loss["dice"], loss["focal"], loss["focal_gamma"], loss["dice_per"])
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -47,15 +56,15 @@ class ComboLoss(nn.Module):
         if self.bce:
             total = total + self.bce * F.binary_cross_entropy_with_logits(logits, target)
         if self.dice:
-            total = total + self.dice * soft_dice_loss(logits, target)
+            total = total + self.dice * soft_dice_loss(logits, target, per=self.dice_per)
         if self.focal:
             total = total + self.focal * focal_loss(logits, target, self.gamma)
         return total
 
 
 class MaskAuxLoss(nn.Module):
-    """The classifier's loss plus ``weight`` × (BCE + soft Dice) of its auxiliary mask head, whose target is the
-    lesion mask max-pooled to the head's grid (a cell is lesion when any of its pixels is).
+    """The classifier's loss plus ``weight`` × (BCE + soft Dice over the batch) of its auxiliary mask head, whose
+    target is the lesion mask max-pooled to the head's grid (a cell is lesion when any of its pixels is).
 
     ``outputs`` is ``(logits [B], mask logits [B,1,h,w])`` and ``targets`` is ``(labels [B], masks [B,1,H,W])``;
     a plain logits tensor (eval mode) is scored on the labels alone.
@@ -64,7 +73,7 @@ class MaskAuxLoss(nn.Module):
     def __init__(self, main: ComboLoss, weight: float) -> None:
         super().__init__()
         self.main, self.weight = main, weight
-        self.aux = ComboLoss(bce=1.0, dice=1.0)
+        self.aux = ComboLoss(bce=1.0, dice=1.0, dice_per="batch")
 
     def forward(self, outputs: Any, targets: Any) -> torch.Tensor:
         labels, masks = targets

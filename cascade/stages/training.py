@@ -53,7 +53,15 @@ from cascade.stages.classifier import Classifier
 from cascade.stages.losses import ComboLoss, MaskAuxLoss
 from cascade.stages.sampling import PositiveShareSampler
 from cascade.stages.weights import init_from_segmenter, init_source, load_pretrained, set_backbone_trainable
-from cascade.thresholds.metrics import confusion, dice_from_counts, json_float, roc_auc, sensitivity, specificity
+from cascade.thresholds.metrics import (
+    best_min_area,
+    confusion,
+    dice_from_counts,
+    json_float,
+    roc_auc,
+    sensitivity,
+    specificity,
+)
 
 CONFIG_FILE = "config.yaml"
 SPLIT_FILE = "split.csv"
@@ -61,8 +69,9 @@ METRICS_FILE = "metrics.csv"
 STATE_FILE = "state.pt"
 DATA_FILE = "data.json"
 """Where the run's images and labels were (absolute paths), so ``cascade tune`` can find the validation fold."""
-BEST_KEY = {"cls": "val_auc", "seg": "val_mean_dice"}
-"""The validation metric that picks ``best/`` (higher is better)."""
+BEST_KEY = {"cls": "val_auc", "seg": "val_mean_dice_area"}
+"""The validation metric that picks ``best/`` (higher is better): the classifier's ROC AUC; the segmenter's mean
+Dice at 0.5 with the best minimum predicted area (:func:`cascade.thresholds.metrics.best_min_area`)."""
 
 
 @dataclass(frozen=True)
@@ -508,8 +517,11 @@ def validation_metrics(stage: str, stats: dict[str, np.ndarray], n_images: int) 
     else:
         dices = dice_from_counts(stats["inter"], stats["pred"], stats["area"])
         positive = stats["area"] > 0
+        area_dice, min_area = best_min_area(stats["inter"], stats["pred"], stats["area"])
         metrics.update(
             val_mean_dice=float(dices.mean()),
+            val_mean_dice_area=area_dice,
+            val_min_area=min_area,
             val_dice_pos=float(dices[positive].mean()) if positive.any() else math.nan,
             val_dice_neg=float(dices[~positive].mean()) if (~positive).any() else math.nan,
         )
@@ -546,7 +558,8 @@ def collapse_warning(stage: str, history: Sequence[dict[str, Any]]) -> str | Non
 
 
 def selection_score(stage: str, val: dict[str, Any]) -> float:
-    """The number ``best/`` is chosen by: the classifier's ROC AUC, the segmenter's mean Dice at 0.5.
+    """The number ``best/`` is chosen by (``BEST_KEY``): the classifier's ROC AUC, the segmenter's mean Dice at 0.5
+    with the best minimum area.
 
     A segmenter that finds nothing on every positive validation image is never chosen (nan): predicting nothing
     scores the all-empty baseline, which beats an early, still noisy segmenter, and would hand ``tune`` and
