@@ -217,3 +217,24 @@ def test_time_budget_clock() -> None:
     clock.start -= 55.0
     assert clock.stop_before_next()  # 85 s spent + 20 s > 100 s
     assert not TimeBudget(0.0).stop_before_next()  # no budget: never stops
+
+
+def test_auto_values_are_set_by_the_recipe_and_recorded_for_resume(
+    synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny = yaml.safe_load((CONFIGS / "tiny-seg.yaml").read_text())
+    del tiny["optim"]["lr"], tiny["optim"]["batch_size"], tiny["sampling"]
+    config = tmp_path / "auto.yaml"
+    config.write_text(yaml.safe_dump(tiny))
+    run = tmp_path / "seg"
+    assert main(["train", "--stage", "seg", "--images", str(synth / "dicom-images-train"), "--labels",
+                 str(synth / "train-rle.csv"), "--out", str(run), "--config", str(config), "--epochs", "1",
+                 "--cache-dir", str(synth.parent / f"{synth.name}-cache")]) == 0
+    assert "recipe: small data (120 training images < 2000): optim.lr 0.001, optim.batch_size 8, " \
+           "sampling.positive_share 0.5" in capsys.readouterr().err
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["optim"]["lr"], saved["optim"]["batch_size"], saved["sampling"]["positive_share"]) == (1e-3, 8, 0.5)
+    assert saved["loss"]["dice_per"] == "batch"
+    split = read_split_csv(run / "split.csv")
+    positives = sum(split.positive[i] for i, fold in split.folds.items() if fold != 0)
+    assert int(metrics(run)[0]["train_images"]) == 2 * positives  # every training positive, as many negatives
