@@ -49,8 +49,8 @@ from cascade.fileio import atomic_write_json, pending
 from cascade.modeldir import REPORT_DIR, check_replaceable, write_model_dir
 from cascade.pipeline import ImageProbabilities, native_map, predict_probabilities, resolve_device
 from cascade.precision import resolve_precision
+from cascade.rundir import DATA_FILE, SPLIT_FILE, best_stage, read_sources
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config, sha256_file
-from cascade.stages.training import DATA_FILE, SPLIT_FILE, read_sources
 from cascade.thresholds.metrics import json_float
 from cascade.thresholds.report import write_tune_report
 from cascade.thresholds.search import Grid, ThresholdSearch, TuneResult
@@ -104,7 +104,7 @@ def read_run(directory: str | os.PathLike[str], stage: str) -> Run:
     flag = f"--{stage}"
     if not root.is_dir():
         raise ConfigError(f"{root}: no such run folder (give {flag} a folder written by 'cascade train')")
-    best = root / "best"
+    best = best_stage(root)
     if not (best / CONFIG).is_file() or not (best / WEIGHTS).is_file():
         raise ModelError(f"{best}: missing or incomplete (needs {CONFIG} and {WEIGHTS}); did a training epoch finish?")
     config = read_config(best)

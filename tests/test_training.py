@@ -12,9 +12,10 @@ import yaml
 
 from cascade.cli.main import main
 from cascade.data.splits import read_split_csv
-from cascade.stages.checkpoint import load_stage
+from cascade.rundir import STATE_FILE
 from cascade.stages import training
-from cascade.stages.training import STATE_FILE, build_training_model
+from cascade.stages.checkpoint import load_stage
+from cascade.stages.training import build_training_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
 

@@ -18,8 +18,6 @@ parameter has no AdamW state to lose. A classifier may start from a segmenter ru
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
 import os
 import random
@@ -42,12 +40,12 @@ from cascade.data.datasets import ClassifierDataset, Item, SegmenterDataset, mak
 from cascade.data.index import match, scan_dicoms
 from cascade.data.labels import Labels, read_labels
 from cascade.data.preprocess import Preprocessing
-from cascade.data.splits import make_folds, read_groups, split_fingerprint, write_split_csv
-from cascade.errors import CascadeError, ConfigError, ModelError, from_worker
-from cascade.fileio import atomic_path, atomic_write_json, atomic_write_text, read_json_object
+from cascade.data.splits import make_folds, read_groups, split_fingerprint
+from cascade import rundir
+from cascade.errors import CascadeError, ConfigError, from_worker
 from cascade.precision import cpu_supports_bf16
 from cascade.processes import die_with_parent
-from cascade.stages.checkpoint import build_model, load_weights_only, save_stage
+from cascade.stages.checkpoint import build_model
 from cascade.stages.config import apply_recipe, positive_share, to_yaml
 from cascade.stages.classifier import Classifier
 from cascade.stages.losses import ComboLoss, MaskAuxLoss
@@ -55,12 +53,6 @@ from cascade.stages.sampling import PositiveShareSampler
 from cascade.stages.weights import init_from_segmenter, init_source, load_pretrained, set_backbone_trainable
 from cascade.thresholds.metrics import confusion, dice_from_counts, json_float, roc_auc, sensitivity, specificity
 
-CONFIG_FILE = "config.yaml"
-SPLIT_FILE = "split.csv"
-METRICS_FILE = "metrics.csv"
-STATE_FILE = "state.pt"
-DATA_FILE = "data.json"
-"""Where the run's images and labels were (absolute paths), so ``cascade tune`` can find the validation fold."""
 BEST_KEY = {"cls": "val_auc", "seg": "val_mean_dice"}
 """The validation metric that picks ``best/`` (higher is better)."""
 
@@ -213,24 +205,6 @@ def make_datasets(config: dict[str, Any], run: RunData, cache: PreprocessCache) 
     )
 
 
-def read_sources(out: Path) -> dict[str, str]:
-    """The images folder and label file a run was trained on (its ``data.json``)."""
-    data = read_json_object(out / DATA_FILE, "written by 'cascade train' at the start of a run")
-    if not all(isinstance(data.get(k), str) for k in ("images", "labels")):
-        raise ModelError(f"{out / DATA_FILE}: expected an object with the strings 'images' and 'labels'")
-    return {"images": data["images"], "labels": data["labels"]}
-
-
-def check_run_dir(out: Path, resume: bool) -> None:
-    """A new run needs an absent or empty RUN_DIR; ``--resume`` needs a run folder with a saved state."""
-    if resume:
-        if not (out / STATE_FILE).is_file() or not (out / CONFIG_FILE).is_file():
-            raise ModelError(f"{out}: nothing to resume (no {STATE_FILE} and {CONFIG_FILE}; did an epoch finish?)")
-        return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out}: exists and is not empty; pass --resume to continue it or choose a new --out")
-
-
 # ---------------------------------------------------------------------------------------------------- pieces
 
 
@@ -299,28 +273,6 @@ def stage_config(config: dict[str, Any], run: RunData, epoch: int, metrics: dict
         "epoch": epoch,
         "metrics": metrics,
     }
-
-
-def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    """``metrics.csv``: one row per finished epoch (rewritten whole, atomically); a column added in a later version
-    (a resumed old run) is left empty in the rows that lack it."""
-    buffer = io.StringIO()
-    columns = list(dict.fromkeys(key for row in history for key in row))
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(path, buffer.getvalue())
-
-
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    """``state.pt`` atomically (plain tensors, numbers and dicts: loadable with ``weights_only=True``)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_state(path: Path) -> dict[str, Any]:
-    """Read ``state.pt`` with ``weights_only=True``."""
-    return load_weights_only(path, "training state")
 
 
 # ---------------------------------------------------------------------------------------------------- epochs
@@ -605,7 +557,7 @@ def _train(
     progress: bool,
 ) -> dict[str, Any]:
     clock = TimeBudget(config["optim"]["time_budget"] * 60.0)
-    check_run_dir(out, resume)
+    rundir.check_run_dir(out, resume)
     init_from = config["network"].get("init_from")
     if init_from and pretrained:
         raise ConfigError(f"--init-from {init_from} and --pretrained {pretrained}: choose one starting point")
@@ -619,7 +571,7 @@ def _train(
     if rt.main and workers < config["data"]["workers"]:
         print(f"data.workers {config['data']['workers']} capped to {workers}: this machine has {os.cpu_count()} "
               "cores (set --workers to choose)", file=sys.stderr)
-    state = load_state(out / STATE_FILE) if resume else None
+    state = rundir.load_state(out) if resume else None
     if state is not None and state["split_fingerprint"] != run.fingerprint:
         raise ConfigError(f"{out}: the images, labels or split differ from the run being resumed")
     cache = make_cache(config, images)
@@ -698,7 +650,7 @@ def _train(
         gathered = gather_stats(predict_stats(eval_model, val_set, config, rt), rt)
         val = validation_metrics(config["stage"], gathered, len(val_set))
         score = selection_score(config["stage"], val)
-        improved = _better(score, best) or (math.isnan(best) and not (out / "best").exists())
+        improved = _better(score, best) or (math.isnan(best) and not rundir.best_stage(out).exists())
         best = score if improved else best
         row = {
             "epoch": epoch + 1,
@@ -809,22 +761,13 @@ def _write_epoch(
     history: list[dict[str, Any]],
     state: dict[str, Any],
 ) -> None:
-    """Rank 0's writes after an epoch; ``state.pt`` goes last, so it only ever names completed epochs."""
-    if not (out / CONFIG_FILE).exists():
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / CONFIG_FILE, to_yaml(config))
-        write_split_csv(out / SPLIT_FILE, run.folds, run.positive)
-        atomic_write_json(out / DATA_FILE, run.sources)
+    """Rank 0's writes after an epoch (RUN_DIR's own order: see :mod:`cascade.rundir`)."""
+    rundir.write_start(out, to_yaml(config), run.folds, run.positive, run.sources)
     metrics = {
         k: json_float(v) if isinstance(v, float) else v
         for k, v in row.items()
         if k.startswith("val_") or k in ("tp", "fp", "fn", "tn")
     }
-    saved = stage_config(config, run, row["epoch"], metrics)
     if isinstance(model, Classifier):
         model = model.deployable()
-    save_stage(out / "last", model, saved)
-    if improved:
-        save_stage(out / "best", model, saved)
-    write_metrics_csv(out / METRICS_FILE, history)
-    save_state(out / STATE_FILE, state)
+    rundir.write_epoch(out, model, stage_config(config, run, row["epoch"], metrics), improved, history, state)

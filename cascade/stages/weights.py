@@ -20,6 +20,7 @@ from torch import nn
 
 from cascade.errors import ModelError
 from cascade.fileio import input_file
+from cascade.rundir import best_stage
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, load_weights_only, read_config
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.")
@@ -174,7 +175,7 @@ def segmenter_stage_dir(source: str | os.PathLike[str]) -> Path:
     """The stage folder that ``--init-from`` reads: ``RUN_DIR/best`` of a training run, or a stage folder itself
     (``model.safetensors`` + ``config.json``, such as ``MODEL_DIR/segmenter``)."""
     path = Path(source).expanduser()
-    for candidate in (path / "best", path):
+    for candidate in (best_stage(path), path):
         if (candidate / CONFIG).is_file() and (candidate / WEIGHTS).is_file():
             return candidate
     raise ModelError(
