@@ -14,7 +14,7 @@ from cascade.stages import config as cfg
 from cascade.stages.checkpoint import build_model
 from cascade.stages.losses import ComboLoss, soft_dice_loss
 from cascade.stages.sampling import PositiveShareSampler, epoch_indices
-from cascade.stages.training import lr_factor
+from cascade.stages.trainer import lr_factor
 from cascade.stages.weights import load_pretrained
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
@@ -152,7 +152,7 @@ def test_pretrained_hub_name_fails_at_once_offline(monkeypatch: pytest.MonkeyPat
 
 
 def test_an_all_empty_segmenter_is_never_the_best_checkpoint() -> None:
-    from cascade.stages.training import selection_score
+    from cascade.stages.trainer import selection_score
 
     empty = {"val_mean_dice": 0.6, "val_dice_pos": 0.0}  # predicts nothing: scores the all-empty baseline
     learning = {"val_mean_dice": 0.4, "val_dice_pos": 0.3}
@@ -181,7 +181,7 @@ def test_pretrained_hub_name_fails_at_once_when_the_hub_is_unreachable(monkeypat
 
 
 def test_loader_workers_never_exceed_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cascade.stages.training import loader_workers
+    from cascade.stages.trainer import loader_workers
 
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert loader_workers({"workers": 8, "cache": True}) == 1  # one core left to the training step
@@ -192,7 +192,7 @@ def test_loader_workers_never_exceed_the_cores(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_a_collapsing_segmenter_is_named_after_three_empty_epochs_only() -> None:
-    from cascade.stages.training import collapse_warning
+    from cascade.stages.trainer import collapse_warning
 
     def rows(*dices: float) -> list[dict]:
         return [{"val_dice_pos": d} for d in dices]

@@ -141,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from cascade.rundir import CONFIG_FILE  # torch: imported once the output has been checked
     from cascade.stages import config as cfg
     from cascade.stages import training
+    from cascade.stages.trainer import BEST_KEY
 
     if resume:
         config = cfg.resume_config(out / CONFIG_FILE, args.stage, args.config, overrides(args))
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     row = training.train(
         config, args.images, args.labels, out, resume=resume, pretrained=args.pretrained, progress=not args.quiet
     )
-    key = training.BEST_KEY[args.stage]
+    key = BEST_KEY[args.stage]
     if os.environ.get("RANK", "0") == "0":
         print(f"cascade train: {out}: epoch {row['epoch']}, {key} {row[key]:.4f} (best/ and last/ written)")
     return 0
