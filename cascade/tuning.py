@@ -51,11 +51,11 @@ from cascade.pipeline import ImageProbabilities, native_map, predict_probabiliti
 from cascade.precision import resolve_precision
 from cascade.rundir import DATA_FILE, SPLIT_FILE, best_stage, read_sources
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config, sha256_file
+from cascade.stages.specs import SPECS
 from cascade.thresholds.metrics import json_float
 from cascade.thresholds.report import write_tune_report
 from cascade.thresholds.search import Grid, ThresholdSearch, TuneResult
 
-STAGE_NAMES = {"cls": "classifier", "seg": "segmenter"}
 RESOLUTION = "native"
 """What the search scores at (see the module docstring); recorded in ``cascade.json`` and the report."""
 
@@ -110,8 +110,8 @@ def read_run(directory: str | os.PathLike[str], stage: str) -> Run:
     config = read_config(best)
     found = config.get("stage")
     if found != stage:
-        what = STAGE_NAMES.get(found, f"stage {found!r}") if isinstance(found, str) else f"stage {found!r}"
-        raise ModelError(f"{best / CONFIG}: this is a {what} run, but {flag} needs a {STAGE_NAMES[stage]} run")
+        what = SPECS[found].noun if isinstance(found, str) and found in SPECS else f"stage {found!r}"
+        raise ModelError(f"{best / CONFIG}: this is a {what} run, but {flag} needs a {SPECS[stage].noun} run")
     for key in ("split_fingerprint", "fold", "folds", "preprocessing"):
         if key not in config:
             raise ModelError(f"{best / CONFIG}: no {key!r} (was it written by 'cascade train'?)")
@@ -170,11 +170,11 @@ def pair_folds(cls_runs: Sequence[Run], seg_runs: Sequence[Run]) -> list[tuple[R
             if run.fold in seen:
                 raise ConfigError(
                     f"{seen[run.fold].root} and {run.root}: both --{stage} runs validate on fold {run.fold}; "
-                    f"give one {STAGE_NAMES[stage]} run per fold"
+                    f"give one {SPECS[stage].noun} run per fold"
                 )
             if run.config["preprocessing"] != runs[0].config["preprocessing"]:
                 raise ConfigError(
-                    f"{runs[0].best / CONFIG} and {run.best / CONFIG}: the {STAGE_NAMES[stage]} runs were trained "
+                    f"{runs[0].best / CONFIG} and {run.best / CONFIG}: the {SPECS[stage].noun} runs were trained "
                     f"with different preprocessing ({runs[0].config['preprocessing']} and "
                     f"{run.config['preprocessing']}); an ensemble's members must share one input"
                 )

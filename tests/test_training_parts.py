@@ -294,3 +294,35 @@ def test_a_classifier_run_saved_before_the_mask_loss_resumes_without_it(tmp_path
     saved.write_text(cfg.to_yaml(old))
     assert cfg.resume_config(saved, "cls")["loss"]["mask"] == 0.0
     assert cfg.resolve("cls")["loss"]["mask"] == 1.0
+
+
+def test_each_stage_spec_is_the_one_source_of_its_defaults_and_validation_metrics() -> None:
+    from cascade.stages.specs import SPECS, stage_spec
+    from cascade.stages.trainer import validation_metrics
+
+    truth = {"cls": torch.tensor([1.0, 0.0, 1.0, 0.0]), "seg": torch.zeros(4, 1, 8, 8)}
+    truth["seg"][0, 0, 2:5, 2:5] = 1.0
+    truth["seg"][2, 0, 0:3, 0:8] = 1.0
+    for code, spec in SPECS.items():
+        assert stage_spec(code) is spec and cfg.resolve(code)["network"] == spec.defaults["network"]
+        network = {"cls": {"model": "test_resnet"}, "seg": {"encoder": "tu-test_resnet"}}[code]
+        model = build_model({"stage": code, "in_chans": 1, **{**spec.defaults["network"], **network}})
+        backbone, head = spec.backbone(model)  # what --pretrained fills and freezing freezes: part of the model
+        assert {id(p) for p in backbone.parameters()} <= {id(p) for p in model.parameters()}
+        heads = sorted(n for n, _ in backbone.named_parameters() if head and n.startswith(head))
+        assert heads == (["fc.bias", "fc.weight"] if code == "cls" else [])  # left as built: the classifier's fc
+        y = truth[code]
+        perfect = torch.where(y > 0.5, 6.0, -6.0)  # logits that say exactly the truth
+        stats = {"loss": np.zeros(1), **spec.batch_stats(perfect, y)}
+        assert validation_metrics(code, stats, len(y))[spec.best_key] == 1.0
+        wrong = {"loss": np.zeros(1), **spec.batch_stats(-perfect, y)}
+        assert validation_metrics(code, wrong, len(y))[spec.best_key] < 0.5
+    with pytest.raises(ModelError, match="stage 'det' is not one of 'cls', 'seg'"):
+        stage_spec("det")
+
+
+def test_a_saved_classifier_config_without_a_network_name_still_loads_as_resnet18() -> None:
+    """The training default (resnet34) and what a config.json lacking ``model`` means (resnet18, as ever) differ on
+    purpose: a folder written before keeps loading the network it was saved from."""
+    assert cfg.defaults("cls")["network"]["model"] == "resnet34"
+    assert build_model({"stage": "cls"}).backbone.pretrained_cfg["architecture"] == "resnet18"

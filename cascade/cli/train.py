@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from cascade.rundir import CONFIG_FILE  # torch: imported once the output has been checked
     from cascade.stages import config as cfg
     from cascade.stages import training
-    from cascade.stages.trainer import BEST_KEY
+    from cascade.stages.specs import stage_spec
 
     if resume:
         config = cfg.resume_config(out / CONFIG_FILE, args.stage, args.config, overrides(args))
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     row = training.train(
         config, args.images, args.labels, out, resume=resume, pretrained=args.pretrained, progress=not args.quiet
     )
-    key = BEST_KEY[args.stage]
+    key = stage_spec(args.stage).best_key
     if os.environ.get("RANK", "0") == "0":
         print(f"cascade train: {out}: epoch {row['epoch']}, {key} {row[key]:.4f} (best/ and last/ written)")
     return 0

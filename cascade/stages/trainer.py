@@ -37,15 +37,12 @@ from cascade.stages.classifier import Classifier
 from cascade.stages.config import positive_share, to_yaml
 from cascade.stages.losses import ComboLoss, MaskAuxLoss
 from cascade.stages.sampling import PositiveShareSampler
+from cascade.stages.specs import stage_spec
 from cascade.stages.weights import set_backbone_trainable
-from cascade.thresholds.metrics import confusion, dice_from_counts, json_float, roc_auc, sensitivity, specificity
+from cascade.thresholds.metrics import json_float
 
 if TYPE_CHECKING:
     from cascade.stages.training import RunData
-
-BEST_KEY = {"cls": "val_auc", "seg": "val_mean_dice"}
-"""The validation metric that picks ``best/`` (higher is better)."""
-
 
 @dataclass(frozen=True)
 class Runtime:
@@ -118,7 +115,7 @@ def build_training_model(config: dict[str, Any]) -> nn.Module:
     """The network a run trains: the stage's network, plus the classifier's auxiliary mask head when
     ``loss.mask`` weighs it (the head is dropped from every saved stage folder, kept in ``state.pt``)."""
     model = build_model(network_config(config))
-    if config["stage"] == "cls" and config["loss"]["mask"] > 0:
+    if config["loss"]["mask"] > 0:  # the configuration allows it for the classifier only
         model.add_mask_head()
     return model
 
@@ -126,7 +123,7 @@ def build_training_model(config: dict[str, Any]) -> nn.Module:
 def training_loss(config: dict[str, Any]) -> nn.Module:
     """The loss a run trains with: the combined loss, with the classifier's auxiliary mask term when weighted."""
     loss = ComboLoss.from_config(config["loss"])
-    if config["stage"] == "cls" and config["loss"]["mask"] > 0:
+    if config["loss"]["mask"] > 0:
         return MaskAuxLoss(loss, config["loss"]["mask"])
     return loss
 
@@ -226,7 +223,8 @@ def predict_stats(model: nn.Module, dataset: Dataset, config: dict[str, Any], rt
     part = Subset(dataset, range(rt.rank, len(dataset), rt.world))
     loader = make_loader(part, config, rt)
     model.eval()
-    out: dict[str, list[np.ndarray]] = {"loss": [], "score": [], "truth": [], "inter": [], "pred": [], "area": []}
+    spec = stage_spec(config["stage"])
+    out: dict[str, list[np.ndarray]] = {"loss": []}
     for x, y in loader:
         x = x.to(rt.device, non_blocking=True)
         y = y.to(rt.device, non_blocking=True)
@@ -236,45 +234,25 @@ def predict_stats(model: nn.Module, dataset: Dataset, config: dict[str, Any], rt
             logits = model(x)
         logits = logits.float()
         out["loss"].append(np.array([criterion(logits, y).item() * x.shape[0]]))
-        if config["stage"] == "cls":
-            out["score"].append(torch.sigmoid(logits).cpu().numpy())
-            out["truth"].append(y.cpu().numpy() > 0.5)
-        else:
-            pred = (logits > 0).flatten(1)
-            truth = (y > 0.5).flatten(1)
-            out["inter"].append((pred & truth).sum(1).cpu().numpy())
-            out["pred"].append(pred.sum(1).cpu().numpy())
-            out["area"].append(truth.sum(1).cpu().numpy())
+        for key, value in spec.batch_stats(logits, y).items():
+            out.setdefault(key, []).append(value)
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
 
 
 def gather_stats(stats: dict[str, np.ndarray], rt: Runtime) -> dict[str, np.ndarray]:
-    """Concatenate every rank's per-image statistics (each image appears exactly once)."""
+    """Concatenate every rank's per-image statistics (each image appears exactly once; a rank whose slice was
+    empty has only the loss)."""
     if rt.world == 1:
         return stats
     parts: list[Any] = [None] * rt.world
     dist.all_gather_object(parts, stats)
-    return {k: np.concatenate([p[k] for p in parts]) for k in stats}
+    keys = dict.fromkeys(k for part in parts for k in part)
+    return {k: np.concatenate([part.get(k, np.zeros(0)) for part in parts]) for k in keys}
 
 
 def validation_metrics(stage: str, stats: dict[str, np.ndarray], n_images: int) -> dict[str, Any]:
     """Loss and the stage's metrics from gathered per-image statistics."""
-    metrics: dict[str, Any] = {"val_loss": float(stats["loss"].sum() / max(n_images, 1))}
-    if stage == "cls":
-        scores, truth = stats["score"], stats["truth"].astype(bool)
-        c = confusion(scores >= 0.5, truth)
-        metrics.update(
-            val_auc=roc_auc(scores, truth), **c.to_dict(), sensitivity=sensitivity(c), specificity=specificity(c)
-        )
-    else:
-        dices = dice_from_counts(stats["inter"], stats["pred"], stats["area"])
-        positive = stats["area"] > 0
-        metrics.update(
-            val_mean_dice=float(dices.mean()),
-            val_dice_pos=float(dices[positive].mean()) if positive.any() else math.nan,
-            val_dice_neg=float(dices[~positive].mean()) if (~positive).any() else math.nan,
-        )
-    return metrics
+    return {"val_loss": float(stats["loss"].sum() / max(n_images, 1)), **stage_spec(stage).metrics(stats)}
 
 
 def _better(value: float, best: float) -> bool:
@@ -312,7 +290,7 @@ def selection_score(stage: str, val: dict[str, Any]) -> float:
     """
     if stage == "seg" and val.get("val_dice_pos") == 0.0:
         return math.nan
-    return float(val[BEST_KEY[stage]])
+    return float(val[stage_spec(stage).best_key])
 
 
 class TimeBudget:

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from cascade import rundir
 from cascade.data.augment import build_augment
 from cascade.data.cache import PreprocessCache, default_cache_dir
-from cascade.data.datasets import ClassifierDataset, Item, SegmenterDataset, make_items
+from cascade.data.datasets import Item, make_items
 from cascade.data.index import match, scan_dicoms
 from cascade.data.labels import Labels, read_labels
 from cascade.data.preprocess import Preprocessing
@@ -38,6 +38,7 @@ from cascade.data.splits import make_folds, read_groups, split_fingerprint
 from cascade.errors import CascadeError, ConfigError, from_worker
 from cascade.precision import cpu_supports_bf16
 from cascade.stages.config import apply_recipe
+from cascade.stages.specs import stage_spec
 from cascade.stages.trainer import (
     Runtime,
     TimeBudget,
@@ -162,13 +163,7 @@ def make_datasets(config: dict[str, Any], run: RunData, cache: PreprocessCache) 
     """Training (augmented) and validation datasets of the stage."""
     prep = Preprocessing(**config["preprocessing"])
     augment = build_augment(config["data"]["augment"])
-    if config["stage"] == "cls":
-        masks = run.labels if config["loss"]["mask"] > 0 else None  # the auxiliary mask loss trains on masks
-        return ClassifierDataset(run.train, prep, cache, augment, masks), ClassifierDataset(run.val, prep, cache)
-    return (
-        SegmenterDataset(run.train, prep, cache, run.labels, augment),
-        SegmenterDataset(run.val, prep, cache, run.labels),
-    )
+    return stage_spec(config["stage"]).datasets(run, prep, cache, augment, config)
 
 
 # ---------------------------------------------------------------------------------------------------- run
