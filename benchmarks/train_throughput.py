@@ -1,10 +1,10 @@
 """Training throughput: our loop against a bare PyTorch loop on the same model and batches, and data-wait share.
 
-Prints, per stage: images/s of ``training.train_epoch`` and of a bare loop (forward, loss, backward, AdamW step)
-over the same pre-loaded batches, their ratio (target: our overhead ≤ 10%); then the share of step time spent
-waiting for the DataLoader with the preprocessing cache warm on disk and without a cache (target ≤ 10% with it).
-Both loops run interleaved ``--repeats`` times in this process and the best pass of each is kept (the machine may
-be shared). Synthetic SIIM-layout data is generated into a temporary folder.
+Prints, per stage: images/s of ``Trainer.train_epoch`` and of a bare loop (forward, loss, backward, AdamW step)
+over the same pre-loaded batches with the same network and loss, their ratio (target: our overhead ≤ 10%); then the
+share of step time spent waiting for the DataLoader with the preprocessing cache warm on disk and without a cache
+(target ≤ 10% with it). Both loops run interleaved ``--repeats`` times in this process and the best pass of each is
+kept (the machine may be shared). Synthetic SIIM-layout data is generated into a temporary folder.
 
     python benchmarks/train_throughput.py                       # CPU, both stages, 128 px
     python benchmarks/train_throughput.py --device cuda --size 512 1024 --compile
@@ -27,20 +27,19 @@ import torch  # noqa: E402
 from cascade.data.synth import generate  # noqa: E402
 from cascade.stages import config as cfg  # noqa: E402
 from cascade.stages import training  # noqa: E402
-from cascade.stages.checkpoint import build_model  # noqa: E402
-from cascade.stages.losses import ComboLoss  # noqa: E402
+from cascade.stages.trainer import Runtime, Trainer, build_training_model, make_loader, to_device  # noqa: E402
 
 
-def bare_epoch(model: torch.nn.Module, batches: list, config: dict[str, Any], rt: training.Runtime) -> float:
+def bare_epoch(model: torch.nn.Module, batches: list, criterion: torch.nn.Module, config: dict[str, Any],
+               rt: Runtime) -> float:
     """Seconds for a plain loop over ``batches``: autocast forward, loss, backward, AdamW step."""
-    criterion = ComboLoss.from_config(config["loss"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["optim"]["lr"])
     model.train()
     sync(rt)
     start = time.perf_counter()
     for x, y in batches:
         x = x.to(rt.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        y = y.to(rt.device, non_blocking=True)
+        y = to_device(y, rt.device)
         with torch.autocast(rt.device.type, dtype=rt.amp or torch.float32, enabled=rt.amp is not None):
             logits = model(x)
         criterion(logits, y).backward()
@@ -50,15 +49,7 @@ def bare_epoch(model: torch.nn.Module, batches: list, config: dict[str, Any], rt
     return time.perf_counter() - start
 
 
-def our_epoch(model: torch.nn.Module, loader: Any, config: dict[str, Any], rt: training.Runtime) -> training.EpochStats:
-    """One epoch of the real loop (``training.train_epoch``) over ``loader``."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["optim"]["lr"])
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp is torch.float16)
-    criterion = ComboLoss.from_config(config["loss"])
-    return training.train_epoch(model, loader, criterion, optimizer, scaler, None, model, config, rt, 0, False)
-
-
-def sync(rt: training.Runtime) -> None:
+def sync(rt: Runtime) -> None:
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
 
@@ -68,29 +59,30 @@ def bench_stage(stage: str, size: int, data: Path, args: argparse.Namespace, cac
         "preprocessing": {"size": size},
         "optim": {"batch_size": args.batch_size, "grad_clip": 0.0},
         "data": {"workers": args.workers, "cache_dir": str(cache_root), "augment": "light"},
-        "runtime": {"device": args.device, "amp": args.amp, "compile": args.compile},
+        "runtime": {"device": args.device, "amp": args.amp, "compile": args.compile, "ema": 0.0},
         **({"network": {"model": args.cls_model}} if stage == "cls" else {"network": {"encoder": args.seg_encoder}}),
     })
     rt = training.setup_runtime(config)
     run = training.load_run_data(config, data / "dicom-images-train", data / "train-rle.csv")
     cache = training.make_cache(config, data)
     cache.warm(run.train + run.val, workers=2, progress=False)
-    train_set, _ = training.make_datasets(config, run, cache)
-    loader = training.make_loader(train_set, config, rt, None, generator_seed=0)
+    train_set, val_set = training.make_datasets(config, run, cache)
+    loader = make_loader(train_set, config, rt, None, generator_seed=0)
     batches = [batch for _, batch in zip(range(args.steps), loader)]
 
-    torch.manual_seed(0)
-    model = build_model({"stage": stage, "in_chans": 1, **config["network"]}).to(rt.device)
-    model.to(memory_format=torch.channels_last)
-    runner: torch.nn.Module = torch.compile(model) if args.compile else model
+    torch.manual_seed(0)  # the network training builds (the classifier with its auxiliary mask head when weighted)
+    model = build_training_model(config)
+    trainer = Trainer(config, rt, model, run, train_set, val_set, out=cache_root, progress=False)  # never saves
+    trainer.set_frozen(False)  # builds trainer.train_model: the network as the step calls it (compiled when asked)
+    runner = trainer.train_model
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
-    bare_epoch(runner, batches[:2], config, rt)  # warm-up (and compilation)
+    bare_epoch(runner, batches[:2], trainer.criterion, config, rt)  # warm-up (and compilation)
     n_images = sum(x.shape[0] for x, _ in batches)
     bare, ours = [], []
     for _ in range(args.repeats):
-        bare.append(n_images / bare_epoch(runner, batches, config, rt))
-        ours.append(our_epoch(runner, batches, config, rt).images_per_s)
+        bare.append(n_images / bare_epoch(runner, batches, trainer.criterion, config, rt))
+        ours.append(trainer.train_epoch(batches, 0).images_per_s)
     best_bare, best_ours = max(bare), max(ours)
     amp = str(rt.amp).replace("torch.", "") if rt.amp else "fp32"
     label = f"{stage} {config['network']} {size}px batch {args.batch_size} {rt.device.type} {amp}"
@@ -105,7 +97,7 @@ def bench_stage(stage: str, size: int, data: Path, args: argparse.Namespace, cac
         c = training.make_cache({**config, "data": {**config["data"], "cache": use_cache}}, data)
         ds, _ = training.make_datasets(config, run, c)
         sampler = list(range(min(len(ds), args.steps * args.batch_size)))
-        stats = our_epoch(runner, training.make_loader(ds, config, rt, sampler, generator_seed=0), config, rt)
+        stats = trainer.train_epoch(make_loader(ds, config, rt, sampler, generator_seed=0), 0)
         print(f"  data wait   {100 * stats.data_wait / stats.seconds:5.1f}% of step time ({name}, "
               f"{args.workers} workers, {stats.images_per_s:.1f} images/s)")
 

@@ -47,6 +47,7 @@ from cascade.fileio import (
     read_json_object,
 )
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, load_stage, read_config, save_stage, sha256_file, validate_config
+from cascade.stages.specs import SPECS
 from cascade.thresholds.rule import Thresholds
 
 SCHEMA_VERSION = 1
@@ -55,7 +56,7 @@ REPORT_DIR = "report"
 MODEL_CARD = "MODEL_CARD.md"
 """The human-readable summary of the folder (intended use, data, metrics, limits); not read by code."""
 TUNED_PRECISIONS = ("fp32", "bf16", "fp16")
-STAGES = {"classifier": "cls", "segmenter": "seg"}
+STAGES = {spec.noun: spec.code for spec in SPECS.values()}
 """Stage folder base name → the ``stage`` value its ``config.json`` must carry."""
 
 Member = Union[str, os.PathLike, tuple[nn.Module, Mapping[str, Any]]]

@@ -49,13 +49,13 @@ from cascade.fileio import atomic_write_json, pending
 from cascade.modeldir import REPORT_DIR, check_replaceable, write_model_dir
 from cascade.pipeline import ImageProbabilities, native_map, predict_probabilities, resolve_device
 from cascade.precision import resolve_precision
+from cascade.rundir import DATA_FILE, SPLIT_FILE, best_stage, read_sources
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config, sha256_file
-from cascade.stages.training import DATA_FILE, SPLIT_FILE, read_sources
+from cascade.stages.specs import SPECS
 from cascade.thresholds.metrics import json_float
 from cascade.thresholds.report import write_tune_report
 from cascade.thresholds.search import Grid, ThresholdSearch, TuneResult
 
-STAGE_NAMES = {"cls": "classifier", "seg": "segmenter"}
 RESOLUTION = "native"
 """What the search scores at (see the module docstring); recorded in ``cascade.json`` and the report."""
 
@@ -104,14 +104,14 @@ def read_run(directory: str | os.PathLike[str], stage: str) -> Run:
     flag = f"--{stage}"
     if not root.is_dir():
         raise ConfigError(f"{root}: no such run folder (give {flag} a folder written by 'cascade train')")
-    best = root / "best"
+    best = best_stage(root)
     if not (best / CONFIG).is_file() or not (best / WEIGHTS).is_file():
         raise ModelError(f"{best}: missing or incomplete (needs {CONFIG} and {WEIGHTS}); did a training epoch finish?")
     config = read_config(best)
     found = config.get("stage")
     if found != stage:
-        what = STAGE_NAMES.get(found, f"stage {found!r}") if isinstance(found, str) else f"stage {found!r}"
-        raise ModelError(f"{best / CONFIG}: this is a {what} run, but {flag} needs a {STAGE_NAMES[stage]} run")
+        what = SPECS[found].noun if isinstance(found, str) and found in SPECS else f"stage {found!r}"
+        raise ModelError(f"{best / CONFIG}: this is a {what} run, but {flag} needs a {SPECS[stage].noun} run")
     for key in ("split_fingerprint", "fold", "folds", "preprocessing"):
         if key not in config:
             raise ModelError(f"{best / CONFIG}: no {key!r} (was it written by 'cascade train'?)")
@@ -170,11 +170,11 @@ def pair_folds(cls_runs: Sequence[Run], seg_runs: Sequence[Run]) -> list[tuple[R
             if run.fold in seen:
                 raise ConfigError(
                     f"{seen[run.fold].root} and {run.root}: both --{stage} runs validate on fold {run.fold}; "
-                    f"give one {STAGE_NAMES[stage]} run per fold"
+                    f"give one {SPECS[stage].noun} run per fold"
                 )
             if run.config["preprocessing"] != runs[0].config["preprocessing"]:
                 raise ConfigError(
-                    f"{runs[0].best / CONFIG} and {run.best / CONFIG}: the {STAGE_NAMES[stage]} runs were trained "
+                    f"{runs[0].best / CONFIG} and {run.best / CONFIG}: the {SPECS[stage].noun} runs were trained "
                     f"with different preprocessing ({runs[0].config['preprocessing']} and "
                     f"{run.config['preprocessing']}); an ensemble's members must share one input"
                 )

@@ -189,19 +189,19 @@ def test_cli_classifier_with_a_frozen_backbone_keeps_the_encoder_weights(
 def test_resume_across_the_unfreeze_epoch_is_bit_exact(
     synth: Path, trained_seg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cascade.stages import training
+    from cascade.stages.trainer import Trainer
 
     flags = ["--epochs", "3", "--init-from", str(trained_seg), "--freeze-backbone-epochs", "1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert train(synth, straight, "cls", *flags) == 0
-    write_epoch = training._write_epoch
+    save_checkpoint = Trainer.save_checkpoint
 
-    def killed_after_epoch_1(out, config, run, model, row, *rest):
-        write_epoch(out, config, run, model, row, *rest)
+    def killed_after_epoch_1(self: Trainer, row: dict, improved: bool) -> None:
+        save_checkpoint(self, row, improved)
         if row["epoch"] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "_write_epoch", killed_after_epoch_1)
+    monkeypatch.setattr(Trainer, "save_checkpoint", killed_after_epoch_1)
     assert train(synth, killed, "cls", *flags) == 130
     monkeypatch.undo()
     assert train(synth, killed, "cls", *flags, "--resume") == 0

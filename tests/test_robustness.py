@@ -428,7 +428,7 @@ def test_unsafe_state_pt_error_gives_no_unsafe_advice(
     import torch
 
     from cascade.stages import config as cfg
-    from cascade.stages.training import CONFIG_FILE, STATE_FILE
+    from cascade.rundir import CONFIG_FILE, STATE_FILE
 
     run = tmp_path / "run"
     run.mkdir()

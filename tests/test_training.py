@@ -12,9 +12,9 @@ import yaml
 
 from cascade.cli.main import main
 from cascade.data.splits import read_split_csv
+from cascade.rundir import STATE_FILE
 from cascade.stages.checkpoint import load_stage
-from cascade.stages import training
-from cascade.stages.training import STATE_FILE, build_training_model
+from cascade.stages.trainer import Trainer, build_training_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
 
@@ -108,14 +108,14 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run_bit_exactly(
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert train(synth, straight, "seg", *flags, config=with_ema) == 0
 
-    write_epoch = training._write_epoch
+    save_checkpoint = Trainer.save_checkpoint
 
-    def killed_after_epoch_2(out, config, run, model, row, *rest):
-        write_epoch(out, config, run, model, row, *rest)
+    def killed_after_epoch_2(self: Trainer, row: dict, improved: bool) -> None:
+        save_checkpoint(self, row, improved)
         if row["epoch"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "_write_epoch", killed_after_epoch_2)
+    monkeypatch.setattr(Trainer, "save_checkpoint", killed_after_epoch_2)
     assert train(synth, killed, "seg", *flags, config=with_ema) == 130
     monkeypatch.undo()
     assert len(metrics(killed)) == 2
@@ -160,13 +160,13 @@ def test_resume_with_the_run_folder_alone_reads_everything_else_from_the_run(
     synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    write_epoch = training._write_epoch
+    save_checkpoint = Trainer.save_checkpoint
 
-    def killed_after_epoch_1(out, config, run_, model, row, *rest):
-        write_epoch(out, config, run_, model, row, *rest)
+    def killed_after_epoch_1(self: Trainer, row: dict, improved: bool) -> None:
+        save_checkpoint(self, row, improved)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "_write_epoch", killed_after_epoch_1)
+    monkeypatch.setattr(Trainer, "save_checkpoint", killed_after_epoch_1)
     assert train(synth, run, "seg", "--epochs", "2", "--workers", "0") == 130
     monkeypatch.undo()
     capsys.readouterr()
@@ -203,7 +203,7 @@ def test_time_budget_plans_the_epochs_that_fit_and_stops_cleanly(synth: Path, tm
 
 
 def test_time_budget_clock() -> None:
-    from cascade.stages.training import TimeBudget
+    from cascade.stages.trainer import TimeBudget
 
     clock = TimeBudget(100.0)
     clock.begin_epochs()

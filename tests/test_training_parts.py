@@ -14,7 +14,7 @@ from cascade.stages import config as cfg
 from cascade.stages.checkpoint import build_model
 from cascade.stages.losses import ComboLoss, soft_dice_loss
 from cascade.stages.sampling import PositiveShareSampler, epoch_indices
-from cascade.stages.training import lr_factor
+from cascade.stages.trainer import lr_factor
 from cascade.stages.weights import load_pretrained
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
@@ -152,7 +152,7 @@ def test_pretrained_hub_name_fails_at_once_offline(monkeypatch: pytest.MonkeyPat
 
 
 def test_an_all_empty_segmenter_is_never_the_best_checkpoint() -> None:
-    from cascade.stages.training import selection_score
+    from cascade.stages.trainer import selection_score
 
     empty = {"val_mean_dice_area": 0.6, "val_dice_pos": 0.0}  # predicts nothing: scores the all-empty baseline
     learning = {"val_mean_dice_area": 0.4, "val_dice_pos": 0.3}
@@ -181,7 +181,7 @@ def test_pretrained_hub_name_fails_at_once_when_the_hub_is_unreachable(monkeypat
 
 
 def test_loader_workers_never_exceed_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cascade.stages.training import loader_workers
+    from cascade.stages.trainer import loader_workers
 
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert loader_workers({"workers": 8, "cache": True}) == 1  # one core left to the training step
@@ -192,7 +192,7 @@ def test_loader_workers_never_exceed_the_cores(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_a_collapsing_segmenter_is_named_after_three_empty_epochs_only() -> None:
-    from cascade.stages.training import collapse_warning
+    from cascade.stages.trainer import collapse_warning
 
     def rows(*dices: float) -> list[dict]:
         return [{"val_dice_pos": d} for d in dices]
@@ -294,6 +294,38 @@ def test_a_classifier_run_saved_before_the_mask_loss_resumes_without_it(tmp_path
     saved.write_text(cfg.to_yaml(old))
     assert cfg.resume_config(saved, "cls")["loss"]["mask"] == 0.0
     assert cfg.resolve("cls")["loss"]["mask"] == 1.0
+
+
+def test_each_stage_spec_is_the_one_source_of_its_defaults_and_validation_metrics() -> None:
+    from cascade.stages.specs import SPECS, stage_spec
+    from cascade.stages.trainer import validation_metrics
+
+    truth = {"cls": torch.tensor([1.0, 0.0, 1.0, 0.0]), "seg": torch.zeros(4, 1, 8, 8)}
+    truth["seg"][0, 0, 2:5, 2:5] = 1.0
+    truth["seg"][2, 0, 0:3, 0:8] = 1.0
+    for code, spec in SPECS.items():
+        assert stage_spec(code) is spec and cfg.resolve(code)["network"] == spec.defaults["network"]
+        network = {"cls": {"model": "test_resnet"}, "seg": {"encoder": "tu-test_resnet"}}[code]
+        model = build_model({"stage": code, "in_chans": 1, **{**spec.defaults["network"], **network}})
+        backbone, head = spec.backbone(model)  # what --pretrained fills and freezing freezes: part of the model
+        assert {id(p) for p in backbone.parameters()} <= {id(p) for p in model.parameters()}
+        heads = sorted(n for n, _ in backbone.named_parameters() if head and n.startswith(head))
+        assert heads == (["fc.bias", "fc.weight"] if code == "cls" else [])  # left as built: the classifier's fc
+        y = truth[code]
+        perfect = torch.where(y > 0.5, 6.0, -6.0)  # logits that say exactly the truth
+        stats = {"loss": np.zeros(1), **spec.batch_stats(perfect, y)}
+        assert validation_metrics(code, stats, len(y))[spec.best_key] == 1.0
+        wrong = {"loss": np.zeros(1), **spec.batch_stats(-perfect, y)}
+        assert validation_metrics(code, wrong, len(y))[spec.best_key] <= 0.5  # no better than drawing nothing
+    with pytest.raises(ModelError, match="stage 'det' is not one of 'cls', 'seg'"):
+        stage_spec("det")
+
+
+def test_a_saved_classifier_config_without_a_network_name_still_loads_as_resnet18() -> None:
+    """The training default (resnet34) and what a config.json lacking ``model`` means (resnet18, as ever) differ on
+    purpose: a folder written before keeps loading the network it was saved from."""
+    assert cfg.defaults("cls")["network"]["model"] == "resnet34"
+    assert build_model({"stage": "cls"}).backbone.pretrained_cfg["architecture"] == "resnet18"
 
 
 def test_batch_dice_charges_a_false_positive_by_the_batch_lesion_area_not_the_whole_image() -> None:

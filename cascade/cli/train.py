@@ -138,17 +138,19 @@ def run(args: argparse.Namespace) -> int:
     if args.config and path_kind(args.config) != "missing":  # absent: the name of a shipped configuration
         input_file(args.config, ConfigError, "configuration file")
     out = check_output(args.out, folder=True, inputs=[args.images, args.labels])
-    from cascade.stages import config as cfg  # torch: imported once the output has been checked
+    from cascade.rundir import CONFIG_FILE  # torch: imported once the output has been checked
+    from cascade.stages import config as cfg
     from cascade.stages import training
+    from cascade.stages.specs import stage_spec
 
     if resume:
-        config = cfg.resume_config(out / training.CONFIG_FILE, args.stage, args.config, overrides(args))
+        config = cfg.resume_config(out / CONFIG_FILE, args.stage, args.config, overrides(args))
     else:
         config = cfg.resolve(args.stage, args.config, overrides(args))
     row = training.train(
         config, args.images, args.labels, out, resume=resume, pretrained=args.pretrained, progress=not args.quiet
     )
-    key = training.BEST_KEY[args.stage]
+    key = stage_spec(args.stage).best_key
     if os.environ.get("RANK", "0") == "0":
         print(f"cascade train: {out}: epoch {row['epoch']}, {key} {row[key]:.4f} (best/ and last/ written)")
     return 0
@@ -156,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _fill_from_run(args: argparse.Namespace) -> None:
     """``--resume RUN_DIR``: take the run folder, stage and data from the run; given flags must name the same."""
-    from cascade.stages import training
+    from cascade import rundir
     from cascade.stages.config import read_yaml
 
     if args.resume and args.out and Path(args.resume).resolve() != Path(args.out).resolve():
@@ -164,14 +166,14 @@ def _fill_from_run(args: argparse.Namespace) -> None:
     run_dir = Path(args.resume or args.out or "")
     if not (args.resume or args.out):
         raise ConfigError("--resume needs the run folder: --resume RUN_DIR")
-    training.check_run_dir(run_dir, resume=True)
+    rundir.check_run_dir(run_dir, resume=True)
     args.out = str(run_dir)
-    saved_stage = read_yaml(run_dir / training.CONFIG_FILE).get("stage")
+    saved_stage = read_yaml(run_dir / rundir.CONFIG_FILE).get("stage")
     if args.stage is None:
         args.stage = saved_stage
-    if args.images is not None and args.labels is not None and not (run_dir / training.DATA_FILE).exists():
+    if args.images is not None and args.labels is not None and not (run_dir / rundir.DATA_FILE).exists():
         return  # a run without data.json (an older one): the paths given are all there is
-    recorded = training.read_sources(run_dir)
+    recorded = rundir.read_sources(run_dir)
     for key in ("images", "labels"):
         given = getattr(args, key)
         if given is None:

@@ -6,7 +6,6 @@ Nothing here unpickles: weights are safetensors and metadata is JSON, so a model
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -20,21 +19,15 @@ from torch import nn
 from cascade.data.preprocess import Preprocessing
 from cascade.errors import CascadeError, ModelError
 from cascade.fileio import atomic_path, atomic_write_json, input_file, path_kind, read_json_object
-from cascade.stages.classifier import POOLS, build_classifier
-from cascade.stages.segmenter import build_segmenter
+from cascade.stages.specs import SPECS, stage_spec
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
-    """Build the network of either stage from its config (``config["stage"]`` is ``"cls"`` or ``"seg"``)."""
-    stage = config.get("stage")
-    if stage == "cls":
-        return build_classifier(config)
-    if stage == "seg":
-        return build_segmenter(config)
-    raise ModelError(f"config has stage {stage!r}; expected 'cls' or 'seg'")
+    """Build the network of either stage from its config (``config["stage"]`` names its :data:`SPECS` entry)."""
+    return stage_spec(config.get("stage")).build(config)
 
 
 def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -56,30 +49,21 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return read_json_object(Path(directory) / CONFIG, f"a stage folder needs {CONFIG} and {WEIGHTS}")
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def validate_config(config: dict[str, Any], where: str | os.PathLike[str]) -> None:
     """Check every field a network is built from (type and range) before anything is built: a ``ModelError``
     naming ``where`` and the field, never a traceback from timm or smp, nor gigabytes spent on a bogus network."""
     stage = config.get("stage")
-    if stage not in ("cls", "seg"):
-        raise ModelError(f"{where}: stage must be 'cls' or 'seg'")
-    names = ("model",) if stage == "cls" else ("arch", "encoder")
-    for key in names:
+    if stage not in SPECS:
+        raise ModelError(f"{where}: stage must be {' or '.join(repr(code) for code in SPECS)}")
+    spec = SPECS[stage]
+    for key in spec.network_names:
         value = config.get(key, "default")
         if not isinstance(value, str) or not 0 < len(value) <= 200:
             raise ModelError(f"{where}: {key} must be a network name (a short string)")
     in_chans = config.get("in_chans", 1)
     if type(in_chans) is not int or in_chans != 1:
         raise ModelError(f"{where}: in_chans must be the integer 1 (cascade feeds greyscale images)")
-    if stage == "cls":
-        if config.get("pool", "avg") not in POOLS:
-            raise ModelError(f"{where}: pool must be one of {', '.join(POOLS)}")
-        drop = config.get("drop_rate", 0.0)
-        if not _number(drop) or not 0.0 <= drop < 1.0:
-            raise ModelError(f"{where}: drop_rate must be a number in [0, 1)")
+    spec.check_config(config, str(where))
     prep = config.get("preprocessing")
     if not isinstance(prep, dict):
         raise ModelError(f"{where}: preprocessing must be an object with size, mean and std")

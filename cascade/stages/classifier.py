@@ -11,7 +11,10 @@ from torch import nn
 from cascade.errors import ConfigError
 
 POOLS = ("avg", "max", "avgmax", "catavgmax")
-DEFAULTS: dict[str, Any] = {"stage": "cls", "model": "resnet18", "in_chans": 1, "pool": "avg", "drop_rate": 0.0}
+CONFIG_JSON_FALLBACK: dict[str, Any] = {"model": "resnet18", "in_chans": 1, "pool": "avg", "drop_rate": 0.0}
+"""What :func:`build_classifier` assumes for a key a stage ``config.json`` lacks (a hand-written folder; the folders
+cascade writes record every key), unchanged since the first version so such a folder keeps loading the same
+network. Not the training defaults: those are ``SPECS["cls"].defaults`` (:mod:`cascade.stages.specs`)."""
 
 
 class Classifier(nn.Module):
@@ -53,7 +56,7 @@ class Classifier(nn.Module):
 
 def build_classifier(config: dict[str, Any]) -> Classifier:
     """Build the network described by a classifier ``config.json`` (random weights; weights load separately)."""
-    cfg = {**DEFAULTS, **config}
+    cfg = {**CONFIG_JSON_FALLBACK, **config}
     if cfg["pool"] not in POOLS:
         raise ConfigError(f"classifier pool {cfg['pool']!r} is not one of {', '.join(POOLS)}")
     if not timm.is_model(cfg["model"]):

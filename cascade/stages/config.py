@@ -26,8 +26,9 @@ from cascade.configs import shipped_config
 from cascade.errors import ConfigError
 from cascade.fileio import input_file, path_kind
 from cascade.stages.segmenter import ARCHS
+from cascade.stages.specs import SPECS
 
-STAGES = ("cls", "seg")
+STAGES = tuple(SPECS)
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -132,18 +133,6 @@ COMMON_DEFAULTS: dict[str, Any] = {
     },
     "runtime": {"device": "auto", "amp": "auto", "channels_last": True, "compile": False, "ema": 0.0},
 }
-STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cls": {
-        "network": {"model": "resnet34", "pool": "avg", "drop_rate": 0.0, "init_from": None},
-        "loss": {"bce": 1.0, "dice": 0.0, "focal": 0.0, "focal_gamma": 2.0, "mask": 1.0, "dice_per": "image"},
-        "sampling": {"positive_share": None},
-    },
-    "seg": {
-        "network": {"arch": "unet", "encoder": "resnet34"},
-        "loss": {"bce": 1.0, "dice": 1.0, "focal": 0.0, "focal_gamma": 2.0, "mask": 0.0, "dice_per": "batch"},
-        "sampling": {"positive_share": AUTO},
-    },
-}
 
 SMALL_DATA = 2000
 """Training splits with fewer images than this get the small-data recipe (docs/training-recipe.md)."""
@@ -178,7 +167,7 @@ def defaults(stage: str) -> dict[str, Any]:
     """The full default configuration of a stage."""
     if stage not in STAGES:
         raise ConfigError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
-    return {"stage": stage, **copy.deepcopy(COMMON_DEFAULTS), **copy.deepcopy(STAGE_DEFAULTS[stage])}
+    return {"stage": stage, **copy.deepcopy(COMMON_DEFAULTS), **copy.deepcopy(SPECS[stage].defaults)}
 
 
 def find_config(name_or_path: str | os.PathLike[str]) -> Path:

@@ -19,12 +19,14 @@ ARCHS = {
     "manet": "MAnet",
     "pan": "PAN",
 }
-DEFAULTS: dict[str, Any] = {"stage": "seg", "arch": "unet", "encoder": "resnet34", "in_chans": 1}
+CONFIG_JSON_FALLBACK: dict[str, Any] = {"arch": "unet", "encoder": "resnet34", "in_chans": 1}
+"""What :func:`build_segmenter` assumes for a key a stage ``config.json`` lacks (as for the classifier's); the
+training defaults are ``SPECS["seg"].defaults`` (:mod:`cascade.stages.specs`)."""
 
 
 def build_segmenter(config: dict[str, Any]) -> nn.Module:
     """Build the network described by a segmenter ``config.json``; ``forward`` returns logits ``[B,1,H,W]``."""
-    cfg = {**DEFAULTS, **config}
+    cfg = {**CONFIG_JSON_FALLBACK, **config}
     arch = str(cfg["arch"]).lower()
     if arch not in ARCHS:
         raise ConfigError(f"segmentation architecture {cfg['arch']!r} is not one of {', '.join(ARCHS)}")

@@ -1,91 +1,53 @@
-"""One training loop for both stages, on one CPU, one GPU or several GPUs under ``torchrun``.
+"""One training run of either stage, on one CPU, one GPU or several GPUs under ``torchrun``: :func:`train`.
 
-A run: check the inputs (labels, images, split, configuration) and only then write into RUN_DIR; train with AdamW,
-a per-step warm-up + cosine learning rate, gradient accumulation and clipping, autocast (bf16, or fp16 with a
-GradScaler), channels_last, optional ``torch.compile`` and an optional EMA of the weights; validate once per epoch
-over the true validation fold (each rank predicts a disjoint slice, the per-image statistics are gathered); and
-write, on rank 0 only and atomically, ``last/`` and ``best/`` (stage folders), ``metrics.csv`` and ``state.pt``.
+A run checks its inputs (labels, images, split, configuration) and only then writes into RUN_DIR
+(:mod:`cascade.rundir`); it then hands the prepared data and network to a :class:`~cascade.stages.trainer.Trainer`,
+which trains with AdamW, a per-step warm-up + cosine learning rate, gradient accumulation and clipping, autocast
+(bf16, or fp16 with a GradScaler), channels_last, optional ``torch.compile`` and an optional EMA of the weights;
+validates once per epoch over the true validation fold; and writes, on rank 0 only and atomically, ``last/`` and
+``best/`` (stage folders), ``metrics.csv`` and ``state.pt``.
 
-Reproducibility: every random draw of an epoch (sampler order, augmentation, dropout, DataLoader worker seeds) is
-seeded from ``(seed, epoch, rank)`` when the epoch starts, and the learning rate is a function of the step's
-position, so ``state.pt`` (weights, optimizer, GradScaler, EMA, epoch, best score, metric history) is all a resumed
-run needs to continue exactly as an uninterrupted one would (bit-identical on CPU with the same worker count).
-Whether the backbone is frozen (``optim.freeze_backbone_epochs``) is a function of the epoch too, and a frozen
-parameter has no AdamW state to lose. A classifier may start from a segmenter run's encoder (``network.init_from``,
-:func:`cascade.stages.weights.init_from_segmenter`); a resumed run takes its weights from ``state.pt`` instead.
+``state.pt`` (weights, optimizer, GradScaler, EMA, epoch, best score, metric history) is all a resumed run needs to
+continue exactly as an uninterrupted one would (bit-identical on CPU with the same worker count; see
+:class:`~cascade.stages.trainer.Trainer`). A classifier may start from a segmenter run's encoder
+(``network.init_from``, :func:`cascade.stages.weights.init_from_segmenter`); a resumed run takes its weights from
+``state.pt`` instead.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
-import math
 import os
-import random
 import sys
-import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
-from cascade.data.augment import build_augment, seed_augment, seed_worker
+from cascade import rundir
+from cascade.data.augment import build_augment
 from cascade.data.cache import PreprocessCache, default_cache_dir
-from cascade.data.datasets import ClassifierDataset, Item, SegmenterDataset, make_items
+from cascade.data.datasets import Item, make_items
 from cascade.data.index import match, scan_dicoms
 from cascade.data.labels import Labels, read_labels
 from cascade.data.preprocess import Preprocessing
-from cascade.data.splits import make_folds, read_groups, split_fingerprint, write_split_csv
-from cascade.errors import CascadeError, ConfigError, ModelError, from_worker
-from cascade.fileio import atomic_path, atomic_write_json, atomic_write_text, read_json_object
+from cascade.data.splits import make_folds, read_groups, split_fingerprint
+from cascade.errors import CascadeError, ConfigError, from_worker
 from cascade.precision import cpu_supports_bf16
-from cascade.processes import die_with_parent
-from cascade.stages.checkpoint import build_model, load_weights_only, save_stage
-from cascade.stages.config import apply_recipe, positive_share, to_yaml
-from cascade.stages.classifier import Classifier
-from cascade.stages.losses import ComboLoss, MaskAuxLoss
-from cascade.stages.sampling import PositiveShareSampler
-from cascade.stages.weights import init_from_segmenter, init_source, load_pretrained, set_backbone_trainable
-from cascade.thresholds.metrics import (
-    best_min_area,
-    confusion,
-    dice_from_counts,
-    json_float,
-    roc_auc,
-    sensitivity,
-    specificity,
+from cascade.stages.config import apply_recipe
+from cascade.stages.specs import stage_spec
+from cascade.stages.trainer import (
+    Runtime,
+    TimeBudget,
+    Trainer,
+    build_training_model,
+    loader_workers,
+    seed_everything,
 )
-
-CONFIG_FILE = "config.yaml"
-SPLIT_FILE = "split.csv"
-METRICS_FILE = "metrics.csv"
-STATE_FILE = "state.pt"
-DATA_FILE = "data.json"
-"""Where the run's images and labels were (absolute paths), so ``cascade tune`` can find the validation fold."""
-BEST_KEY = {"cls": "val_auc", "seg": "val_mean_dice_area"}
-"""The validation metric that picks ``best/`` (higher is better): the classifier's ROC AUC; the segmenter's mean
-Dice at 0.5 with the best minimum predicted area (:func:`cascade.thresholds.metrics.best_min_area`)."""
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where this process trains: its rank among ``world`` processes, device and autocast dtype."""
-
-    rank: int
-    world: int
-    device: torch.device
-    amp: torch.dtype | None
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+from cascade.stages.weights import init_from_segmenter, init_source, load_pretrained
 
 
 @dataclass(frozen=True)
@@ -138,18 +100,6 @@ def setup_runtime(config: dict[str, Any]) -> Runtime:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Runtime(rank, world, device, resolve_amp(config["runtime"]["amp"], device))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch, numpy and random (the epoch's draws are all derived from here)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """The seed of one epoch on one rank."""
-    return (seed * 1_000_003 + epoch * 1009 + rank) % 2**31
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -213,361 +163,10 @@ def make_datasets(config: dict[str, Any], run: RunData, cache: PreprocessCache) 
     """Training (augmented) and validation datasets of the stage."""
     prep = Preprocessing(**config["preprocessing"])
     augment = build_augment(config["data"]["augment"])
-    if config["stage"] == "cls":
-        masks = run.labels if config["loss"]["mask"] > 0 else None  # the auxiliary mask loss trains on masks
-        return ClassifierDataset(run.train, prep, cache, augment, masks), ClassifierDataset(run.val, prep, cache)
-    return (
-        SegmenterDataset(run.train, prep, cache, run.labels, augment),
-        SegmenterDataset(run.val, prep, cache, run.labels),
-    )
-
-
-def read_sources(out: Path) -> dict[str, str]:
-    """The images folder and label file a run was trained on (its ``data.json``)."""
-    data = read_json_object(out / DATA_FILE, "written by 'cascade train' at the start of a run")
-    if not all(isinstance(data.get(k), str) for k in ("images", "labels")):
-        raise ModelError(f"{out / DATA_FILE}: expected an object with the strings 'images' and 'labels'")
-    return {"images": data["images"], "labels": data["labels"]}
-
-
-def check_run_dir(out: Path, resume: bool) -> None:
-    """A new run needs an absent or empty RUN_DIR; ``--resume`` needs a run folder with a saved state."""
-    if resume:
-        if not (out / STATE_FILE).is_file() or not (out / CONFIG_FILE).is_file():
-            raise ModelError(f"{out}: nothing to resume (no {STATE_FILE} and {CONFIG_FILE}; did an epoch finish?)")
-        return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out}: exists and is not empty; pass --resume to continue it or choose a new --out")
-
-
-# ---------------------------------------------------------------------------------------------------- pieces
-
-
-def lr_factor(progress: float, epochs: int, warmup: float, min_ratio: float) -> float:
-    """Learning-rate multiplier at ``progress`` epochs: linear warm-up, then cosine down to ``min_ratio``."""
-    if progress < warmup:
-        return (progress + 1e-3) / (warmup + 1e-3)
-    span = max(epochs - warmup, 1e-9)
-    t = min((progress - warmup) / span, 1.0)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-class Ema:
-    """Exponential moving average of a model's state (floats averaged, integer buffers copied)."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.updates = 0
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Move the average towards ``model``; the decay ramps up over the first steps ((1+n)/(10+n))."""
-        self.updates += 1
-        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-        for key, value in model.state_dict().items():
-            if value.dtype.is_floating_point:
-                self.state[key].lerp_(value.detach(), 1.0 - d)
-            else:
-                self.state[key].copy_(value)
-
-
-def build_training_model(config: dict[str, Any]) -> nn.Module:
-    """The network a run trains: the stage's network, plus the classifier's auxiliary mask head when
-    ``loss.mask`` weighs it (the head is dropped from every saved stage folder, kept in ``state.pt``)."""
-    model = build_model(network_config(config))
-    if config["stage"] == "cls" and config["loss"]["mask"] > 0:
-        model.add_mask_head()
-    return model
-
-
-def training_loss(config: dict[str, Any]) -> nn.Module:
-    """The loss a run trains with: the combined loss, with the classifier's auxiliary mask term when weighted."""
-    loss = ComboLoss.from_config(config["loss"])
-    if config["stage"] == "cls" and config["loss"]["mask"] > 0:
-        return MaskAuxLoss(loss, config["loss"]["mask"])
-    return loss
-
-
-def network_config(config: dict[str, Any]) -> dict[str, Any]:
-    """What ``build_model`` needs to rebuild the run's network (``network.init_from`` only says where training
-    started, so it stays in ``config.yaml``)."""
-    network = {k: v for k, v in config["network"].items() if k != "init_from"}
-    return {"stage": config["stage"], "in_chans": 1, **network}
-
-
-def stage_config(config: dict[str, Any], run: RunData, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
-    """The ``config.json`` of a saved stage folder: network keys, preprocessing, split and the epoch's metrics."""
-    return {
-        **network_config(config),
-        "preprocessing": Preprocessing(**config["preprocessing"]).to_dict(),
-        "split_fingerprint": run.fingerprint,
-        "fold": config["data"]["fold"],
-        "folds": config["data"]["folds"],
-        "seed": config["seed"],
-        "epoch": epoch,
-        "metrics": metrics,
-    }
-
-
-def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    """``metrics.csv``: one row per finished epoch (rewritten whole, atomically); a column added in a later version
-    (a resumed old run) is left empty in the rows that lack it."""
-    buffer = io.StringIO()
-    columns = list(dict.fromkeys(key for row in history for key in row))
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(path, buffer.getvalue())
-
-
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    """``state.pt`` atomically (plain tensors, numbers and dicts: loadable with ``weights_only=True``)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_state(path: Path) -> dict[str, Any]:
-    """Read ``state.pt`` with ``weights_only=True``."""
-    return load_weights_only(path, "training state")
-
-
-# ---------------------------------------------------------------------------------------------------- epochs
-
-
-@dataclass
-class EpochStats:
-    loss: float
-    images: int
-    seconds: float
-    data_wait: float
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
-
-
-def _timed(loader: DataLoader) -> Iterator[tuple[float, Any]]:
-    """Yield ``(seconds waited for the batch, batch)``."""
-    it = iter(loader)
-    while True:
-        start = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        yield time.perf_counter() - start, batch
-
-
-def loader_workers(data: dict[str, Any]) -> int:
-    """``data.workers`` capped for this machine: at most the cores when images are decoded each epoch
-    (``cache: false``), else cores − 1, leaving one core to the training step (more processes than cores only
-    fight over them: the GPU configurations' 8 workers on a 2-core machine ran slower than 1)."""
-    cores = os.cpu_count() or 1
-    return min(data["workers"], cores if not data["cache"] else max(0, cores - 1))
-
-
-def make_loader(
-    dataset: Dataset, config: dict[str, Any], rt: Runtime, sampler: Any = None, generator_seed: int = 0
-) -> DataLoader:
-    """A DataLoader whose worker seeds come from ``generator_seed`` (so an epoch's augmentation is repeatable)."""
-    workers = loader_workers(config["data"])
-    return DataLoader(
-        dataset,
-        batch_size=config["optim"]["batch_size"],
-        sampler=sampler,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=rt.device.type == "cuda",
-        worker_init_fn=_init_worker if workers else None,
-        generator=torch.Generator().manual_seed(generator_seed),
-        persistent_workers=False,
-        prefetch_factor=4 if workers else None,
-    )
-
-
-def _init_worker(worker_id: int) -> None:
-    """A training loader worker: dies with the main process, then seeds its augmentation."""
-    die_with_parent(worker_id)
-    seed_worker(worker_id)
-
-
-def _to_device(target: Any, device: torch.device) -> Any:
-    """A batch's target on ``device``: a tensor, or a tuple of them (label and mask for the auxiliary loss)."""
-    if isinstance(target, (tuple, list)):
-        return tuple(t.to(device, non_blocking=True) for t in target)
-    return target.to(device, non_blocking=True)
-
-
-def train_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    ema: Ema | None,
-    raw_model: nn.Module,
-    config: dict[str, Any],
-    rt: Runtime,
-    epoch: int,
-    progress: bool,
-) -> EpochStats:
-    """One pass over ``loader``: forward under autocast, backward, and an optimizer step every ``accumulate``."""
-    from cascade.progress import progress_bar
-
-    optim = config["optim"]
-    accumulate, base_lr = optim["accumulate"], optim["lr"]
-    channels_last = config["runtime"]["channels_last"]
-    steps = len(loader)
-    model.train()
-    total = torch.zeros((), device=rt.device)
-    images, waited, start = 0, 0.0, time.perf_counter()
-    bar = progress_bar(
-        total=steps, desc=f"epoch {epoch + 1}/{optim['epochs']}", unit="batch", leave=False,
-        disable=not (progress and rt.main),
-    )
-    for i, (wait, (x, y)) in enumerate(_timed(loader)):
-        waited += wait
-        x = x.to(rt.device, non_blocking=True)
-        y = _to_device(y, rt.device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        stepping = (i + 1) % accumulate == 0 or i + 1 == steps
-        sync = contextlib.nullcontext() if stepping or rt.world == 1 else model.no_sync()
-        with sync:
-            with torch.autocast(rt.device.type, dtype=rt.amp or torch.float32, enabled=rt.amp is not None):
-                logits = model(x)
-            loss = criterion(logits, y)
-            scaler.scale(loss / accumulate).backward()
-        if stepping:
-            factor = lr_factor(epoch + (i + 1) / steps, optim["epochs"], optim["warmup_epochs"], optim["min_lr_ratio"])
-            for group in optimizer.param_groups:
-                group["lr"] = base_lr * factor
-            if optim["grad_clip"] > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), optim["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(raw_model)
-        total += loss.detach() * x.shape[0]
-        images += x.shape[0]
-        if rt.main and progress and (i % 10 == 0 or i + 1 == steps):
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images * rt.world / max(elapsed, 1e-9):.1f}")
-        bar.update(1)
-    bar.close()
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize(rt.device)
-    seconds = time.perf_counter() - start
-    counts = torch.stack([total.float().cpu(), torch.tensor(float(images))])
-    if rt.world > 1:
-        dist.all_reduce(counts)
-    return EpochStats(float(counts[0] / max(counts[1], 1)), int(counts[1]), seconds, waited)
-
-
-@torch.no_grad()
-def predict_stats(model: nn.Module, dataset: Dataset, config: dict[str, Any], rt: Runtime) -> dict[str, np.ndarray]:
-    """Per-image validation statistics of this rank's slice (every ``world``-th image, no padding)."""
-    criterion = ComboLoss.from_config(config["loss"])
-    part = Subset(dataset, range(rt.rank, len(dataset), rt.world))
-    loader = make_loader(part, config, rt)
-    model.eval()
-    out: dict[str, list[np.ndarray]] = {"loss": [], "score": [], "truth": [], "inter": [], "pred": [], "area": []}
-    for x, y in loader:
-        x = x.to(rt.device, non_blocking=True)
-        y = y.to(rt.device, non_blocking=True)
-        if config["runtime"]["channels_last"]:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(rt.device.type, dtype=rt.amp or torch.float32, enabled=rt.amp is not None):
-            logits = model(x)
-        logits = logits.float()
-        out["loss"].append(np.array([criterion(logits, y).item() * x.shape[0]]))
-        if config["stage"] == "cls":
-            out["score"].append(torch.sigmoid(logits).cpu().numpy())
-            out["truth"].append(y.cpu().numpy() > 0.5)
-        else:
-            pred = (logits > 0).flatten(1)
-            truth = (y > 0.5).flatten(1)
-            out["inter"].append((pred & truth).sum(1).cpu().numpy())
-            out["pred"].append(pred.sum(1).cpu().numpy())
-            out["area"].append(truth.sum(1).cpu().numpy())
-    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
-
-
-def gather_stats(stats: dict[str, np.ndarray], rt: Runtime) -> dict[str, np.ndarray]:
-    """Concatenate every rank's per-image statistics (each image appears exactly once)."""
-    if rt.world == 1:
-        return stats
-    parts: list[Any] = [None] * rt.world
-    dist.all_gather_object(parts, stats)
-    return {k: np.concatenate([p[k] for p in parts]) for k in stats}
-
-
-def validation_metrics(stage: str, stats: dict[str, np.ndarray], n_images: int) -> dict[str, Any]:
-    """Loss and the stage's metrics from gathered per-image statistics."""
-    metrics: dict[str, Any] = {"val_loss": float(stats["loss"].sum() / max(n_images, 1))}
-    if stage == "cls":
-        scores, truth = stats["score"], stats["truth"].astype(bool)
-        c = confusion(scores >= 0.5, truth)
-        metrics.update(
-            val_auc=roc_auc(scores, truth), **c.to_dict(), sensitivity=sensitivity(c), specificity=specificity(c)
-        )
-    else:
-        dices = dice_from_counts(stats["inter"], stats["pred"], stats["area"])
-        positive = stats["area"] > 0
-        area_dice, min_area = best_min_area(stats["inter"], stats["pred"], stats["area"])
-        metrics.update(
-            val_mean_dice=float(dices.mean()),
-            val_mean_dice_area=area_dice,
-            val_min_area=min_area,
-            val_dice_pos=float(dices[positive].mean()) if positive.any() else math.nan,
-            val_dice_neg=float(dices[~positive].mean()) if (~positive).any() else math.nan,
-        )
-    return metrics
+    return stage_spec(config["stage"]).datasets(run, prep, cache, augment, config)
 
 
 # ---------------------------------------------------------------------------------------------------- run
-
-
-def _better(value: float, best: float) -> bool:
-    return not math.isnan(value) and (math.isnan(best) or value > best)
-
-
-COLLAPSE_DICE = 0.02
-COLLAPSE_EPOCHS = 3
-"""A segmenter whose Dice on the validation positives stays under ``COLLAPSE_DICE`` for ``COLLAPSE_EPOCHS`` epochs in
-a row is collapsing to the all-empty answer (the loss it reaches there is low on a mostly negative dataset)."""
-
-
-def collapse_warning(stage: str, history: Sequence[dict[str, Any]]) -> str | None:
-    """The warning for a segmenter that has predicted (almost) nothing on the validation positives for the last
-    ``COLLAPSE_EPOCHS`` epochs, with what to change; None otherwise."""
-    recent = [row.get("val_dice_pos") for row in history[-COLLAPSE_EPOCHS:]]
-    if stage != "seg" or len(recent) < COLLAPSE_EPOCHS:
-        return None
-    if not all(isinstance(v, float) and v < COLLAPSE_DICE for v in recent):
-        return None
-    shown = ", ".join(f"{v:.3f}" for v in recent)
-    return (
-        f"the segmenter has drawn (almost) nothing on the validation positives for {COLLAPSE_EPOCHS} epochs (Dice on "
-        f"positives {shown}): it is collapsing to the all-empty answer. Raise the learning rate (optim.lr), the "
-        "share of positives per epoch (sampling.positive_share) or the Dice weight (loss.dice)"
-    )
-
-
-def selection_score(stage: str, val: dict[str, Any]) -> float:
-    """The number ``best/`` is chosen by (``BEST_KEY``): the classifier's ROC AUC, the segmenter's mean Dice at 0.5
-    with the best minimum area.
-
-    A segmenter that finds nothing on every positive validation image is never chosen (nan): predicting nothing
-    scores the all-empty baseline, which beats an early, still noisy segmenter, and would hand ``tune`` and
-    ``--init-from`` untrained weights.
-    """
-    if stage == "seg" and val.get("val_dice_pos") == 0.0:
-        return math.nan
-    return float(val[BEST_KEY[stage]])
 
 
 def oom_message(config: dict[str, Any]) -> str:
@@ -597,7 +196,10 @@ def train(
     images, labels, out = Path(images), Path(labels), Path(out)
     rt = setup_runtime(config)
     try:
-        return _train(config, images, labels, out, rt, resume, pretrained, progress)
+        clock = TimeBudget(config["optim"]["time_budget"] * 60.0)
+        trainer = build_trainer(config, images, labels, out, rt, resume=resume, pretrained=pretrained,
+                                progress=progress)
+        return trainer.fit(clock)
     except torch.OutOfMemoryError:
         raise ConfigError(oom_message(config)) from None
     except CascadeError as err:  # one raised in a loader worker arrives with the worker's traceback as message
@@ -607,18 +209,20 @@ def train(
             dist.destroy_process_group()
 
 
-def _train(
+def build_trainer(
     config: dict[str, Any],
     images: Path,
     labels: Path,
     out: Path,
     rt: Runtime,
-    resume: bool,
-    pretrained: str | None,
-    progress: bool,
-) -> dict[str, Any]:
-    clock = TimeBudget(config["optim"]["time_budget"] * 60.0)
-    check_run_dir(out, resume)
+    *,
+    resume: bool = False,
+    pretrained: str | None = None,
+    progress: bool = True,
+) -> Trainer:
+    """Check the run's inputs (nothing is written), prepare its data and network, and return its Trainer, continuing
+    ``out/state.pt`` when ``resume``."""
+    rundir.check_run_dir(out, resume)
     init_from = config["network"].get("init_from")
     if init_from and pretrained:
         raise ConfigError(f"--init-from {init_from} and --pretrained {pretrained}: choose one starting point")
@@ -632,8 +236,8 @@ def _train(
     if rt.main and workers < config["data"]["workers"]:
         print(f"data.workers {config['data']['workers']} capped to {workers}: this machine has {os.cpu_count()} "
               "cores (set --workers to choose)", file=sys.stderr)
-    state = load_state(out / STATE_FILE) if resume else None
-    if state is not None and state["split_fingerprint"] != run.fingerprint:
+    saved = rundir.load_state(out) if resume else None
+    if saved is not None and saved["split_fingerprint"] != run.fingerprint:
         raise ConfigError(f"{out}: the images, labels or split differ from the run being resumed")
     cache = make_cache(config, images)
     if rt.main and config["data"]["cache"]:
@@ -643,201 +247,24 @@ def _train(
     if rt.world > 1:
         dist.barrier()
     train_set, val_set = make_datasets(config, run, cache)
-
     seed_everything(config["seed"])
     model = build_training_model(config)
-    if pretrained and state is None:
+    if saved is None:
+        start_weights(model, config, pretrained, rt.main and progress, rt.main)
+    trainer = Trainer(config, rt, model, run, train_set, val_set, out, progress=progress)
+    if saved is not None:
+        trainer.load_state_dict(saved)
+    return trainer
+
+
+def start_weights(model: nn.Module, config: dict[str, Any], pretrained: str | None, report: bool, warn: bool) -> None:
+    """A new run's starting weights: ``--pretrained``, or the encoder of the segmenter run ``network.init_from``
+    names (what was loaded is printed when ``report``, a warning about it when ``warn``); else as built."""
+    if pretrained:
         load_pretrained(model, config, pretrained)
-    if init_from and state is None:
-        report = init_from_segmenter(model, config)
-        if rt.main and progress:
-            print(report.describe(), file=sys.stderr)
-        if rt.main and report.warning:
-            print(f"warning: {report.warning}", file=sys.stderr)
-    model.to(rt.device)
-    if config["runtime"]["channels_last"]:
-        model.to(memory_format=torch.channels_last)
-    optim = config["optim"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=optim["lr"], weight_decay=optim["weight_decay"])
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp is torch.float16)
-    ema = Ema(model, config["runtime"]["ema"]) if config["runtime"]["ema"] > 0 else None
-    history: list[dict[str, Any]] = []
-    best, start_epoch = math.nan, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.state = {k: v.to(rt.device) for k, v in state["ema"].items()}
-            ema.updates = int(state["ema_updates"])
-        history, best, start_epoch = list(state["history"]), float(state["best"]), int(state["epoch"])
-
-    eval_model = model
-    if ema is not None:
-        eval_model = build_training_model(config).to(rt.device)
-        if config["runtime"]["channels_last"]:
-            eval_model.to(memory_format=torch.channels_last)
-
-    epochs = config["optim"]["epochs"]
-    shares = [positive_share(config, e) for e in range(epochs)]
-    sampler = PositiveShareSampler(train_set.positive, shares, config["seed"], rt.rank, rt.world)
-    criterion = training_loss(config)
-    row: dict[str, Any] = history[-1] if history else {}
-    frozen: bool | None = None
-    clock.begin_epochs()
-    for epoch in range(start_epoch, epochs):
-        if epoch >= epochs:  # the time budget planned fewer epochs after the first
-            break
-        if epoch > start_epoch and _agreed(clock.stop_before_next(), rt):
-            if rt.main:
-                print(f"time budget of {config['optim']['time_budget']:g} min reached: stopped after epoch {epoch} "
-                      f"of {epochs} (best/ and last/ are complete; --resume RUN_DIR continues)", file=sys.stderr)
-            break
-        if frozen != (epoch < optim["freeze_backbone_epochs"]):
-            frozen = epoch < optim["freeze_backbone_epochs"]
-            set_backbone_trainable(model, config["stage"], not frozen)
-            train_model = wrap_for_training(model, config, rt)
-        seed = epoch_seed(config["seed"], epoch, rt.rank)
-        seed_everything(seed)
-        if train_set.augment is not None and config["data"]["workers"] == 0:
-            seed_augment(train_set.augment, seed)
-        sampler.set_epoch(epoch)
-        loader = make_loader(train_set, config, rt, sampler, generator_seed=seed)
-        stats = train_epoch(
-            train_model, loader, criterion, optimizer, scaler, ema, model, config, rt, epoch, progress
-        )
-        if ema is not None:
-            eval_model.load_state_dict(ema.state)
-        gathered = gather_stats(predict_stats(eval_model, val_set, config, rt), rt)
-        val = validation_metrics(config["stage"], gathered, len(val_set))
-        score = selection_score(config["stage"], val)
-        improved = _better(score, best) or (math.isnan(best) and not (out / "best").exists())
-        best = score if improved else best
-        row = {
-            "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": stats.loss,
-            "train_images": stats.images,
-            "images_per_s": stats.images_per_s,
-            "data_wait": stats.data_wait / max(stats.seconds, 1e-9),
-            "positive_share": shares[epoch] if shares[epoch] is not None else "",
-            **val,
-            "best": int(improved),
-        }
-        collapse = collapse_warning(config["stage"], [*history, row])
-        if config["stage"] == "seg":
-            row["collapsed"] = int(collapse is not None)
-        history.append(row)
-        if rt.main and collapse is not None and (len(history) < 2 or not history[-2].get("collapsed", 0)):
-            print(f"warning: epoch {epoch + 1}: {collapse}", file=sys.stderr)
-        clock.epoch_done()
-        if epoch == 0 and clock.budget:
-            planned = _agreed(clock.epochs_that_fit(epochs), rt)
-            if planned != epochs:
-                epochs = config["optim"]["epochs"] = planned
-                shares = [positive_share(config, e) for e in range(epochs)]
-                sampler = PositiveShareSampler(train_set.positive, shares, config["seed"], rt.rank, rt.world)
-                if rt.main:  # config.yaml, written after this first epoch, records the planned number
-                    print(f"time budget {config['optim']['time_budget']:g} min: the first epoch took "
-                          f"{clock.epoch_seconds:.0f} s, so {planned} epochs fit; the schedule now spans {planned}",
-                          file=sys.stderr)
-        if rt.main:
-            _write_epoch(out, config, run, eval_model, row, improved, history, {
-                "epoch": epoch + 1,
-                "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "ema": {k: v.cpu() for k, v in ema.state.items()} if ema is not None else {},
-                "ema_updates": ema.updates if ema is not None else 0,
-                "best": best,
-                "history": history,
-                "split_fingerprint": run.fingerprint,
-            })
-            if progress:
-                shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "lr")
-                print(f"epoch {epoch + 1}/{epochs}: {shown}", file=sys.stderr)
-        if rt.world > 1:
-            dist.barrier()
-    return row
-
-
-class TimeBudget:
-    """Wall-clock budget of one training command (0: none): how many epochs fit after the first one, and whether
-    the next epoch would overrun it. Times from the start of the command, so loading and caching count too."""
-
-    def __init__(self, seconds: float) -> None:
-        self.budget = seconds
-        self.start = time.monotonic()
-        self.last = self.start
-        self.epoch_seconds = 0.0
-
-    def begin_epochs(self) -> None:
-        """Mark the start of the first epoch (loading and caching before it count against the budget, not as an
-        epoch's length)."""
-        self.last = time.monotonic()
-
-    def epoch_done(self) -> None:
-        now = time.monotonic()
-        self.epoch_seconds = max(self.epoch_seconds, now - self.last)  # the slowest epoch seen: plan for the worst
-        self.last = now
-
-    def epochs_that_fit(self, most: int) -> int:
-        """After the first epoch: 1 + the further epochs the rest of the budget holds, at most ``most``."""
-        left = self.budget - (time.monotonic() - self.start)
-        return max(1, min(most, 1 + int(left // max(self.epoch_seconds, 1e-9))))
-
-    def stop_before_next(self) -> bool:
-        return bool(self.budget) and time.monotonic() - self.start + self.epoch_seconds > self.budget
-
-
-def _agreed(value: int | bool, rt: Runtime) -> int:
-    """Rank 0's ``value`` on every rank (clocks differ between processes; the decision must not)."""
-    if rt.world == 1:
-        return int(value)
-    tensor = torch.tensor([int(value)], device=rt.device)
-    dist.broadcast(tensor, src=0)
-    return int(tensor.item())
-
-
-def wrap_for_training(model: nn.Module, config: dict[str, Any], rt: Runtime) -> nn.Module:
-    """``model`` as the training step calls it: in DistributedDataParallel across processes, compiled when asked.
-    Built again whenever the backbone is frozen or unfrozen (DDP registers the parameters that need gradients)."""
-    out: nn.Module = model
-    if rt.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        out = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    if config["runtime"]["compile"]:
-        out = torch.compile(out)
-    return out
-
-
-def _write_epoch(
-    out: Path,
-    config: dict[str, Any],
-    run: RunData,
-    model: nn.Module,
-    row: dict[str, Any],
-    improved: bool,
-    history: list[dict[str, Any]],
-    state: dict[str, Any],
-) -> None:
-    """Rank 0's writes after an epoch; ``state.pt`` goes last, so it only ever names completed epochs."""
-    if not (out / CONFIG_FILE).exists():
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / CONFIG_FILE, to_yaml(config))
-        write_split_csv(out / SPLIT_FILE, run.folds, run.positive)
-        atomic_write_json(out / DATA_FILE, run.sources)
-    metrics = {
-        k: json_float(v) if isinstance(v, float) else v
-        for k, v in row.items()
-        if k.startswith("val_") or k in ("tp", "fp", "fn", "tn")
-    }
-    saved = stage_config(config, run, row["epoch"], metrics)
-    if isinstance(model, Classifier):
-        model = model.deployable()
-    save_stage(out / "last", model, saved)
-    if improved:
-        save_stage(out / "best", model, saved)
-    write_metrics_csv(out / METRICS_FILE, history)
-    save_state(out / STATE_FILE, state)
+    if config["network"].get("init_from"):
+        done = init_from_segmenter(model, config)
+        if report:
+            print(done.describe(), file=sys.stderr)
+        if warn and done.warning:
+            print(f"warning: {done.warning}", file=sys.stderr)

@@ -20,19 +20,11 @@ from torch import nn
 
 from cascade.errors import ModelError
 from cascade.fileio import input_file
+from cascade.rundir import best_stage
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, load_weights_only, read_config
+from cascade.stages.specs import SPECS, stage_spec
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.")
-
-
-def target_module(model: nn.Module, stage: str) -> tuple[nn.Module, tuple[str, ...]]:
-    """The part of ``model`` that pretrained weights fill, and the name prefixes of its head (left as built)."""
-    if stage == "cls":
-        backbone = model.backbone
-        head = backbone.pretrained_cfg.get("classifier", "fc")
-        heads = head if isinstance(head, (list, tuple)) else (head,)
-        return backbone, tuple(f"{h}." for h in heads)
-    return model.encoder, ()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -119,7 +111,7 @@ def _hub_reachable() -> bool:
 
 def hub_state_dict(config: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
     """Hub weights ``name`` for the network in ``config``, or ModelError at once when offline."""
-    model_name = config["network"]["model"] if config["stage"] == "cls" else config["network"]["encoder"]
+    model_name = config["network"][stage_spec(config["stage"]).backbone_key]
     hint = "download the weights on a connected machine and pass --pretrained PATH to the file"
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("CASCADE_OFFLINE"):
         raise ModelError(
@@ -144,7 +136,7 @@ def hub_state_dict(config: dict[str, Any], name: str) -> dict[str, torch.Tensor]
 def load_pretrained(model: nn.Module, config: dict[str, Any], source: str) -> int:
     """Fill the backbone/encoder of ``model`` from a file path or a hub name; returns the number of tensors set."""
     path = Path(source).expanduser()
-    target, head = target_module(model, config["stage"])
+    target, head = stage_spec(config["stage"]).backbone(model)
     if path.is_file():
         state, origin = read_state_dict(path), str(path)
     elif path.suffix in (".safetensors", ".pt", ".pth", ".bin") or os.sep in source:
@@ -174,7 +166,7 @@ def segmenter_stage_dir(source: str | os.PathLike[str]) -> Path:
     """The stage folder that ``--init-from`` reads: ``RUN_DIR/best`` of a training run, or a stage folder itself
     (``model.safetensors`` + ``config.json``, such as ``MODEL_DIR/segmenter``)."""
     path = Path(source).expanduser()
-    for candidate in (path / "best", path):
+    for candidate in (best_stage(path), path):
         if (candidate / CONFIG).is_file() and (candidate / WEIGHTS).is_file():
             return candidate
     raise ModelError(
@@ -286,7 +278,7 @@ def init_from_segmenter(model: nn.Module, config: dict[str, Any]) -> InitReport:
     encoder_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not encoder_state:
         raise ModelError(f"{weights}: no {prefix}* tensors (is it the weights of a segmenter with encoder {encoder}?)")
-    backbone, head = target_module(model, "cls")
+    backbone, head = SPECS["cls"].backbone(model)
     names = f"{encoder} -> {config['network']['model']}"
     mapped, left = encoder_to_backbone(encoder_state, backbone, head, f"--init-from {stage_dir} ({names})")
     backbone.load_state_dict(mapped, strict=False)
@@ -314,7 +306,7 @@ def set_backbone_trainable(model: nn.Module, stage: str, trainable: bool) -> int
     """Freeze (``trainable=False``) or unfreeze the backbone/encoder's parameters, never the head; returns how many
     parameter tensors changed. Frozen parameters get no gradient, so AdamW leaves them (and their moments) exactly
     as they are and backward skips their layers; BatchNorm running statistics still follow the data."""
-    target, head = target_module(model, stage)
+    target, head = stage_spec(stage).backbone(model)
     changed = 0
     for name, param in target.named_parameters():
         if not name.startswith(head) and param.requires_grad != trainable:
