@@ -26,7 +26,7 @@ from cascade.data.datasets import ClassifierDataset, SegmenterDataset
 from cascade.errors import CascadeError, ModelError
 from cascade.stages.classifier import POOLS, build_classifier
 from cascade.stages.segmenter import build_segmenter
-from cascade.thresholds.metrics import confusion, dice_from_counts, roc_auc, sensitivity, specificity
+from cascade.thresholds.metrics import best_min_area, confusion, dice_from_counts, roc_auc, sensitivity, specificity
 
 if TYPE_CHECKING:
     import albumentations as A
@@ -142,8 +142,11 @@ def _segmenter_batch(logits: torch.Tensor, y: torch.Tensor) -> Stats:
 def _segmenter_metrics(stats: Stats) -> dict[str, Any]:
     dices = dice_from_counts(stats["inter"], stats["pred"], stats["area"])
     positive = stats["area"] > 0
+    area_dice, min_area = best_min_area(stats["inter"], stats["pred"], stats["area"])
     return {
         "val_mean_dice": float(dices.mean()),
+        "val_mean_dice_area": area_dice,
+        "val_min_area": min_area,
         "val_dice_pos": float(dices[positive].mean()) if positive.any() else math.nan,
         "val_dice_neg": float(dices[~positive].mean()) if (~positive).any() else math.nan,
     }
@@ -160,7 +163,7 @@ SPECS: dict[str, StageSpec] = {
         check_config=_check_classifier,
         defaults={
             "network": {"model": "resnet34", "pool": "avg", "drop_rate": 0.0, "init_from": None},
-            "loss": {"bce": 1.0, "dice": 0.0, "focal": 0.0, "focal_gamma": 2.0, "mask": 1.0},
+            "loss": {"bce": 1.0, "dice": 0.0, "focal": 0.0, "focal_gamma": 2.0, "mask": 1.0, "dice_per": "image"},
             "sampling": {"positive_share": None},
         },
         datasets=_classifier_datasets,
@@ -178,13 +181,13 @@ SPECS: dict[str, StageSpec] = {
         check_config=_no_check,
         defaults={
             "network": {"arch": "unet", "encoder": "resnet34"},
-            "loss": {"bce": 1.0, "dice": 1.0, "focal": 0.0, "focal_gamma": 2.0, "mask": 0.0},
+            "loss": {"bce": 1.0, "dice": 1.0, "focal": 0.0, "focal_gamma": 2.0, "mask": 0.0, "dice_per": "batch"},
             "sampling": {"positive_share": "auto"},
         },
         datasets=_segmenter_datasets,
         batch_stats=_segmenter_batch,
         metrics=_segmenter_metrics,
-        best_key="val_mean_dice",
+        best_key="val_mean_dice_area",  # mean Dice at 0.5 with the best minimum area, as the tuned rule will use it
     ),
 }
 """Every stage, by code (the order is the order stages are listed in messages and MODEL_DIR)."""

@@ -282,7 +282,8 @@ def collapse_warning(stage: str, history: Sequence[dict[str, Any]]) -> str | Non
 
 
 def selection_score(stage: str, val: dict[str, Any]) -> float:
-    """The number ``best/`` is chosen by: the classifier's ROC AUC, the segmenter's mean Dice at 0.5.
+    """The number ``best/`` is chosen by (the stage's ``best_key``): the classifier's ROC AUC, the segmenter's mean
+    Dice at 0.5 with the best minimum predicted area.
 
     A segmenter that finds nothing on every positive validation image is never chosen (nan): predicting nothing
     scores the all-empty baseline, which beats an early, still noisy segmenter, and would hand ``tune`` and
