@@ -45,7 +45,7 @@ def make_items(paths: Mapping[str, Path], labels: Labels) -> list[Item]:
 
 
 class _CachedImages(Dataset):
-    """Shared part of both datasets: items, preprocessing, cache and augmentation."""
+    """Shared part of both datasets: items, preprocessing, cache, augmentation and the labels masks come from."""
 
     def __init__(
         self,
@@ -53,10 +53,12 @@ class _CachedImages(Dataset):
         prep: Preprocessing,
         cache: PreprocessCache,
         augment: A.Compose | None = None,
+        labels: Labels | None = None,
     ) -> None:
         if cache.size != prep.size:
             raise ConfigError(f"the cache holds {cache.size}px images but preprocessing asks for {prep.size}px")
         self.items = list(items)
+        self.labels = labels
         self.prep = prep
         self.cache = cache
         self.augment = augment
@@ -73,8 +75,10 @@ class _CachedImages(Dataset):
         return torch.from_numpy(normalize(image, self.prep)[None])
 
 
-    def _image_and_mask(self, i: int, labels: Labels) -> tuple[torch.Tensor, torch.Tensor]:
-        """The augmented image and its mask (float32 [1,S,S] in {0,1}), transformed together."""
+    def _image_and_mask(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented image and its mask from ``labels`` (float32 [1,S,S] in {0,1}), transformed together."""
+        labels = self.labels
+        assert labels is not None, "a dataset that yields masks is built with the labels"
         item = self.items[i]
         cached = self.cache.get(item.image_id, item.path)
         size = self.prep.size
@@ -93,22 +97,11 @@ class ClassifierDataset(_CachedImages):
     """``(image float32 [1,S,S], label float32 scalar: 1 for a positive image)``; with ``labels`` (training with
     the auxiliary mask loss) the target is ``(label, mask float32 [1,S,S])``, the mask transformed with the image."""
 
-    def __init__(
-        self,
-        items: Sequence[Item],
-        prep: Preprocessing,
-        cache: PreprocessCache,
-        augment: A.Compose | None = None,
-        labels: Labels | None = None,
-    ) -> None:
-        super().__init__(items, prep, cache, augment)
-        self.labels = labels
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
         item = self.items[i]
         label = torch.tensor(float(item.positive), dtype=torch.float32)
         if self.labels is not None:
-            image, mask = self._image_and_mask(i, self.labels)
+            image, mask = self._image_and_mask(i)
             return image, (label, mask)
         image = self.cache.get(item.image_id, item.path).image
         if self.augment is not None:
@@ -127,8 +120,7 @@ class SegmenterDataset(_CachedImages):
         labels: Labels,
         augment: A.Compose | None = None,
     ) -> None:
-        super().__init__(items, prep, cache, augment)
-        self.labels = labels
+        super().__init__(items, prep, cache, augment, labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._image_and_mask(i, self.labels)
+        return self._image_and_mask(i)
