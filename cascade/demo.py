@@ -24,7 +24,7 @@ from cascade.thresholds.metrics import format_number
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of the demo: the default takes about 3–4 minutes on two CPU cores; ``quick`` is for tests."""
+    """Sizes of the demo: the default takes about 10 minutes on an idle 2-core CPU; ``quick`` is for tests."""
 
     train_images: int = 500
     test_images: int = 150
