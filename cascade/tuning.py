@@ -346,6 +346,9 @@ def tune_runs(
 ) -> TuneOutcome:
     """Tune the thresholds of the classifier run(s) gating the segmenter run(s) and write MODEL_DIR ``out``.
 
+    (Long only by its keyword signature — every ``cascade tune`` flag — and this docstring; the body is one
+    sequence: check the inputs, predict the validation fold, search, write.)
+
     One run per stage tunes on their shared validation fold. Several runs per stage (a fold ensemble) are paired by
     fold (:func:`pair_folds`); each fold's validation images are predicted by its own pair only and all of them
     feed one search; MODEL_DIR gets every run as a member of its stage. ``images`` / ``labels`` override the paths
