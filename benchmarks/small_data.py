@@ -80,7 +80,10 @@ def one_seed(root: Path, seed: int, args: argparse.Namespace) -> dict[str, float
 
 def _best_dice_on_positives(run: Path) -> float:
     """The best/ segmenter's validation Dice on positive images."""
-    return float(json.loads((run / "best" / "config.json").read_text())["metrics"]["val_dice_pos"])
+    from cascade.rundir import best_stage
+    from cascade.stages.checkpoint import read_config
+
+    return float(read_config(best_stage(run))["metrics"]["val_dice_pos"])
 
 
 COLUMNS = ("seed", "mean_dice", "baseline", "val_auc", "test_auc", "skipped_negatives", "open_dice", "seg_dice_pos",

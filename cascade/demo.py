@@ -140,11 +140,12 @@ def gate_comparison(model_dir: Path, images: Path, labels: Path, size: int, out:
         scored = score_submission(submission, labels, size=(size, size)).summary
         done = [p for p in predictions if p.ok]
         passed = [p.probability >= thresholds.cls for p in done]
-        negatives = [ok for p, ok in zip(done, passed) if not truth.is_positive(p.image_id)]
+        positive = [truth.is_positive(p.image_id) for p in done]
+        negatives = [ok for ok, pos in zip(passed, positive) if not pos]
         results[name] = {
             "mean_dice": scored.mean_dice,
             "baseline_empty": scored.baseline_empty,
-            "classifier_auc": roc_auc([p.probability for p in done], [truth.is_positive(p.image_id) for p in done]),
+            "classifier_auc": roc_auc([p.probability for p in done], positive),
             "segmented_share": sum(passed) / len(passed),
             "skipped_negatives": 1 - sum(negatives) / len(negatives) if negatives else float("nan"),
             "seconds": seconds,
