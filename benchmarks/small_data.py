@@ -16,6 +16,7 @@ gate-open Dice and the difference. Issue 10's targets: Dice >= baseline + 0.06 o
 skipping >= 50% of negatives at <= 0.005 Dice below gate-open.
 
     python benchmarks/small_data.py --seeds 1 2 3            # 600 + 200 images, 18 min of training per seed
+    python benchmarks/small_data.py --seeds 1 --epochs 40 15  # fixed length: the same figures on any machine
     python benchmarks/small_data.py --quick                  # checks the script in about a minute
 
 Run it on an otherwise idle machine: the time budget turns a loaded CPU into fewer epochs, not a slower run.
@@ -57,10 +58,9 @@ def one_seed(root: Path, seed: int, args: argparse.Namespace) -> dict[str, float
     common = ["--images", str(data), "--labels", str(data / "train-rle.csv"), "--seed", str(seed),
               "--image-size", str(args.image_size), "--cache-dir", str(root / "cache"), "--quiet",
               *(["--encoder", args.encoder] if args.encoder else [])]
-    seg_minutes = args.budget * args.seg_share
-    seconds = cascade("train", "--stage", "seg", *common, "--out", str(seg), "--time-budget", f"{seg_minutes:g}")
-    seconds += cascade("train", "--stage", "cls", *common, "--out", str(cls), "--init-from", str(seg),
-                       "--time-budget", f"{args.budget - seg_minutes:g}")
+    seg_length, cls_length = _lengths(args)
+    seconds = cascade("train", "--stage", "seg", *common, "--out", str(seg), *seg_length)
+    seconds += cascade("train", "--stage", "cls", *common, "--out", str(cls), "--init-from", str(seg), *cls_length)
     cascade("tune", "--cls", str(cls), "--seg", str(seg), "--out", str(model), "--quiet")
     validation = json.loads((model / "cascade.json").read_text())["metrics"]["validation"]
     gate = gate_comparison(model, test / "dicom-images-train", test / "train-rle.csv", args.synth_size,
@@ -76,6 +76,15 @@ def one_seed(root: Path, seed: int, args: argparse.Namespace) -> dict[str, float
         "seg_dice_pos": _best_dice_on_positives(seg),
         "train_minutes": seconds / 60,
     }
+
+
+def _lengths(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Each stage's training length: ``--epochs`` when given (a measurement a loaded machine cannot change),
+    else its share of the ``--budget`` minutes."""
+    if args.epochs:
+        return ["--epochs", str(args.epochs[0])], ["--epochs", str(args.epochs[1])]
+    seg_minutes = args.budget * args.seg_share
+    return ["--time-budget", f"{seg_minutes:g}"], ["--time-budget", f"{args.budget - seg_minutes:g}"]
 
 
 def _best_dice_on_positives(run: Path) -> float:
@@ -100,6 +109,9 @@ def main() -> None:
     parser.add_argument("--encoder", default=None, help="both stages' encoder (default: the stage defaults)")
     parser.add_argument("--budget", type=float, default=18.0, help="training minutes per seed, both stages")
     parser.add_argument("--seg-share", type=float, default=2 / 3, help="share of the budget for the segmenter")
+    parser.add_argument("--epochs", type=int, nargs=2, metavar=("SEG", "CLS"),
+                        help="train each stage this many epochs instead of --budget minutes (the figures then do not "
+                             "depend on the machine or its load; the schedule is the same as a budget that fits them)")
     parser.add_argument("--mask-bank", type=Path, default=MASK_BANK, help="SIIM label file for lesion shapes")
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, measures nothing")
@@ -108,9 +120,11 @@ def main() -> None:
         args.seeds, args.images, args.test_images, args.synth_size = [1], 60, 20, 64
         args.image_size, args.budget, args.encoder = 64, 0.3, "resnet18"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    length = (f"{args.epochs[0]} segmenter + {args.epochs[1]} classifier epochs per seed" if args.epochs else
+              f"{args.budget:g} training minutes per seed ({args.seg_share:.0%} segmenter)")
     print(f"# {len(args.seeds)} seed(s): {args.images} + {args.test_images} realistic images at {args.synth_size}², "
-          f"networks at {args.image_size}², {args.budget:g} training minutes per seed "
-          f"({args.seg_share:.0%} segmenter), encoder {args.encoder or 'default'}; {os.cpu_count()} cores", flush=True)
+          f"networks at {args.image_size}², {length}, "
+          f"encoder {args.encoder or 'default'}; {os.cpu_count()} cores", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="cascade-small-data-") as tmp:
         work = args.work or Path(tmp)

@@ -20,6 +20,7 @@ from typing import Any
 from cascade.errors import CascadeError, ConfigError
 from cascade.fileio import atomic_write_text
 from cascade.thresholds.metrics import format_number
+from cascade.thresholds.rule import Thresholds
 
 
 @dataclass(frozen=True)
@@ -207,8 +208,7 @@ def write_report(
         "",
         "## Tuned thresholds (validation fold)",
         "",
-        f"classifier gate `cls` {th['cls']:.2f}, `top` {th['top']:.2f}, `area` {th['area']:g} px (at 1024²), "
-        f"`bottom` {th['bottom']:.2f}, `min_component` {th['min_component']:g} px (at 1024²).",
+        Thresholds.from_dict(th).describe(code=True) + " (`cls` is the classifier gate).",
         "",
         f"Validation mean Dice {format_number(validation.get('mean_dice'))} against the all-empty "
         f"{format_number(validation.get('baseline_empty'))}; "

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cascade.thresholds.metrics import format_number
+from cascade.thresholds.rule import Thresholds
 
 INTENDED_USE = (
     "Research triage of frontal chest radiographs (CR/DX, adults) for pneumothorax: a probability, a decision and a "
@@ -90,8 +91,7 @@ def render(manifest: Mapping[str, Any], configs: Mapping[str, Sequence[Mapping[s
         "",
         "## Thresholds",
         "",
-        f"`cls` {th['cls']:g}, `top` {th['top']:g}, `area` {th['area']:g} px, `bottom` {th['bottom']:g}, "
-        f"`min_component` {th['min_component']:g} px (areas at 1024²; see the README's threshold rule)",
+        Thresholds.from_dict(th).describe(code=True) + "; see the README's threshold rule",
         "",
         "## Known limits",
         "",

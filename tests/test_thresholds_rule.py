@@ -41,6 +41,12 @@ def test_thresholds_round_trip_and_validation() -> None:
         Thresholds(**{**TH, "top": math.nan})
 
 
+def test_describe_names_every_field_once_with_its_unit() -> None:
+    th = Thresholds(cls=0.45, top=0.6, area=256, bottom=0.3, min_component=1024)
+    assert th.describe() == "cls 0.45, top 0.6, area 256 px, bottom 0.3, min_component 1024 px (areas at 1024²)"
+    assert th.describe(code=True).startswith("`cls` 0.45, `top` 0.6, `area` 256 px, ")
+
+
 def test_area_scale() -> None:
     assert area_scale(1024, 1024) == 1.0
     assert area_scale(512, 512) == 0.25

@@ -85,8 +85,7 @@ def summary_lines(outcome: TuneOutcome) -> list[str]:
         f"{where}: {v['images']} images, {v['positives']} positive"
         + (f", {v['unreadable_images']} unreadable (left out)" if v["unreadable_images"] else "")
         + f"; scored at native resolution{', flip TTA' if v['tta'] else ''}, networks at {v['precision']}",
-        f"thresholds{mode}: cls {th.cls:g}, top {th.top:g}, area {th.area:g} px, bottom {th.bottom:g}, "
-        f"min_component {th.min_component:g} px (areas at 1024²)",
+        f"thresholds{mode}: {th.describe()}",
         f"mean Dice {format_number(v['mean_dice'])} (all-empty baseline {format_number(v['baseline_empty'])}), "
         f"Dice on true positives {format_number(v['dice_positive'])}",
         f"sensitivity {format_number(v['sensitivity'], 3)}, specificity {format_number(v['specificity'], 3)} "

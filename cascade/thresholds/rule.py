@@ -63,6 +63,12 @@ class Thresholds:
                 raise ConfigError(f"threshold {name!r} (pixels at 1024²) must be >= 0, got {value!r}")
             object.__setattr__(self, name, value)
 
+    def describe(self, code: bool = False) -> str:
+        """One line for people: every field with its unit (``code``: names in Markdown backticks)."""
+        parts = [f"`{name}`" if code else name for name in FIELDS]
+        values = [f"{getattr(self, name):g}" + ("" if name in _PROBABILITIES else " px") for name in FIELDS]
+        return ", ".join(f"{n} {v}" for n, v in zip(parts, values)) + " (areas at 1024²)"
+
     def to_dict(self) -> dict[str, float]:
         """Plain JSON-ready dict with the five keys."""
         return asdict(self)
