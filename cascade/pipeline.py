@@ -41,6 +41,7 @@ from cascade.data.dicom import MAX_SIDE, DicomImage, read_dicom
 from cascade.data.synth_spec import is_synthetic
 from cascade.data.preprocess import Preprocessing, normalize, prepare_image, to_uint8
 from cascade.data.rle import EMPTY, rle_encode
+from cascade.devices import resolve_device
 from cascade.errors import CascadeError, CascadeWarning, ConfigError, ImageError, ModelError
 from cascade.modeldir import Member, read_model_dir, write_model_dir
 from cascade.precision import autocast, check_tuned, resolve_precision
@@ -107,19 +108,6 @@ class _Decoded:
     error: str | None = None
     header: Dataset | None = None
     image: np.ndarray | None = None
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; anything else must name an available torch device."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
-    return resolved
 
 
 def default_workers() -> int:

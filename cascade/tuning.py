@@ -44,10 +44,11 @@ from cascade.data.index import scan_dicoms
 from cascade.data.synth_spec import is_synthetic
 from cascade.data.labels import Labels, read_labels
 from cascade.data.splits import Split, read_split_csv, split_fingerprint
+from cascade.devices import resolve_device
 from cascade.errors import CascadeError, ConfigError, LabelError, ModelError
 from cascade.fileio import atomic_write_json, pending
 from cascade.modeldir import REPORT_DIR, check_replaceable, write_model_dir
-from cascade.pipeline import ImageProbabilities, native_map, predict_probabilities, resolve_device
+from cascade.pipeline import ImageProbabilities, native_map, predict_probabilities
 from cascade.precision import resolve_precision
 from cascade.rundir import DATA_FILE, SPLIT_FILE, best_stage, read_sources
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config, sha256_file
