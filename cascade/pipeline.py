@@ -110,6 +110,14 @@ class _Decoded:
     image: np.ndarray | None = None
 
 
+def check_batch_size(batch_size: int) -> int:
+    """The one check of a prediction batch size (``predict_many``, ``tune``, ``listen``; the command lines read
+    ``--batch-size`` with :func:`cascade.cli.argtypes.positive_int`); returns it."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch size must be an integer of at least 1, got {batch_size!r}")
+    return batch_size
+
+
 def default_workers() -> int:
     """Loader processes for ``predict_many``: half the cores (at least one), so decoding overlaps inference."""
     return max(1, min(4, (os.cpu_count() or 2) // 2))
@@ -318,8 +326,7 @@ class _Engine:
     ) -> Iterator[list[_Decoded]]:
         """Decoded images in order, ``batch_size`` at a time, decoded by ``workers`` processes (0: this one);
         ``keep_image`` keeps each native-size grey image (:attr:`Prediction.image`)."""
-        if batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+        check_batch_size(batch_size)
         workers = default_workers() if workers is None else workers
         loader = DataLoader(
             _DecodeDataset(sources, self.sizes, keep_image),

@@ -10,7 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
-from cascade.cli.argtypes import add_speed_arguments
+from cascade.cli.argtypes import add_speed_arguments, non_negative_int, positive_int
 from cascade.outputs.writers import OUTPUTS
 
 DESCRIPTION = """\
@@ -44,11 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="horizontal-flip test-time augmentation (default: as set in the model folder's cascade.json)",
     )
-    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="B", help="images per batch (default 16)")
     p.add_argument("--device", default="auto", metavar="D", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument(
-        "--workers", type=int, default=None, metavar="N", help="decoding processes (default: half the cores)"
-    )
+    p.add_argument("--workers", type=non_negative_int, metavar="N", help="decoding processes (default: half the cores)")
     for output in OUTPUTS.values():
         p.add_argument(f"--{output.name}", metavar="DIR", help=output.help)
     add_speed_arguments(p)
@@ -79,10 +77,6 @@ def run(args: argparse.Namespace) -> int:
     from cascade.fileio import check_output, input_file
     from cascade.outputs.writers import SubmissionWriter, write_all, write_image
 
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.workers is not None and args.workers < 0:
-        raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
     input_file(args.model_dir, ModelError, "model folder", folder=True)
     check_output(args.out, inputs=args.inputs, inside=[args.model_dir])
     input_folders = [p for p in args.inputs if Path(p).is_dir()]  # outputs there would be read back as inputs
