@@ -106,7 +106,7 @@ class Output:
     """A writer of files into a folder, as ``cascade predict --<name> DIR`` offers it."""
 
     name: str
-    writer: Callable[[Path], Writer]
+    writer: Callable[[str | os.PathLike[str]], Writer]
     help: str
     summary: str = ""
     """Added to the run's summary line, ``{count}`` (images it wrote) and ``{folder}`` filled; empty: nothing."""
