@@ -39,8 +39,9 @@ from torch.utils.data import Dataset as TorchDataset
 
 from cascade.data.dicom import MAX_SIDE, DicomImage, read_dicom
 from cascade.data.synth_spec import is_synthetic
-from cascade.data.preprocess import Preprocessing, normalize, prepare_image
+from cascade.data.preprocess import Preprocessing, normalize, prepare_image, to_uint8
 from cascade.data.rle import EMPTY, rle_encode
+from cascade.devices import resolve_device
 from cascade.errors import CascadeError, CascadeWarning, ConfigError, ImageError, ModelError
 from cascade.modeldir import Member, read_model_dir, write_model_dir
 from cascade.precision import autocast, check_tuned, resolve_precision
@@ -69,6 +70,9 @@ class Prediction:
     error: str | None = None
     header: Dataset | None = field(default=None, repr=False)
     """The source's DICOM header without pixels (what a DICOM SEG references); None for arrays and failures."""
+    image: np.ndarray | None = field(default=None, repr=False)
+    """The decoded radiograph as uint8 grey levels at its native size (what an overlay is drawn on); kept only when
+    asked (``predict_many(..., keep_image=True)``), so the source is never decoded twice."""
 
     @property
     def ok(self) -> bool:
@@ -88,6 +92,8 @@ class ImageProbabilities:
     """float32 map at the segmenter's input size; None when gated out or failed."""
     error: str | None = None
     header: Dataset | None = field(default=None, repr=False)
+    image: np.ndarray | None = field(default=None, repr=False)
+    """uint8 grey levels at the native size, when kept (:attr:`Prediction.image`)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,19 +107,15 @@ class _Decoded:
     inputs: dict[int, np.ndarray] | None = None
     error: str | None = None
     header: Dataset | None = None
+    image: np.ndarray | None = None
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; anything else must name an available torch device."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
-    return resolved
+def check_batch_size(batch_size: int) -> int:
+    """The one check of a prediction batch size (``predict_many``, ``tune``, ``listen``; the command lines read
+    ``--batch-size`` with :func:`cascade.cli.argtypes.positive_int`); returns it."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch size must be an integer of at least 1, got {batch_size!r}")
+    return batch_size
 
 
 def default_workers() -> int:
@@ -236,9 +238,10 @@ weights) and no decision changed on the synthetic set; eager bf16 there was 17-2
 class _DecodeDataset(TorchDataset):
     """Paths → :class:`_Decoded` at each needed input size; never raises for a bad file."""
 
-    def __init__(self, sources: Sequence[Source], sizes: Sequence[int]) -> None:
+    def __init__(self, sources: Sequence[Source], sizes: Sequence[int], keep_image: bool = False) -> None:
         self.sources = list(sources)
         self.sizes = sorted(set(sizes))
+        self.keep_image = keep_image
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -251,11 +254,16 @@ class _DecodeDataset(TorchDataset):
             return _Decoded(image_id=path.stem, source=str(path), error=str(err))
         except Exception as err:  # one broken file must not stop a batch run, whatever the decoder raised
             return _Decoded(image_id=path.stem, source=str(path), error=f"{path}: cannot read ({type(err).__name__})")
-        return _decoded(image.pixels, path.stem, str(path), self.sizes, image.header)
+        return _decoded(image.pixels, path.stem, str(path), self.sizes, image.header, self.keep_image)
 
 
 def _decoded(
-    pixels: np.ndarray, image_id: str, source: str, sizes: Iterable[int], header: Dataset | None = None
+    pixels: np.ndarray,
+    image_id: str,
+    source: str,
+    sizes: Iterable[int],
+    header: Dataset | None = None,
+    keep_image: bool = False,
 ) -> _Decoded:
     return _Decoded(
         image_id=image_id,
@@ -264,6 +272,7 @@ def _decoded(
         width=pixels.shape[1],
         inputs={size: prepare_image(pixels, size) for size in sizes},
         header=header,
+        image=to_uint8(pixels) if keep_image else None,
     )
 
 
@@ -312,13 +321,15 @@ class _Engine:
         self.seconds = {"classifier": 0.0, "segmenter": 0.0}
         """Wall seconds spent in each stage's forwards since loading (per-request timing and metrics)."""
 
-    def batches(self, sources: Sequence[Source], batch_size: int, workers: int | None) -> Iterator[list[_Decoded]]:
-        """Decoded images in order, ``batch_size`` at a time, decoded by ``workers`` processes (0: this one)."""
-        if batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    def batches(
+        self, sources: Sequence[Source], batch_size: int, workers: int | None, keep_image: bool = False
+    ) -> Iterator[list[_Decoded]]:
+        """Decoded images in order, ``batch_size`` at a time, decoded by ``workers`` processes (0: this one);
+        ``keep_image`` keeps each native-size grey image (:attr:`Prediction.image`)."""
+        check_batch_size(batch_size)
         workers = default_workers() if workers is None else workers
         loader = DataLoader(
-            _DecodeDataset(sources, self.sizes),
+            _DecodeDataset(sources, self.sizes, keep_image),
             batch_size=batch_size,
             shuffle=False,
             num_workers=workers,
@@ -391,6 +402,7 @@ class _Pending:
             seg_prob=self.seg_prob,
             error=item.error,
             header=item.header,
+            image=item.image,
         )
 
 
@@ -592,12 +604,14 @@ class Cascade:
         batch_size: int = 16,
         workers: int | None = None,
         gate: bool = True,
+        keep_image: bool = False,
     ) -> Iterator[Prediction]:
         """Predict DICOM files in order, batched, decoding in ``workers`` processes; bad files give failed results.
 
         ``gate=False`` runs the segmenter on every image (same answers, slower: the baseline of the benchmark).
+        ``keep_image`` keeps each decoded radiograph in :attr:`Prediction.image` (for an output drawn on it).
         """
-        batches = self._engine.batches(sources, batch_size, workers)
+        batches = self._engine.batches(sources, batch_size, workers, keep_image)
         cls_threshold = self.thresholds.cls if gate else None
         for probs in self._engine.probabilities(batches, batch_size, cls_threshold, self.tta):
             yield self._finish(probs)
@@ -627,7 +641,9 @@ class Cascade:
         self._check_domain(probs)
         positive = bool(mask.any())
         rle = rle_encode(mask) if positive else EMPTY
-        return Prediction(probs.cls_prob, positive, mask, rle, probs.image_id, probs.source, header=probs.header)
+        return Prediction(
+            probs.cls_prob, positive, mask, rle, probs.image_id, probs.source, header=probs.header, image=probs.image
+        )
 
 
 class SyntheticModelWarning(UserWarning):

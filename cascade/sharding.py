@@ -16,7 +16,10 @@ import datetime
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -40,14 +43,12 @@ class Shard:
         """This rank's share of ``items``: every ``world``-th one, starting at ``rank``."""
         return list(items[self.rank :: self.world])
 
-    def device(self, device: str) -> str:
-        """``auto`` or ``cuda`` → ``cuda:LOCAL_RANK`` when CUDA is present under torchrun (one GPU per process);
-        anything else (``cpu``, ``cuda:N``) is kept as given."""
-        import torch
+    def device(self, device: str) -> torch.device:
+        """The device for a ``--device`` setting: under torchrun, ``auto`` or ``cuda`` with CUDA present is
+        ``cuda:LOCAL_RANK`` (one GPU per process); :func:`cascade.devices.resolve_device`."""
+        from cascade.devices import resolve_device
 
-        if self.world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
-            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
-        return device
+        return resolve_device(device, self.local_rank if self.world > 1 else None)
 
 
 def current_shard() -> Shard:

@@ -44,10 +44,11 @@ from cascade.data.index import scan_dicoms
 from cascade.data.synth_spec import is_synthetic
 from cascade.data.labels import Labels, read_labels
 from cascade.data.splits import Split, read_split_csv, split_fingerprint
+from cascade.devices import resolve_device
 from cascade.errors import CascadeError, ConfigError, LabelError, ModelError
 from cascade.fileio import atomic_write_json, pending
 from cascade.modeldir import REPORT_DIR, check_replaceable, write_model_dir
-from cascade.pipeline import ImageProbabilities, native_map, predict_probabilities, resolve_device
+from cascade.pipeline import ImageProbabilities, check_batch_size, native_map, predict_probabilities
 from cascade.precision import resolve_precision
 from cascade.rundir import DATA_FILE, SPLIT_FILE, best_stage, read_sources
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config, sha256_file
@@ -364,8 +365,7 @@ def tune_runs(
         raise ConfigError(f"--min-sensitivity must lie in [0, 1], got {min_sensitivity}")
     if max_segmented_share is not None and not 0.0 <= max_segmented_share <= 1.0:
         raise ConfigError(f"--max-segmenter-share must lie in [0, 1], got {max_segmented_share}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)
     target = Path(out)
     check_replaceable(target)
     precision = resolve_precision(precision, resolve_device(device))

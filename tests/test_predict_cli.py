@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 
 from cascade.cli.main import main
+from cascade.data.dicom import read_dicom
 from cascade.data.labels import read_labels
+from cascade.data.preprocess import to_uint8
 from cascade.data.rle import rle_decode
 from cascade.data.synth import SynthSummary, generate
 from cascade.modeldir import MANIFEST
-from cascade.pipeline import Cascade
+from cascade.outputs.overlay import overlay_png
+from cascade.outputs.writers import OUTPUTS, Output
+from cascade.pipeline import Cascade, Prediction
 from cascade.thresholds.rule import Thresholds
 from test_pipeline import make_model_dir
 
@@ -73,6 +77,52 @@ def test_folder_and_bad_files_give_csv_of_the_good_ones_and_exit_2(
     assert (overlay[..., 2].astype(int) - overlay[..., 0]).max() > 100, "the red outline is drawn"
 
 
+def test_a_registered_output_writer_is_called_once_per_image_with_the_decoded_image(
+    synth: SynthSummary, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A writer added to the registry becomes `--<name> DIR`, sees every image once in ImageId order (a failed one
+    too), gets the grey levels the reader decoded, and is closed once; overlays drawn on those grey levels are the
+    bytes drawn on the image decoded again."""
+    made: list[Recorder] = []
+
+    class Recorder:
+        needs_image = True
+
+        def __init__(self, folder: Path) -> None:
+            self.folder, self.seen, self.closed = folder, [], 0
+            made.append(self)
+
+        def write(self, pred: Prediction) -> bool:
+            self.seen.append(pred)
+            return pred.ok
+
+        def close(self) -> None:
+            self.closed += 1
+
+    monkeypatch.setitem(OUTPUTS, "record", Output("record", Recorder, "test output", "{count} recorded in {folder}"))
+    broken = tmp_path / "bad" / "broken.dcm"
+    broken.parent.mkdir()
+    broken.write_bytes(b"DICM" * 100)
+    images = synth.labels.parent / "dicom-images-train"
+    status = main(["predict", str(model_dir), str(images), str(broken.parent), "--out", str(tmp_path / "sub.csv"),
+                   "--device", "cpu", "--workers", "1", "--batch-size", "2", "--record", str(tmp_path / "rec"),
+                   "--overlays", str(tmp_path / "ov")])
+    assert status == 2
+    (recorder,) = made
+    assert recorder.folder == tmp_path / "rec" and recorder.closed == 1
+    assert [p.image_id for p in recorder.seen] == sorted(synth.paths) + ["broken"]
+    assert recorder.seen[-1].image is None and not recorder.seen[-1].ok
+    assert f", 5 recorded in {tmp_path / 'rec'}, 1 failed" in capsys.readouterr().out
+    model = Cascade.from_pretrained(model_dir, device="cpu")
+    for pred in recorder.seen[:-1]:
+        grey = to_uint8(read_dicom(synth.paths[pred.image_id]).pixels)
+        assert np.array_equal(pred.image, grey)
+        if pred.positive:
+            again = overlay_png(grey, model.predict(synth.paths[pred.image_id]))
+            assert (tmp_path / "ov" / f"{pred.image_id}.png").read_bytes() == again
+
+
 def test_all_good_exits_0_and_tta_flag_overrides_the_model_folder(
     synth: SynthSummary, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -123,7 +173,9 @@ def test_missing_input_and_bad_arguments_exit_2(model_dir: Path, tmp_path: Path,
     (tmp_path / "empty").mkdir()
     assert main(["predict", str(model_dir), str(tmp_path / "empty"), "--out", str(out), "--device", "cpu"]) == 2
     assert "no DICOM files" in capsys.readouterr().err
-    assert main(["predict", str(model_dir), str(tmp_path), "--out", str(out), "--batch-size", "0"]) == 2
+    with pytest.raises(SystemExit) as usage:  # a usage error, as on every command (tests/test_batch_size.py)
+        main(["predict", str(model_dir), str(tmp_path), "--out", str(out), "--batch-size", "0"])
+    assert usage.value.code == 2
     assert not out.exists()
 
 

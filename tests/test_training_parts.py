@@ -47,6 +47,28 @@ def test_flags_override_the_file_and_bad_keys_are_named(tmp_path: Path) -> None:
         cfg.resolve("seg", CONFIGS / "tiny-cls.yaml")
 
 
+def test_segmenter_families_are_smps_registry_and_a_bad_arch_lists_them() -> None:
+    """network.arch offers every architecture smp.create_model knows (not a copied subset); the names configs
+    already use keep working (any case); a wrong name is refused with every choice listed."""
+    import segmentation_models_pytorch as smp
+
+    from cascade.stages.segmenter import ARCHS, build_segmenter
+
+    assert dict(ARCHS) == dict(smp.MODEL_ARCHITECTURES_MAPPING)
+    used = {"unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet", "pspnet", "manet", "pan"}
+    assert used <= set(ARCHS) and "upernet" in ARCHS  # a family smp added is usable without a change here
+    for arch in ("upernet", "FPN"):
+        model = build_segmenter({"arch": arch, "encoder": "tu-resnet10t", "in_chans": 1}).eval()
+        with torch.no_grad():
+            assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+    assert cfg.resolve("seg", None, {"network": {"arch": "upernet"}})["network"]["arch"] == "upernet"
+    with pytest.raises(ConfigError, match=r"network\.arch must be one of ") as refused:
+        cfg.resolve("seg", None, {"network": {"arch": "unet3d"}})
+    assert all(name in str(refused.value) for name in ARCHS)
+    with pytest.raises(ConfigError, match="segmentation architecture 'unet3d' is not one of unet, "):
+        build_segmenter({"arch": "unet3d", "encoder": "tu-resnet10t"})
+
+
 def test_resume_config_refuses_changes_that_would_alter_the_run(tmp_path: Path) -> None:
     saved = tmp_path / "config.yaml"
     saved.write_text(cfg.to_yaml(cfg.resolve("seg", CONFIGS / "tiny-seg.yaml")))

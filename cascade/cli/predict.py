@@ -1,4 +1,5 @@
-"""`cascade predict`: a MODEL_DIR and DICOM files/folders → a challenge submission CSV (and optional overlays)."""
+"""`cascade predict`: a MODEL_DIR and DICOM files/folders → a challenge submission CSV (and the optional per-image
+outputs of :data:`cascade.outputs.writers.OUTPUTS`: overlays, DICOM SEG)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import time
 import warnings
 from pathlib import Path
 
-from cascade.cli.argtypes import add_speed_arguments
+from cascade.cli.argtypes import add_speed_arguments, non_negative_int, positive_int
+from cascade.outputs.writers import OUTPUTS
 
 DESCRIPTION = """\
 Predict pneumothorax masks for DICOM files and folders (searched recursively for *.dcm) and write the submission
@@ -42,18 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="horizontal-flip test-time augmentation (default: as set in the model folder's cascade.json)",
     )
-    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="B", help="images per batch (default 16)")
     p.add_argument("--device", default="auto", metavar="D", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument(
-        "--workers", type=int, default=None, metavar="N", help="decoding processes (default: half the cores)"
-    )
-    p.add_argument("--overlays", metavar="DIR", help="also write a PNG per positive image: mask outline + probability")
-    p.add_argument(
-        "--dicom-seg",
-        metavar="DIR",
-        help="also write a DICOM SEG per positive image, DIR/<ImageId>.dcm, referencing its source (a PACS files "
-        "it with the image); DIR must lie outside the inputs and the model folder",
-    )
+    p.add_argument("--workers", type=non_negative_int, metavar="N", help="decoding processes (default: half the cores)")
+    for output in OUTPUTS.values():
+        p.add_argument(f"--{output.name}", metavar="DIR", help=output.help)
     add_speed_arguments(p)
     p.set_defaults(func=run)
 
@@ -77,26 +72,22 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     from cascade.data.index import UNREADABLE_FOLDERS
-    from cascade.data.labels import submission_id_problem, write_labels
-    from cascade.errors import CascadeError, CascadeWarning, ConfigError, ModelError
+    from cascade.data.labels import submission_id_problem
+    from cascade.errors import CascadeWarning, ConfigError, ModelError
     from cascade.fileio import check_output, input_file
+    from cascade.outputs.writers import SubmissionWriter, write_all, write_image
 
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.workers is not None and args.workers < 0:
-        raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
     input_file(args.model_dir, ModelError, "model folder", folder=True)
     check_output(args.out, inputs=args.inputs, inside=[args.model_dir])
     input_folders = [p for p in args.inputs if Path(p).is_dir()]  # outputs there would be read back as inputs
-    for folder in (args.overlays, args.dicom_seg):
-        if folder:
-            check_output(folder, folder=True, inputs=args.inputs, inside=[args.model_dir, *input_folders])
+    folders = {name: getattr(args, name.replace("-", "_")) for name in OUTPUTS}
+    folders = {name: folder for name, folder in folders.items() if folder}
+    for folder in folders.values():
+        check_output(folder, folder=True, inputs=args.inputs, inside=[args.model_dir, *input_folders])
     paths, notes = collect_inputs(args.inputs)
     check_output(args.out, inputs=paths)
 
-    from cascade.outputs.dicom_seg import write_segmentation  # torch: imported once the arguments have been checked
-    from cascade.outputs.overlay import write_overlay
-    from cascade.pipeline import Cascade
+    from cascade.pipeline import Cascade  # torch: imported once the arguments have been checked
     from cascade.progress import progress_bar
     from cascade.sharding import current_shard, gather_in_order, process_group
 
@@ -118,31 +109,25 @@ def run(args: argparse.Namespace) -> int:
         if not paths:
             raise ConfigError(f"no DICOM files (*.dcm) found in {', '.join(args.inputs)}")
 
-        # per image: ImageId, RLE, positive, why it failed, why its DICOM SEG failed (its row is still written)
-        results: list[tuple[str, str, bool, str | None, str | None]] = []
+        writers = {name: OUTPUTS[name].writer(Path(folder)) for name, folder in folders.items()}
+        written = []  # per image: the prediction (arrays dropped), the outputs written, the outputs that failed
         start = time.perf_counter()
         mine = shard.take(paths)
-        predictions = model.predict_many(mine, batch_size=args.batch_size, workers=args.workers)
+        predictions = model.predict_many(mine, batch_size=args.batch_size, workers=args.workers,
+                                         keep_image=any(w.needs_image for w in writers.values()))
         for pred in progress_bar(predictions, total=len(mine), unit="img", desc="predict", disable=not shard.main):
-            seg_error = None
             problem = submission_id_problem(pred.image_id)
             if problem is not None:  # the rest of the submission is still written (docs/robustness.md)
                 pred = dataclasses.replace(pred, error=f"{pred.source}: ImageId {pred.image_id!r} {problem}: it "
                                            "cannot be a submission row", positive=False)
-            if pred.positive and args.overlays:
-                write_overlay(Path(args.overlays) / f"{pred.image_id}.png", pred)
-            if pred.positive and args.dicom_seg:
-                try:
-                    write_segmentation(pred, Path(args.dicom_seg) / f"{pred.image_id}.dcm")
-                except CascadeError as err:
-                    seg_error = str(err)
-            results.append((pred.image_id, pred.rle, pred.positive, pred.error, seg_error))
-        results = gather_in_order(results, shard)
+            written.append(write_image(pred, writers))
+        for writer in writers.values():
+            writer.close()
+        written = gather_in_order(written, shard)
         elapsed = time.perf_counter() - start
-    rows = [(image_id, rle) for image_id, rle, _, error, _ in results if error is None]
-    failures = [error for _, _, _, error, _ in results if error is not None]
-    failures += [seg_error for *_, seg_error in results if seg_error is not None]
-    positives = sum(positive for _, _, positive, _, _ in results)
+    predicted = [w.prediction for w in written]
+    failures = [p.error for p in predicted if p.error is not None] + [f for w in written for f in w.failures]
+    rows = sum(p.ok for p in predicted)
     if not shard.main:
         return 2 if failures or not rows else 0
     for failure in failures:
@@ -151,11 +136,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"cascade predict: error: none of the {len(paths)} files could be read; {args.out} not written",
               file=sys.stderr)
         return 2
-    write_labels(args.out, rows)
-    segs = sum(1 for _, _, positive, error, seg_error in results if positive and error is None and seg_error is None)
-    seg_note = f", {segs} DICOM SEG written to {args.dicom_seg}" if args.dicom_seg else ""
+    write_all(predicted, {"submission": SubmissionWriter(args.out)})
+    summaries = "".join(
+        f", {OUTPUTS[name].summary.format(count=sum(name in w.wrote for w in written), folder=folder)}"
+        for name, folder in folders.items() if OUTPUTS[name].summary
+    )
     print(
-        f"{len(rows)} images predicted, {positives} positive{seg_note}, {len(failures)} failed, "
+        f"{rows} images predicted, {sum(p.positive for p in predicted)} positive{summaries}, {len(failures)} failed, "
         f"{len(paths) / max(elapsed, 1e-9):.1f} images/s (device {model.device}"
         f"{f' x {shard.world} processes' if shard.world > 1 else ''}, {model.precision} on {model.backend}, "
         f"tta {'on' if model.tta else 'off'}) → {args.out}"

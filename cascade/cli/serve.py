@@ -48,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from cascade.devices import resolve_device
     from cascade.errors import ConfigError
     from cascade.modeldir import read_model_dir
-    from cascade.pipeline import resolve_device
     from cascade.serve import create_app
     from cascade.serve.auth import is_loopback, read_token
 

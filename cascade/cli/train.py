@@ -48,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", type=positive_int, metavar="K", help="number of folds of the split")
     p.add_argument("--fold", type=non_negative_int, metavar="I", help="validation fold (0-based)")
     p.add_argument("--seed", type=non_negative_int, metavar="S", help="seed of the split and of training")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when available")
+    p.add_argument("--device", metavar="D", help="auto (CUDA when present; under torchrun each process's own GPU), "
+                   "cpu, cuda or cuda:N (default: the configuration's runtime.device, auto)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (default auto)")
     p.add_argument("--workers", type=non_negative_int, metavar="N", help="DataLoader worker processes")
     p.add_argument("--cache-dir", metavar="DIR", help="preprocessing cache folder (default ~/.cache/cascade/...)")

@@ -102,8 +102,11 @@ class Node:
         queue_size: int = 64,
         retry_max: float = 60.0,
     ) -> None:
-        if batch_size < 1 or queue_size < 1 or retry_max <= 0:
-            raise ConfigError("batch size and queue size must be at least 1, the retry limit positive")
+        from cascade.pipeline import check_batch_size  # imported already: the model is a Cascade
+
+        check_batch_size(batch_size)
+        if queue_size < 1 or retry_max <= 0:
+            raise ConfigError("queue size must be at least 1, the retry limit positive")
         self.model = model
         self.out = Path(out)
         self.ae_title, self.host, self.port = ae_title, host, port

@@ -9,19 +9,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cascade.errors import CascadeError
 from cascade.fileio import atomic_path
 
 if TYPE_CHECKING:
     from cascade.pipeline import Prediction
 
 
-def overlay_png(pixels: np.ndarray, pred: Prediction) -> bytes:
-    """The overlay as PNG bytes; ``pixels`` are the image's decoded float [0,1] pixels (``read_dicom(...).pixels``)."""
+def overlay_png(grey: np.ndarray, pred: Prediction) -> bytes:
+    """The overlay as PNG bytes; ``grey`` is the radiograph as uint8 grey levels at its native size
+    (:attr:`~cascade.pipeline.Prediction.image`, or ``to_uint8(read_dicom(...).pixels)``)."""
     import cv2
 
-    from cascade.data.preprocess import to_uint8
-
-    image = cv2.cvtColor(to_uint8(pixels), cv2.COLOR_GRAY2BGR)
+    if grey.dtype != np.uint8 or grey.ndim != 2:
+        raise TypeError(f"an overlay is drawn on a 2-D uint8 image, got {grey.dtype} {grey.shape}")
+    image = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
     scale = max(image.shape[:2]) / 1024
     if pred.mask is not None and pred.mask.any():
         contours, _ = cv2.findContours(pred.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -43,10 +45,11 @@ def overlay_png(pixels: np.ndarray, pred: Prediction) -> bytes:
 
 
 def write_overlay(path: str | os.PathLike[str], pred: Prediction) -> Path:
-    """Write the overlay of a prediction made from a DICOM file (read again for its pixels) atomically."""
-    from cascade.data.dicom import read_dicom
-
-    data = overlay_png(read_dicom(pred.source).pixels, pred)
+    """Write the overlay of a prediction atomically, drawn on the image it carries (``keep_image=True``)."""
+    if pred.image is None:
+        raise CascadeError(f"{pred.source}: no decoded image kept with this prediction to draw an overlay on "
+                           "(predict with keep_image=True)")
+    data = overlay_png(pred.image, pred)
     target = Path(path)
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)

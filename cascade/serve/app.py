@@ -243,9 +243,10 @@ def _seg_bytes(pred: Any) -> bytes:
 
 
 def _png_bytes(pixels: Any, pred: Any) -> bytes:
+    from cascade.data.preprocess import to_uint8
     from cascade.outputs.overlay import overlay_png
 
-    return overlay_png(pixels, pred)
+    return overlay_png(to_uint8(pixels), pred)
 
 
 def _json_answer(state: _State, answer: Answer, decode_s: float, total_s: float) -> dict[str, Any]:

@@ -23,6 +23,8 @@ import yaml
 
 from cascade.data.augment import LEVELS as AUGMENT_LEVELS
 from cascade.configs import shipped_config
+from cascade.devices import CHOICES as DEVICE_CHOICES
+from cascade.devices import is_device_name
 from cascade.errors import ConfigError
 from cascade.fileio import input_file, path_kind
 from cascade.stages.segmenter import ARCHS
@@ -30,7 +32,6 @@ from cascade.stages.specs import SPECS
 
 STAGES = tuple(SPECS)
 AMP_MODES = ("auto", "bf16", "fp16", "none")
-DEVICES = ("auto", "cpu", "cuda")
 
 Check = Callable[[Any], bool]
 
@@ -106,7 +107,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Check, str]]] = {
     },
     "sampling": {"positive_share": SHARE},
     "runtime": {
-        "device": _choice(DEVICES),
+        "device": (str, is_device_name, DEVICE_CHOICES),
         "amp": _choice(AMP_MODES),
         "channels_last": BOOL,
         "compile": BOOL,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import segmentation_models_pytorch as smp
@@ -9,16 +10,9 @@ from torch import nn
 
 from cascade.errors import ConfigError
 
-ARCHS = {
-    "unet": "Unet",
-    "unetplusplus": "UnetPlusPlus",
-    "fpn": "FPN",
-    "deeplabv3plus": "DeepLabV3Plus",
-    "linknet": "Linknet",
-    "pspnet": "PSPNet",
-    "manet": "MAnet",
-    "pan": "PAN",
-}
+ARCHS: Mapping[str, type[nn.Module]] = smp.MODEL_ARCHITECTURES_MAPPING
+"""The architectures by lower-case class name (``unet``, ``fpn``, ``deeplabv3plus``, …): smp's own registry, the one
+``smp.create_model`` looks names up in, so ``network.arch`` offers every family the installed smp has."""
 CONFIG_JSON_FALLBACK: dict[str, Any] = {"arch": "unet", "encoder": "resnet34", "in_chans": 1}
 """What :func:`build_segmenter` assumes for a key a stage ``config.json`` lacks (as for the classifier's); the
 training defaults are ``SPECS["seg"].defaults`` (:mod:`cascade.stages.specs`)."""
@@ -35,7 +29,7 @@ def build_segmenter(config: dict[str, Any]) -> nn.Module:
         raise ConfigError(f"unknown encoder {encoder!r}: use an smp encoder name or 'tu-<timm model>'")
     try:
         return smp.create_model(
-            ARCHS[arch], encoder_name=encoder, encoder_weights=None, in_channels=int(cfg["in_chans"]), classes=1
+            arch, encoder_name=encoder, encoder_weights=None, in_channels=int(cfg["in_chans"]), classes=1
         )
     except (KeyError, RuntimeError, ValueError) as err:
         raise ConfigError(f"cannot build {cfg['arch']} with encoder {encoder!r}: {err}") from None

@@ -35,6 +35,7 @@ from cascade.data.index import match, scan_dicoms
 from cascade.data.labels import Labels, read_labels
 from cascade.data.preprocess import Preprocessing
 from cascade.data.splits import make_folds, read_groups, split_fingerprint
+from cascade.devices import resolve_device
 from cascade.errors import CascadeError, ConfigError, from_worker
 from cascade.precision import cpu_supports_bf16
 from cascade.stages.config import apply_recipe
@@ -89,11 +90,11 @@ def setup_runtime(config: dict[str, Any]) -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    wanted = config["runtime"]["device"]
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.device: cuda was asked for but no CUDA device is available")
-    use_cuda = wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    try:
+        device = resolve_device(config["runtime"]["device"], local_rank=local)
+    except ConfigError as err:
+        raise ConfigError(f"runtime.device: {err}") from None
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
