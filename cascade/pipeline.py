@@ -45,7 +45,7 @@ from cascade.devices import resolve_device
 from cascade.errors import CascadeError, CascadeWarning, ConfigError, ImageError, ModelError
 from cascade.modeldir import Member, read_model_dir, write_model_dir
 from cascade.precision import autocast, check_tuned, resolve_precision
-from cascade.processes import die_with_parent
+from cascade.processes import worker_init
 from cascade.stages.checkpoint import load_stage
 from cascade.thresholds.rule import Thresholds, apply_rule, area_scale
 
@@ -335,7 +335,7 @@ class _Engine:
             num_workers=workers,
             collate_fn=_collate,
             prefetch_factor=2 if workers else None,
-            worker_init_fn=die_with_parent if workers else None,
+            worker_init_fn=worker_init() if workers else None,
         )
         yield from loader
 

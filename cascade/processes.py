@@ -9,23 +9,32 @@ ends it quietly instead of through the parent's Python handler.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(worker_id: int = 0) -> None:
-    """``worker_init_fn`` for every DataLoader cascade starts (``worker_id`` is unused)."""
-    del worker_id
+def worker_init(then: Callable[[int], None] | None = None) -> Callable[[int], None]:
+    """A DataLoader ``worker_init_fn`` that makes the worker die with the process creating the loader now, then
+    runs ``then(worker_id)``. The parent's pid is taken here, before the fork: read inside the worker, a parent
+    killed while the worker starts (a loader is made every epoch) would already be init's pid, and the worker
+    would live on holding the command's output pipes."""
+    return functools.partial(_die_with_parent, os.getpid(), then)
+
+
+def _die_with_parent(parent: int, then: Callable[[int], None] | None, worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # no prctl (unusual libc): PyTorch's own parent check still applies
-        return
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl (unusual libc): PyTorch's own parent check still applies
+            pass
+        else:
+            if os.getppid() != parent:  # the parent died before the request took effect
+                os._exit(1)
+    if then is not None:
+        then(worker_id)

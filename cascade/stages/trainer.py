@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from cascade import rundir
 from cascade.data.augment import seed_augment, seed_worker
 from cascade.data.preprocess import Preprocessing
-from cascade.processes import die_with_parent
+from cascade.processes import worker_init
 from cascade.stages.checkpoint import build_model
 from cascade.stages.classifier import Classifier
 from cascade.stages.config import positive_share, to_yaml
@@ -196,17 +196,11 @@ def make_loader(
         shuffle=False,
         num_workers=workers,
         pin_memory=rt.device.type == "cuda",
-        worker_init_fn=_init_worker if workers else None,
+        worker_init_fn=worker_init(seed_worker) if workers else None,
         generator=torch.Generator().manual_seed(generator_seed),
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
-
-
-def _init_worker(worker_id: int) -> None:
-    """A training loader worker: dies with the main process, then seeds its augmentation."""
-    die_with_parent(worker_id)
-    seed_worker(worker_id)
 
 
 def to_device(target: Any, device: torch.device) -> Any:
