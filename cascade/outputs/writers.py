@@ -61,44 +61,49 @@ class SubmissionWriter:
         write_labels(self.path, self.rows)
 
 
-class OverlayWriter:
+class PerImageWriter:
+    """``DIR/<ImageId><suffix>`` per positive image, drawn by :meth:`write_file` (a subclass sets both)."""
+
+    needs_image = False
+    suffix = ""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+
+    def write(self, pred: Prediction) -> bool:
+        if not pred.positive:
+            return False
+        self.write_file(self.folder / f"{pred.image_id}{self.suffix}", pred)
+        return True
+
+    def write_file(self, path: Path, pred: Prediction) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class OverlayWriter(PerImageWriter):
     """``DIR/<ImageId>.png`` per positive image: :func:`cascade.outputs.overlay.overlay_png`."""
 
     needs_image = True
+    suffix = ".png"
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
-        self.folder = Path(folder)
-
-    def write(self, pred: Prediction) -> bool:
-        if not pred.positive:
-            return False
+    def write_file(self, path: Path, pred: Prediction) -> None:
         from cascade.outputs.overlay import write_overlay
 
-        write_overlay(self.folder / f"{pred.image_id}.png", pred)
-        return True
-
-    def close(self) -> None:
-        pass
+        write_overlay(path, pred)
 
 
-class DicomSegWriter:
+class DicomSegWriter(PerImageWriter):
     """``DIR/<ImageId>.dcm`` per positive image: :func:`cascade.outputs.dicom_seg.write_segmentation`."""
 
-    needs_image = False
+    suffix = ".dcm"
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
-        self.folder = Path(folder)
-
-    def write(self, pred: Prediction) -> bool:
-        if not pred.positive:
-            return False
+    def write_file(self, path: Path, pred: Prediction) -> None:
         from cascade.outputs.dicom_seg import write_segmentation
 
-        write_segmentation(pred, self.folder / f"{pred.image_id}.dcm")
-        return True
-
-    def close(self) -> None:
-        pass
+        write_segmentation(pred, path)
 
 
 @dataclass(frozen=True)
