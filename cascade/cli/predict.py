@@ -9,6 +9,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 from cascade.cli.argtypes import add_speed_arguments, non_negative_int, positive_int
 from cascade.outputs.writers import OUTPUTS
@@ -70,12 +71,23 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return [index.paths[k] for k in sorted(index.paths)], warnings
 
 
+def _as_submission_row(pred: Any) -> Any:
+    """``pred``, failed if its ImageId cannot be a submission row (the rest of the submission is still written,
+    docs/robustness.md)."""
+    from cascade.data.labels import submission_id_problem
+
+    problem = submission_id_problem(pred.image_id)
+    if problem is None:
+        return pred
+    return dataclasses.replace(pred, error=f"{pred.source}: ImageId {pred.image_id!r} {problem}: it cannot be a "
+                               "submission row", positive=False)
+
+
 def run(args: argparse.Namespace) -> int:
     from cascade.data.index import UNREADABLE_FOLDERS
-    from cascade.data.labels import submission_id_problem
     from cascade.errors import CascadeWarning, ConfigError, ModelError
     from cascade.fileio import check_output, input_file
-    from cascade.outputs.writers import SubmissionWriter, write_all, write_image
+    from cascade.outputs.writers import SubmissionWriter, write_all
 
     input_file(args.model_dir, ModelError, "model folder", folder=True)
     check_output(args.out, inputs=args.inputs, inside=[args.model_dir])
@@ -110,19 +122,13 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"no DICOM files (*.dcm) found in {', '.join(args.inputs)}")
 
         writers = {name: OUTPUTS[name].writer(Path(folder)) for name, folder in folders.items()}
-        written = []  # per image: the prediction (arrays dropped), the outputs written, the outputs that failed
         start = time.perf_counter()
         mine = shard.take(paths)
         predictions = model.predict_many(mine, batch_size=args.batch_size, workers=args.workers,
                                          keep_image=any(w.needs_image for w in writers.values()))
-        for pred in progress_bar(predictions, total=len(mine), unit="img", desc="predict", disable=not shard.main):
-            problem = submission_id_problem(pred.image_id)
-            if problem is not None:  # the rest of the submission is still written (docs/robustness.md)
-                pred = dataclasses.replace(pred, error=f"{pred.source}: ImageId {pred.image_id!r} {problem}: it "
-                                           "cannot be a submission row", positive=False)
-            written.append(write_image(pred, writers))
-        for writer in writers.values():
-            writer.close()
+        shown = progress_bar(predictions, total=len(mine), unit="img", desc="predict", disable=not shard.main)
+        # per image: the prediction (arrays dropped), the outputs written, the outputs that failed
+        written = write_all((_as_submission_row(pred) for pred in shown), writers)
         written = gather_in_order(written, shard)
         elapsed = time.perf_counter() - start
     predicted = [w.prediction for w in written]
