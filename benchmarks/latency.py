@@ -5,7 +5,8 @@ random weights: speed does not depend on the weights), same inputs:
 
 1. ``Cascade.predict`` latency (median / p95) on a gated-out and a segmented real SIIM image (``../shared/data``;
    synthetic ones when it is absent) for each engine: fp32 eager PyTorch (the baseline), bf16 eager, ONNX Runtime
-   fp32, ``torch.compile`` (``--compile``), and the ratio to fp32 eager (issue target: >= 2.5x). The line ``auto``
+   fp32, ONNX Runtime int8 (calibrated on 32 other synthetic images, as ``tune --precision int8`` calibrates on
+   the validation fold), ``torch.compile`` (``--compile``), and the ratio to fp32 eager (issue target: >= 2.5x). The line ``auto``
    says which engine ``precision="auto", backend="auto"`` picks here — compare it with the fastest exact one.
 2. exactness of each engine against fp32 eager on the synthetic set (``benchmarks/precision_drift.py``): share of
    images whose decision changes (target <= 1%) and the change of mean Dice (target within 0.002);
@@ -45,7 +46,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from precision_drift import PREVALENCE, calibrate, describe, drift, load, shipped_members, truth_masks  # noqa: E402
+from precision_drift import (  # noqa: E402
+    PREVALENCE,
+    calibrate,
+    calibration_set,
+    describe,
+    drift,
+    load,
+    shipped_members,
+    truth_masks,
+)
 
 from cascade.data.dicom import read_dicom  # noqa: E402
 from cascade.data.preprocess import prepare_image  # noqa: E402
@@ -201,10 +211,11 @@ def main() -> None:
         synth = generate(tmp / "synth", images=args.images, positive_fraction=PREVALENCE, size=args.image_size,
                          seed=0, difficulty="realistic", progress=False)
         paths = sorted(synth.paths.values())
-        names = ["fp32 eager", "bf16", "onnxruntime"] + (["compile"] if args.compile else [])
+        names = ["fp32 eager", "bf16", "onnxruntime", "int8"] + (["compile"] if args.compile else [])
         start = Thresholds(cls=0.5, top=0.5, area=0, bottom=0.5, min_component=0)
-        engines = {n: load(n, model_dir=None, members=(cls, seg), thresholds=start, cache_dir=str(tmp / "engines"))
-                   for n in names}
+        calibration = calibration_set(tmp / "calibration", args.image_size)
+        engines = {n: load(n, model_dir=None, members=(cls, seg), thresholds=start, cache_dir=str(tmp / "engines"),
+                           calibration=calibration) for n in names}
         auto = Cascade([cls], [seg], start, device="cpu", cache_dir=str(tmp / "engines"))
         print(f"auto here = {auto.precision} on {auto.backend} (precision auto -> "
               f"{resolve_precision('auto', torch.device('cpu'))})")

@@ -31,8 +31,10 @@ import torch  # noqa: E402
 
 from cascade.data.labels import read_labels  # noqa: E402
 from cascade.data.synth import generate  # noqa: E402
+from cascade.modeldir import read_model_dir  # noqa: E402
 from cascade.pipeline import Cascade, Prediction  # noqa: E402
 from cascade.precision import PrecisionWarning  # noqa: E402
+from cascade.quantize import CALIBRATION_IMAGES, int8_members  # noqa: E402
 from cascade.stages.checkpoint import build_model  # noqa: E402
 from cascade.stages.config import find_config, read_yaml  # noqa: E402
 from cascade.thresholds.metrics import dice  # noqa: E402
@@ -45,6 +47,7 @@ ENGINES = {
     "fp16": {"precision": "fp16", "backend": "torch"},
     "onnxruntime": {"precision": "fp32", "backend": "onnxruntime"},
     "compile": {"precision": "fp32", "backend": "torch", "compile": True},
+    "int8": {"precision": "int8", "backend": "auto"},
 }
 """The engines the benchmarks compare: name → ``Cascade`` keyword arguments."""
 
@@ -63,11 +66,18 @@ def shipped_members(input_size: int | None = None) -> tuple[tuple, tuple]:
 
 
 def load(engine: str, *, model_dir: str | None, members: tuple | None, thresholds: Thresholds | None,
-         device: str = "cpu", cache_dir: str | None = None) -> Cascade:
-    """A cascade on ``engine`` (a key of ENGINES): from ``model_dir``, or from in-memory ``members``."""
+         device: str = "cpu", cache_dir: str | None = None, calibration: Sequence[Path] = ()) -> Cascade:
+    """A cascade on ``engine`` (a key of ENGINES): from ``model_dir``, or from in-memory ``members``. ``int8`` of
+    networks without int8 graphs quantizes them here, calibrated on ``calibration`` (as ``tune --precision int8``
+    does on the validation fold)."""
     options = dict(ENGINES[engine], device=device, cache_dir=cache_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PrecisionWarning)  # the point here is to measure the difference
+        if engine == "int8" and not (model_dir and read_model_dir(model_dir).precision == "int8"):
+            info = read_model_dir(model_dir) if model_dir else None
+            stages = (info.load("classifier"), info.load("segmenter")) if info else ([members[0]], [members[1]])
+            graphs = tuple(int8_members(m, calibration, cache_dir) for m in stages)
+            return Cascade(*stages, info.thresholds if info else thresholds, int8_graphs=graphs, **options)
         if model_dir:
             return Cascade.from_pretrained(model_dir, **options)
         cls, seg = members
@@ -120,6 +130,13 @@ def describe(name: str, d: dict[str, float]) -> str:
     return line
 
 
+def calibration_set(folder: Path, image_size: int) -> list[Path]:
+    """Synthetic images other than the measured ones (another seed), to calibrate int8 on."""
+    found = generate(folder, images=CALIBRATION_IMAGES, positive_fraction=PREVALENCE, size=image_size, seed=1,
+                     difficulty="realistic", progress=False)
+    return sorted(found.paths.values())
+
+
 def truth_masks(labels: Path, paths: Sequence[Path]) -> dict[str, np.ndarray]:
     from cascade.data.dicom import read_dicom
 
@@ -137,7 +154,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=1024, help="side of the synthetic DICOMs")
     parser.add_argument("--input-size", type=int, help="network input size (default: the shipped 512)")
     parser.add_argument("--model-dir", help="a tuned model folder instead of random shipped networks")
-    parser.add_argument("--engines", nargs="+", default=["bf16", "onnxruntime"], choices=sorted(ENGINES))
+    parser.add_argument("--engines", nargs="+", default=["bf16", "onnxruntime", "int8"], choices=sorted(ENGINES))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="12 images of 256², 64² input: checks the script runs")
     args = parser.parse_args()
@@ -149,6 +166,7 @@ def main() -> None:
                          size=args.image_size, seed=0, difficulty="realistic", progress=False)
         paths = sorted(synth.paths.values())
         truth = truth_masks(synth.labels, paths)
+        calibration = calibration_set(Path(tmp) / "calibration", args.image_size)
         members = None if args.model_dir else shipped_members(args.input_size)
         reference = load("fp32 eager", model_dir=args.model_dir, members=members, thresholds=None
                          if args.model_dir else Thresholds(cls=0.5, top=0.5, area=0, bottom=0.5, min_component=0))
@@ -160,7 +178,7 @@ def main() -> None:
               f"thresholds {thresholds}")
         for engine in args.engines:
             model = load(engine, model_dir=args.model_dir, members=members, thresholds=thresholds,
-                         cache_dir=str(Path(tmp) / "engines"))
+                         cache_dir=str(Path(tmp) / "engines"), calibration=calibration)
             start = time.perf_counter()
             preds = list(model.predict_many(paths, batch_size=args.batch_size, workers=0))
             print(describe(engine, drift(ref_preds, preds, truth)) + f" ({time.perf_counter() - start:.1f} s)")

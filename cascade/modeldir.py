@@ -16,8 +16,10 @@ folders or files that lead (by symlink) outside MODEL_DIR, and checks each weigh
 loads (:meth:`ModelDir.load`), so a changed or truncated file, a missing file, malformed JSON or an edited config is
 refused with one clear :class:`~cascade.errors.ModelError`.
 
-``precision`` (``fp32``, ``bf16`` or ``fp16``) is the precision the thresholds were tuned at; it was added within
-schema version 1, and a folder without it was tuned in fp32 (the only precision before), so it reads as ``fp32``.
+``precision`` (``fp32``, ``bf16``, ``fp16`` or ``int8``) is the precision the thresholds were tuned at; it was added
+within schema version 1, and a folder without it was tuned in fp32 (the only precision before), so it reads as
+``fp32``. A folder tuned at ``int8`` also holds each member's calibrated int8 ONNX graph (``<member>/model.int8.onnx``,
+:mod:`cascade.quantize`), hashed in ``cascade.json`` like the other files and checked on the bytes that are run.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ MANIFEST = "cascade.json"
 REPORT_DIR = "report"
 MODEL_CARD = "MODEL_CARD.md"
 """The human-readable summary of the folder (intended use, data, metrics, limits); not read by code."""
-TUNED_PRECISIONS = ("fp32", "bf16", "fp16")
+TUNED_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+INT8_GRAPH = "model.int8.onnx"
+"""A member's calibrated int8 graph, in folders tuned at ``int8`` (:mod:`cascade.quantize`)."""
 STAGES = {spec.noun: spec.code for spec in SPECS.values()}
 """Stage folder base name → the ``stage`` value its ``config.json`` must carry."""
 
@@ -81,12 +85,35 @@ class ModelDir:
     """The verified ``config.json`` of each member folder."""
     sha256: dict[Path, str] = field(default_factory=dict, repr=False)
     """The recorded sha256 of each member folder's weight file."""
+    int8_sha256: dict[Path, str] = field(default_factory=dict, repr=False)
+    """The recorded sha256 of each member folder's int8 graph (folders tuned at int8)."""
 
     def load(self, stage: str) -> list[tuple[nn.Module, dict[str, Any]]]:
         """The networks of ``stage`` (``"classifier"`` / ``"segmenter"``), each weight file read once: hashed and
         loaded from the same bytes."""
         dirs = self.classifiers if stage == "classifier" else self.segmenters
         return [load_stage(d, config=self.configs[d], sha256=self.sha256[d]) for d in dirs]
+
+    def int8_graphs(self, stage: str) -> list[bytes]:
+        """The int8 ONNX graphs of ``stage``'s members, each checked against its recorded sha256 on the bytes
+        returned; a ``ModelError`` when the folder was not tuned at int8."""
+        dirs = self.classifiers if stage == "classifier" else self.segmenters
+        if self.precision != "int8":
+            raise ModelError(
+                f"{self.root}: has no int8 graphs (tuned at {self.precision}); run 'cascade tune --precision int8' "
+                "to make an int8 model folder"
+            )
+        graphs = []
+        for d in dirs:
+            path = d / INT8_GRAPH
+            try:
+                data = path.read_bytes()
+            except OSError as err:
+                raise ModelError(f"{path}: cannot be read ({err.strerror})") from None
+            if hashlib.sha256(data).hexdigest() != self.int8_sha256[d]:
+                raise ModelError(f"{path}: sha256 does not match {MANIFEST}: the file was changed or truncated")
+            graphs.append(data)
+        return graphs
 
 
 def member_name(stage: str, index: int) -> str:
@@ -115,12 +142,14 @@ def write_model_dir(
     tta: bool = False,
     precision: str = "fp32",
     report_files: Sequence[str | os.PathLike[str]] = (),
+    int8_graphs: Mapping[str, Sequence[str | os.PathLike[str] | bytes]] | None = None,
 ) -> Path:
     """Write a complete MODEL_DIR atomically: built in a temporary folder beside it, then renamed into place.
 
     ``classifiers`` / ``segmenters`` are the members of each stage (one each for a single model, several for a fold
     ensemble), each a stage folder or a ``(model, config)`` pair. ``report_files`` are copied into ``report/``.
-    ``precision`` is the one the thresholds were tuned at.
+    ``precision`` is the one the thresholds were tuned at; ``int8`` needs ``int8_graphs``: per stage
+    (``"classifier"``, ``"segmenter"``) one graph (a path or its bytes) per member, in member order.
     An existing ``directory`` is replaced only if it is a MODEL_DIR or empty, so a typo cannot wipe other data.
     """
     target = Path(directory)
@@ -129,6 +158,8 @@ def write_model_dir(
         raise ModelError(f"{target}: a model folder needs at least one classifier and one segmenter")
     if precision not in TUNED_PRECISIONS:
         raise ModelError(f"{target}: precision must be one of {', '.join(TUNED_PRECISIONS)}, got {precision!r}")
+    if (precision == "int8") != (int8_graphs is not None):
+        raise ModelError(f"{target}: int8 graphs are written with precision int8, and precision int8 needs them")
     check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -144,8 +175,14 @@ def write_model_dir(
                 preprocessing[stage] = _stage_preprocessing(configs, stage, tmp).to_dict()
                 members[stage] = names
                 member_configs[stage] = configs
+                graphs = list(int8_graphs[stage]) if int8_graphs is not None else []
+                if int8_graphs is not None and len(graphs) != len(names):
+                    raise ModelError(f"{target}: {len(graphs)} int8 {stage} graph(s) for {len(names)} member(s)")
+                for name, graph in zip(names, graphs):
+                    data = graph if isinstance(graph, bytes) else Path(graph).read_bytes()
+                    (tmp / name / INT8_GRAPH).write_bytes(data)
                 for name in names:
-                    for file in (CONFIG, WEIGHTS):
+                    for file in (CONFIG, WEIGHTS, *((INT8_GRAPH,) if graphs else ())):
                         weights[f"{name}/{file}"] = sha256_file(tmp / name / file)
             reports = []
             for report in report_files:
@@ -205,6 +242,7 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
     stage_dirs: dict[str, list[Path]] = {}
     configs: dict[Path, dict[str, Any]] = {}
     weight_hashes: dict[Path, str] = {}
+    int8_hashes: dict[Path, str] = {}
     preprocessing: dict[str, Preprocessing] = {}
     for stage in STAGES:
         names = members.get(stage)
@@ -215,6 +253,8 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
             if Path(name).name != name or name in ("", ".", ".."):
                 raise ModelError(f"{path}: member {name!r} must be a folder name inside the model folder")
             configs[root / name], weight_hashes[root / name] = _verify_member(root, name, stage, hashes, path)
+            if precision == "int8":
+                int8_hashes[root / name] = _recorded_file(root, name, INT8_GRAPH, hashes, path)
             dirs.append(root / name)
         stage_dirs[stage] = dirs
         preprocessing[stage] = _stage_preprocessing([configs[d] for d in dirs], stage, root)
@@ -236,6 +276,7 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
         precision=precision,
         configs=configs,
         sha256=weight_hashes,
+        int8_sha256=int8_hashes,
     )
 
 
@@ -278,6 +319,19 @@ def _verify_member(
     if path_kind(weights) != "file":
         raise ModelError(f"{weights}: missing")
     return config, recorded[WEIGHTS]
+
+
+def _recorded_file(root: Path, name: str, file: str, hashes: dict[str, Any], manifest: Path) -> str:
+    """The recorded sha256 of ``name/file``, which must exist inside ``root`` (checked again when it is read)."""
+    path = root / name / file
+    if not os.path.realpath(path).startswith(os.path.realpath(root) + os.sep):
+        raise ModelError(f"{path}: leads outside the model folder (a symlink); refusing to read it")
+    expected = hashes.get(f"{name}/{file}")
+    if not isinstance(expected, str):
+        raise ModelError(f"{manifest}: no sha256 recorded for {name}/{file}")
+    if path_kind(path) != "file":
+        raise ModelError(f"{path}: missing")
+    return expected
 
 
 def _stage_preprocessing(configs: list[dict[str, Any]], stage: str, where: Path) -> Preprocessing:

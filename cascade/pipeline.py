@@ -13,7 +13,8 @@ an unreadable file becomes a failed :class:`Prediction` (with its reason) and th
 
 Each stage runs at a ``precision`` (:mod:`cascade.precision`: ``auto`` = bf16 where the hardware has it) on a
 ``backend``: ``torch`` (eager, or ``torch.compile`` when asked) or ``onnxruntime`` (the exported graphs of
-:func:`cascade.onnx_export.cached_graph`, fp32, CPU). ``auto`` picks by :func:`choose_backend`.
+:func:`cascade.onnx_export.cached_graph`, fp32, CPU; or at ``int8`` the calibrated graphs of :mod:`cascade.quantize`
+that a model folder tuned at int8 carries). ``auto`` picks by :func:`choose_backend`.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ class _Stage:
         backend: str = "torch",
         compile: bool = False,
         cache_dir: Source | None = None,
+        int8: Sequence[bytes] | None = None,
     ) -> None:
         self.prep = prep
         self.device = device
@@ -147,8 +149,10 @@ class _Stage:
         self.backend = backend
         self.models = [m.eval() for m, _ in members]
         self._sessions = []
-        if backend == "onnxruntime":
-            self._sessions = [_ort_session(m, c, prep, cache_dir) for m, c in members]
+        if precision == "int8":
+            self._sessions = [_ort_session(graph) for graph in int8 or ()]
+        elif backend == "onnxruntime":
+            self._sessions = [_ort_session(cached_graph(m, c, prep, cache_dir)) for m, c in members]
         self.models = [self._place(m) for m in self.models]
         self._runners = [torch.compile(m, dynamic=True) if compile else m for m in self.models]
 
@@ -186,20 +190,28 @@ def _mean_flip(run: Any, x: Any, tta: bool) -> Any:
     return (prob + flipped) / 2
 
 
-def _ort_session(model: nn.Module, config: dict[str, Any], prep: Preprocessing, cache_dir: Source | None) -> Any:
-    """An ONNX Runtime CPU session of the member's cached graph, with as many threads as torch uses."""
+def cached_graph(model: nn.Module, config: dict[str, Any], prep: Preprocessing, cache_dir: Source | None) -> Path:
+    """The member's fp32 ONNX graph (:func:`cascade.onnx_export.cached_graph`; imported here, as onnx is optional)."""
+    try:
+        from cascade.onnx_export import cached_graph as graph
+    except ImportError:
+        raise ConfigError("backend onnxruntime needs onnx: pip install 'pneumothorax-cascade[onnx]'") from None
+    return graph(model, config, prep, cache_dir)
+
+
+def _ort_session(graph: Path | bytes) -> Any:
+    """An ONNX Runtime CPU session of a graph (a file, or bytes already checked), with as many threads as torch."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise ConfigError("backend onnxruntime needs onnxruntime: pip install 'pneumothorax-cascade[onnx]'") from None
-    from cascade.onnx_export import cached_graph
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     # no busy-waiting between runs: the decoding workers of predict_many (and torch, in one process) need the cores
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    path = cached_graph(model, config, prep, cache_dir)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = graph if isinstance(graph, bytes) else str(graph)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def choose_backend(backend: str, device: torch.device, precision: str, compile: bool = False) -> str:
@@ -215,6 +227,13 @@ def choose_backend(backend: str, device: torch.device, precision: str, compile: 
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
+    if precision == "int8":
+        if device.type != "cpu" or backend == "torch" or compile:
+            raise ConfigError(
+                f"precision int8 runs on ONNX Runtime on the CPU only; got device {device.type}, backend {backend}"
+                f"{' with --compile' if compile else ''} (use --device cpu --backend auto, or another precision)"
+            )
+        return "onnxruntime"
     if backend == "onnxruntime" and (device.type != "cpu" or precision != "fp32"):
         raise ConfigError(
             f"backend onnxruntime runs fp32 on the CPU only; got device {device.type} at {precision} "
@@ -223,8 +242,11 @@ def choose_backend(backend: str, device: torch.device, precision: str, compile: 
     if backend != "auto":
         return backend
     wanted = device.type == "cpu" and precision == "fp32" and not compile and AUTO_ONNXRUNTIME
-    installed = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
-    return "onnxruntime" if wanted and installed else "torch"
+    return "onnxruntime" if wanted and _installed("onnx", "onnxruntime") else "torch"
+
+
+def _installed(*modules: str) -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in modules)
 
 
 AUTO_ONNXRUNTIME = True
@@ -293,6 +315,7 @@ class _Engine:
         backend: str = "auto",
         compile: bool = False,
         cache_dir: Source | None = None,
+        int8_graphs: tuple[Sequence[bytes], Sequence[bytes]] | None = None,
     ) -> None:
         if not classifiers or not segmenters:
             raise ConfigError("a cascade needs at least one classifier and one segmenter")
@@ -301,17 +324,24 @@ class _Engine:
         self.backend = choose_backend(backend, self.device, self.precision, compile)
         if compile and self.backend != "torch":
             raise ConfigError("torch.compile applies to the torch backend only (use --backend torch)")
+        if self.precision == "int8" and int8_graphs is None:
+            raise ConfigError(
+                "precision int8 needs the calibrated graphs of a model folder tuned at int8 "
+                "('cascade tune --precision int8')"
+            )
+        self.int8_graphs = int8_graphs if self.precision == "int8" else None
         preps = (_preprocessing(classifiers, "classifier"), _preprocessing(segmenters, "segmenter"))
 
         def stages(chosen: str) -> tuple[_Stage, _Stage]:
             options = {"precision": self.precision, "backend": chosen, "compile": compile, "cache_dir": cache_dir}
-            return (_Stage(classifiers, preps[0], self.device, **options),
-                    _Stage(segmenters, preps[1], self.device, **options))
+            graphs = self.int8_graphs or (None, None)
+            return (_Stage(classifiers, preps[0], self.device, int8=graphs[0], **options),
+                    _Stage(segmenters, preps[1], self.device, int8=graphs[1], **options))
 
         try:
             self.classifier, self.segmenter = stages(self.backend)
         except ModelError as err:
-            if backend != "auto":
+            if backend != "auto" or self.precision == "int8":
                 raise
             warnings.warn(f"backend onnxruntime unavailable for this model ({err}); running on torch",
                           CascadeWarning, stacklevel=3)
@@ -437,17 +467,19 @@ def predict_probabilities(
     backend: str = "auto",
     compile: bool = False,
     cache_dir: Source | None = None,
+    int8_graphs: tuple[Sequence[bytes], Sequence[bytes]] | None = None,
 ) -> Iterator[ImageProbabilities]:
     """Classifier and segmenter probabilities of every image, in order, before any threshold.
 
     The members are stage folders or ``(model, config)`` pairs (several per stage are averaged). The segmenter
     runs on every image, so ``seg_prob`` is the map at the segmenter's input size for each readable image. This is
     the exact computation ``Cascade.predict_many`` makes (with the same ``precision`` and ``backend`` choices), so
-    thresholds tuned on it mean the same at inference.
+    thresholds tuned on it mean the same at inference. ``int8_graphs`` (per stage, one per member) are what
+    precision ``int8`` runs (:mod:`cascade.quantize`).
     """
     engine = _Engine(
         [_load_member(m) for m in classifiers], [_load_member(m) for m in segmenters], device,
-        precision=precision, backend=backend, compile=compile, cache_dir=cache_dir,
+        precision=precision, backend=backend, compile=compile, cache_dir=cache_dir, int8_graphs=int8_graphs,
     )
     yield from engine.probabilities(engine.batches(sources, batch_size, workers), batch_size, None, tta)
 
@@ -474,11 +506,14 @@ class Cascade:
         compile: bool = False,
         cache_dir: Source | None = None,
         tuned_precision: str | None = None,
+        int8_graphs: tuple[Sequence[bytes], Sequence[bytes]] | None = None,
     ) -> None:
         self._engine = _Engine(
-            classifiers, segmenters, device, precision=precision, backend=backend, compile=compile, cache_dir=cache_dir
+            classifiers, segmenters, device, precision=precision, backend=backend, compile=compile,
+            cache_dir=cache_dir, int8_graphs=int8_graphs,
         )
         self._configs = ([dict(c) for _, c in classifiers], [dict(c) for _, c in segmenters])
+        self._int8_graphs = int8_graphs
         self.thresholds = thresholds
         self.tta = tta
         """Horizontal-flip TTA (from ``cascade.json``; assign to override)."""
@@ -496,7 +531,7 @@ class Cascade:
 
     @property
     def precision(self) -> str:
-        """What the networks run at: ``fp32``, ``bf16`` or ``fp16`` (``auto`` resolved for this device)."""
+        """What the networks run at: ``fp32``, ``bf16``, ``fp16`` or ``int8`` (``auto`` resolved for this device)."""
         return self._engine.precision
 
     @property
@@ -520,11 +555,18 @@ class Cascade:
         unpickled).
 
         ``tta`` overrides the model folder's setting when given. ``precision`` (``auto``, ``fp32``, ``bf16``,
-        ``fp16``) and ``backend`` (``auto``, ``torch``, ``onnxruntime``) choose how the networks run; a precision
-        other than the one the folder was tuned at warns (:class:`cascade.precision.PrecisionWarning`).
+        ``fp16``, ``int8``) and ``backend`` (``auto``, ``torch``, ``onnxruntime``) choose how the networks run; a
+        precision other than the one the folder was tuned at warns (:class:`cascade.precision.PrecisionWarning`).
+        ``int8`` needs a folder tuned at int8 (its calibrated graphs); for such a folder ``auto`` means int8 on a
+        CPU with onnxruntime installed.
         ``compile`` wraps the torch networks in ``torch.compile``; ``cache_dir`` holds exported ONNX graphs.
         """
         info = read_model_dir(directory)
+        graphs = None
+        if precision == "int8" or info.precision == "int8":
+            graphs = (info.int8_graphs("classifier"), info.int8_graphs("segmenter"))
+            if precision == "auto" and resolve_device(device).type == "cpu" and _installed("onnx", "onnxruntime"):
+                precision = "int8"
         model = cls(
             info.load("classifier"),
             info.load("segmenter"),
@@ -536,6 +578,7 @@ class Cascade:
             backend=backend,
             compile=compile,
             cache_dir=cache_dir,
+            int8_graphs=graphs,
         )
         model.tuned_precision = info.precision
         check_tuned(info.precision, model.precision, str(info.root))
@@ -544,6 +587,9 @@ class Cascade:
     def save_pretrained(self, directory: Source) -> Path:
         """Write this cascade as a MODEL_DIR (the format :meth:`from_pretrained` reads)."""
         cls_configs, seg_configs = self._configs
+        precision = self.tuned_precision or self.precision
+        if precision == "int8" and not self._int8_graphs:
+            raise ConfigError("a cascade tuned at int8 is saved with its int8 graphs, and this one has none")
         return write_model_dir(
             directory,
             [(m, c) for m, c in zip(self._engine.classifier.models, cls_configs)],
@@ -551,7 +597,8 @@ class Cascade:
             self.thresholds,
             metrics=self.metrics,
             tta=self.tta,
-            precision=self.tuned_precision or self.precision,
+            precision=precision,
+            int8_graphs=dict(zip(("classifier", "segmenter"), self._int8_graphs)) if precision == "int8" else None,
         )
 
     def predict(self, x: Source | Dataset | np.ndarray) -> Prediction:

@@ -4,7 +4,9 @@
 (detected from the CPU flags, never assumed) — and fp32 elsewhere: on a CPU without those units bf16 is emulated
 and slower than fp32. ``fp16`` is meant for CUDA (it also runs on CPU, slowly). The thresholds of a model folder
 were tuned on probabilities computed at one precision (``cascade.json`` records it; folders written before the field
-existed were tuned in fp32), so running at another one warns: decisions near a threshold can move.
+existed were tuned in fp32), so running at another one warns: decisions near a threshold can move. ``int8`` is not
+an autocast: it runs the calibrated int8 graphs a model folder tuned at int8 carries (:mod:`cascade.quantize`), on
+ONNX Runtime on the CPU; ``auto`` never picks it for a folder without them.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``fp32``, ``bf16`` or ``fp16``: ``auto`` → bf16 on CUDA and on CPUs with native bf16, else fp32."""
+    """``fp32``, ``bf16``, ``fp16`` or ``int8``: ``auto`` → bf16 on CUDA and on CPUs with native bf16, else fp32
+    (a model folder tuned at int8 turns ``auto`` into int8 before this: :meth:`cascade.Cascade.from_pretrained`)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     if precision != "auto":

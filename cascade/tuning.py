@@ -48,10 +48,11 @@ from cascade.devices import resolve_device
 from cascade.errors import CascadeError, ConfigError, LabelError, ModelError
 from cascade.fileio import atomic_write_json, pending
 from cascade.modeldir import REPORT_DIR, check_replaceable, write_model_dir
-from cascade.pipeline import ImageProbabilities, check_batch_size, native_map, predict_probabilities
+from cascade.pipeline import ImageProbabilities, check_batch_size, choose_backend, native_map, predict_probabilities
 from cascade.precision import resolve_precision
 from cascade.rundir import DATA_FILE, SPLIT_FILE, best_stage, read_sources
-from cascade.stages.checkpoint import CONFIG, WEIGHTS, read_config, sha256_file
+from cascade.quantize import int8_members
+from cascade.stages.checkpoint import CONFIG, WEIGHTS, load_stage, read_config, sha256_file
 from cascade.stages.specs import SPECS
 from cascade.thresholds.metrics import json_float
 from cascade.thresholds.report import write_tune_report
@@ -358,7 +359,9 @@ def tune_runs(
     in the report); if none is readable, the search raises. The networks run at ``precision`` (``auto``: bf16
     where the hardware computes it natively), which MODEL_DIR records: inference at another precision warns; and on
     ``backend`` (``auto`` is what ``cascade predict`` picks by default too, so thresholds are tuned on the
-    probabilities they will be applied to).
+    probabilities they will be applied to). At ``int8`` each member is first quantized, calibrated on the first
+    images of its fold (:mod:`cascade.quantize`), the search runs on the int8 probabilities, and MODEL_DIR carries
+    the int8 graphs.
     """
     start = time.perf_counter()
     if min_sensitivity is not None and not 0.0 <= min_sensitivity <= 1.0:
@@ -369,6 +372,8 @@ def tune_runs(
     target = Path(out)
     check_replaceable(target)
     precision = resolve_precision(precision, resolve_device(device))
+    if precision == "int8":
+        choose_backend(backend, resolve_device(device), precision, compile)  # refuses CUDA / torch before any work
     pairs = pair_folds([read_run(r, "cls") for r in _as_list(cls_runs)],
                        [read_run(r, "seg") for r in _as_list(seg_runs)])
     images_dir, labels_path = _data_paths(*pairs[0], images, labels)
@@ -379,6 +384,7 @@ def tune_runs(
     synthetic: list[bool] = []
     searched: list[str] = []
     per_fold: list[int] = []
+    int8_graphs: dict[str, list[bytes]] = {"classifier": [], "segmenter": []}
     search = ThresholdSearch(grid)
     bar = None
     if progress:
@@ -387,9 +393,15 @@ def tune_runs(
         bar = progress_bar(total=total, desc="validation fold" if len(pairs) == 1 else "out-of-fold", unit="img")
     for (cls, seg), paths in zip(pairs, fold_paths):
         before = len(search)
+        members = ([load_stage(cls.best)], [load_stage(seg.best)])
+        graphs = None
+        if precision == "int8":
+            graphs = (int8_members(members[0], paths, cache_dir), int8_members(members[1], paths, cache_dir))
+            int8_graphs["classifier"] += graphs[0]
+            int8_graphs["segmenter"] += graphs[1]
         predictions = predict_probabilities(
-            [cls.best], [seg.best], paths, batch_size=batch_size, workers=workers, tta=tta, device=device,
-            precision=precision, backend=backend, compile=compile, cache_dir=cache_dir,
+            *members, paths, batch_size=batch_size, workers=workers, tta=tta, device=device,
+            precision=precision, backend=backend, compile=compile, cache_dir=cache_dir, int8_graphs=graphs,
         )
         for image_id, cls_prob, seg_map, mask in _stream(predictions, truth, failed, synthetic, bar):
             search.add(cls_prob, seg_map, mask)
@@ -423,6 +435,7 @@ def tune_runs(
         write_model_dir(
             target, [c.best for c, _ in pairs], [s.best for _, s in pairs], result.thresholds, metrics=metrics,
             tta=tta, precision=precision, report_files=[*files, Path(tmp) / "validation.json"],
+            int8_graphs=int8_graphs if precision == "int8" else None,
         )
     return TuneOutcome(target, result, metrics, failed, time.perf_counter() - start, searched)
 

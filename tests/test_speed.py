@@ -47,8 +47,8 @@ def test_auto_precision_is_bf16_on_cuda_and_native_bf16_cpus_only() -> None:
     assert resolve_precision("auto", CPU) == ("bf16" if cpu_supports_bf16() else "fp32")
     for explicit in ("fp32", "bf16", "fp16"):
         assert resolve_precision(explicit, CPU) == explicit
-    with pytest.raises(ConfigError, match="unknown precision 'int8'"):
-        resolve_precision("int8", CPU)
+    with pytest.raises(ConfigError, match="unknown precision 'int4'"):
+        resolve_precision("int4", CPU)
 
 
 def test_model_folder_records_precision_and_an_old_folder_reads_as_fp32(tmp_path: Path) -> None:
@@ -58,9 +58,13 @@ def test_model_folder_records_precision_and_an_old_folder_reads_as_fp32(tmp_path
     del manifest["precision"]  # a folder written before the field existed
     (folder / MANIFEST).write_text(json.dumps(manifest))
     assert read_model_dir(folder).precision == "fp32"
-    manifest["precision"] = "int8"
+    manifest["precision"] = "int4"
     (folder / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ModelError, match="precision must be one of fp32, bf16, fp16, got 'int8'"):
+    with pytest.raises(ModelError, match="precision must be one of fp32, bf16, fp16, int8, got 'int4'"):
+        read_model_dir(folder)
+    manifest["precision"] = "int8"  # tuned at int8 but without the graphs that precision needs
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="no sha256 recorded for classifier/model.int8.onnx"):
         read_model_dir(folder)
 
 

@@ -294,3 +294,51 @@ def test_predicting_a_real_radiograph_with_a_synthetic_model_warns_once(
     assert main(["predict", str(model), str(runs_images), "--out", str(tmp_path / "syn.csv"), "--workers", "0",
                  "--device", "cpu"]) == 0
     assert "synthetic films" not in capsys.readouterr().err  # its own kind of film: no warning
+
+
+def test_int8_tune_ships_calibrated_graphs_that_predict_runs(runs: Path, model: Path, tmp_path: Path) -> None:
+    """--precision int8: graphs calibrated on the fold go into MODEL_DIR (hashed); the recorded scores are what
+    Cascade.predict reproduces at int8; the probabilities are near fp32's but quantized; misuse gets one clear line."""
+    import warnings
+
+    from cascade.errors import ConfigError, ModelError
+    from cascade.modeldir import INT8_GRAPH
+    from cascade.precision import PrecisionWarning
+
+    out = tmp_path / "int8"
+    assert tune_cli(runs, out, "--precision", "int8", "--cache-dir", str(tmp_path / "engines")) == 0
+    data = manifest(out)
+    assert data["precision"] == "int8" and data["metrics"]["validation"]["precision"] == "int8"
+    for name in ("classifier", "segmenter"):
+        assert data["sha256"][f"{name}/{INT8_GRAPH}"] == sha256_file(out / name / INT8_GRAPH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)  # auto means int8 for this folder: no warning
+        int8 = Cascade.from_pretrained(out, device="cpu")
+    assert (int8.precision, int8.backend) == ("int8", "onnxruntime")
+    summary, gated = rescore(runs, out)
+    v = data["metrics"]["validation"]
+    assert v["mean_dice"] == pytest.approx(summary.mean_dice, abs=1e-12)
+    assert v["confusion"] == summary.confusion.to_dict()
+    assert v["segmented_share"] == pytest.approx(gated)
+
+    _, paths = validation(runs)
+    fp32 = Cascade.from_pretrained(model, device="cpu", precision="fp32")
+    moved = [abs(a.probability - b.probability) for a, b in zip(int8.predict_many(paths, workers=0),
+                                                                 fp32.predict_many(paths, workers=0))]
+    assert 0 < max(moved) < 0.1, f"int8 probabilities must be quantized, yet near fp32: {max(moved)}"
+
+    with pytest.warns(PrecisionWarning, match="tuned at int8 but inference runs at fp32"):
+        forced = Cascade.from_pretrained(out, device="cpu", precision="fp32")
+    forced.save_pretrained(tmp_path / "saved")  # keeps the tuned precision and its graphs
+    assert Cascade.from_pretrained(tmp_path / "saved", device="cpu").precision == "int8"
+
+    with pytest.raises(ModelError, match="has no int8 graphs .*cascade tune --precision int8"):
+        Cascade.from_pretrained(model, device="cpu", precision="int8")
+    with pytest.raises(ConfigError, match="precision int8 runs on ONNX Runtime on the CPU only"):
+        Cascade.from_pretrained(out, device="cpu", precision="int8", backend="torch")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    graph = damaged / "segmenter" / INT8_GRAPH
+    graph.write_bytes(graph.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ModelError, match="model.int8.onnx: sha256 does not match"):
+        Cascade.from_pretrained(damaged, device="cpu")

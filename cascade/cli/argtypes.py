@@ -41,9 +41,10 @@ def positive_float(text: str) -> float:
 def add_speed_arguments(p: argparse.ArgumentParser) -> None:
     """--precision, --backend, --compile and --cache-dir: how the networks run (shared with commands that predict)."""
     p.add_argument(
-        "--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-        help="network precision (default auto: bf16 on CUDA and on CPUs with native bf16, else fp32); a precision "
-        "other than the one the thresholds were tuned at warns",
+        "--precision", choices=("auto", "fp32", "bf16", "fp16", "int8"), default="auto",
+        help="network precision (default auto: bf16 on CUDA and on CPUs with native bf16, else fp32; int8 for a model "
+        "folder tuned at int8); a precision other than the one the thresholds were tuned at warns. int8: CPU, ONNX "
+        "Runtime, graphs calibrated by 'cascade tune --precision int8' (docs/speed.md)",
     )
     p.add_argument(
         "--backend", choices=("auto", "torch", "onnxruntime"), default="auto",

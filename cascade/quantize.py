@@ -1,0 +1,115 @@
+"""int8 graphs for ONNX Runtime on the CPU: static quantization calibrated on the model's own validation images.
+
+``cascade tune --precision int8`` calls :func:`quantized_graph` for every member before it predicts the validation
+fold: the member's fp32 graph (:func:`cascade.onnx_export.cached_graph`) is quantized with ONNX Runtime's static
+quantizer — weights int8 per output channel, activations uint8 with ranges taken (min/max) from the first
+:data:`CALIBRATION_IMAGES` validation images — and the thresholds are then tuned on the int8 probabilities. The
+graphs go into MODEL_DIR (``<member>/model.int8.onnx``, hashed like the weights), because the calibration images
+are not available where the model is later used; they hold weights and activation ranges only, no image.
+
+Every convolution is quantized: keeping the first one in fp32 (it sees the raw intensities) moved fewer decisions
+against fp32 but cost a fifth of the speed and did not tune to a better Dice. What the recipe costs and gains on
+this project's CPU is measured in docs/speed.md ("int8").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from cascade.data.dicom import read_dicom
+from cascade.data.preprocess import Preprocessing, prepare_image
+from cascade.errors import CascadeError, ConfigError
+from cascade.fileio import atomic_path
+
+CALIBRATION_IMAGES = 32
+"""How many validation images set the activation ranges (the first ones of the fold, in its order)."""
+RECIPE = "qdq-u8s8-per-channel-minmax-v1"
+"""Names the quantization settings below; part of the cache key, so a changed recipe never reuses a graph."""
+
+
+def quantized_graph(
+    model: nn.Module,
+    config: dict,
+    prep: Preprocessing,
+    calibration: np.ndarray,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """The int8 ONNX graph of one member, calibrated on ``calibration`` (uint8 ``[N, S, S]`` at the stage's size).
+
+    Cached beside the fp32 graphs under a digest of the fp32 graph's key, the calibration images, the recipe and
+    the ONNX Runtime version; written atomically.
+    """
+    try:
+        import onnxruntime
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        raise ConfigError("precision int8 needs onnx and onnxruntime: pip install 'pneumothorax-cascade[onnx]'") from None
+    from cascade.onnx_export import cached_graph
+
+    if calibration.dtype != np.uint8 or calibration.ndim != 3 or len(calibration) == 0:
+        raise ValueError(f"calibration images must be uint8 [N, S, S] with N > 0, got {calibration.dtype} {calibration.shape}")
+    fp32 = cached_graph(model, config, prep, cache_dir)
+    key = hashlib.sha256(f"{fp32.stem}:{RECIPE}:{onnxruntime.__version__}".encode())
+    key.update(np.ascontiguousarray(calibration).tobytes())
+    path = fp32.parent / f"{key.hexdigest()[:32]}.int8.onnx"
+    if path.is_file():
+        return path
+
+    class _Images(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._items = iter({"image": image[None, None]} for image in calibration)
+
+        def get_next(self) -> dict | None:
+            return next(self._items, None)
+
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs a warning per integer shape tensor it skips
+    try:
+        with tempfile.TemporaryDirectory(prefix="cascade-int8-") as tmp, atomic_path(path) as out:
+            prepared = Path(tmp) / "prepared.onnx"
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+            quantize_static(
+                str(prepared), str(out), _Images(),
+                quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                per_channel=True,
+            )
+    finally:
+        logging.getLogger().setLevel(quiet)
+    return path
+
+
+def calibration_images(sources: Sequence[str | os.PathLike[str]], size: int, count: int = CALIBRATION_IMAGES) -> np.ndarray:
+    """The first ``count`` readable images of ``sources``, prepared at ``size`` exactly as inference prepares them
+    (uint8 ``[N, size, size]``); unreadable files are passed over (tune reports them)."""
+    images = []
+    for source in sources:
+        try:
+            pixels = read_dicom(source).pixels
+        except Exception:  # noqa: BLE001  (tune's own pass over the fold names each unreadable file)
+            continue
+        images.append(prepare_image(pixels, size))
+        if len(images) == count:
+            break
+    if not images:
+        raise CascadeError(f"none of the {len(sources)} images could be read to calibrate int8 on")
+    return np.stack(images)
+
+
+def int8_members(
+    members: Sequence[tuple[nn.Module, dict]],
+    sources: Sequence[str | os.PathLike[str]],
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> list[bytes]:
+    """The int8 graph of each member of one stage, calibrated on the first readable ``sources``."""
+    prep = Preprocessing.from_dict(members[0][1]["preprocessing"])
+    images = calibration_images(sources, prep.size)
+    return [quantized_graph(model, config, prep, images, cache_dir).read_bytes() for model, config in members]
