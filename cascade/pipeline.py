@@ -150,7 +150,9 @@ class _Stage:
         self.models = [m.eval() for m, _ in members]
         self._sessions = []
         if precision == "int8":
-            self._sessions = [_ort_session(graph) for graph in int8 or ()]
+            if int8 is None or len(int8) != len(members):
+                raise ConfigError(f"precision int8 needs one int8 graph per member: {len(int8 or ())} for {len(members)}")
+            self._sessions = [_ort_session(graph) for graph in int8]
         elif backend == "onnxruntime":
             self._sessions = [_ort_session(cached_graph(m, c, prep, cache_dir)) for m, c in members]
         self.models = [self._place(m) for m in self.models]
@@ -558,14 +560,16 @@ class Cascade:
         ``fp16``, ``int8``) and ``backend`` (``auto``, ``torch``, ``onnxruntime``) choose how the networks run; a
         precision other than the one the folder was tuned at warns (:class:`cascade.precision.PrecisionWarning`).
         ``int8`` needs a folder tuned at int8 (its calibrated graphs); for such a folder ``auto`` means int8 on a
-        CPU with onnxruntime installed.
+        CPU with onnxruntime installed, unless ``backend="torch"`` or ``compile`` asks for PyTorch (then the usual
+        ``auto`` precision runs, with the warning).
         ``compile`` wraps the torch networks in ``torch.compile``; ``cache_dir`` holds exported ONNX graphs.
         """
         info = read_model_dir(directory)
         graphs = None
         if precision == "int8" or info.precision == "int8":
             graphs = (info.int8_graphs("classifier"), info.int8_graphs("segmenter"))
-            if precision == "auto" and resolve_device(device).type == "cpu" and _installed("onnx", "onnxruntime"):
+            runs_int8 = backend in ("auto", "onnxruntime") and not compile and resolve_device(device).type == "cpu"
+            if precision == "auto" and runs_int8 and _installed("onnx", "onnxruntime"):
                 precision = "int8"
         model = cls(
             info.load("classifier"),

@@ -336,6 +336,9 @@ def test_int8_tune_ships_calibrated_graphs_that_predict_runs(runs: Path, model: 
         Cascade.from_pretrained(model, device="cpu", precision="int8")
     with pytest.raises(ConfigError, match="precision int8 runs on ONNX Runtime on the CPU only"):
         Cascade.from_pretrained(out, device="cpu", precision="int8", backend="torch")
+    usual = resolve_precision("auto", torch.device("cpu"))  # torch asked for: the usual auto precision, warned
+    with pytest.warns(PrecisionWarning, match=f"tuned at int8 but inference runs at {usual}"):
+        assert Cascade.from_pretrained(out, device="cpu", backend="torch").precision == usual
     damaged = tmp_path / "damaged"
     shutil.copytree(out, damaged)
     graph = damaged / "segmenter" / INT8_GRAPH
