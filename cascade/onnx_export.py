@@ -6,7 +6,9 @@ Each member of each stage becomes ``<member>.onnx`` (``classifier.onnx``, ``segm
 output ``probability`` (``[batch]`` for the classifier, ``[batch, 1, height, width]`` for the segmenter) is what
 ``Cascade`` thresholds. Batch is dynamic; height and width are dynamic where the network allows (convolutional
 ones do; the segmenter needs multiples of 32). ``cascade.json`` is copied beside the files for the thresholds, and
-``export.json`` records the inputs, dynamic axes and the measured parity.
+``export.json`` records the inputs, dynamic axes and the measured parity. A folder tuned at int8 (its thresholds
+fit the int8 probabilities) also gets each member's int8 graph as ``<member>.int8.onnx`` (same input and output),
+listed under ``int8`` in ``export.json``: run those with its thresholds.
 
 The ``onnxruntime`` inference backend (:class:`cascade.Cascade` ``backend="onnxruntime"``) uses the same graphs,
 exported on first use by :func:`cached_graph` into a cache folder (``--cache-dir``, else ``$CASCADE_ENGINE_CACHE``,
@@ -93,6 +95,13 @@ def export_onnx(
                 path.unlink()
                 raise ModelError(f"{path}: ONNX Runtime differs from PyTorch by {diff:.2e} > {tolerance:.0e}")
             results.append(ExportedMember(directory.name, path.name, prep.size, dynamic_spatial, diff))
+    int8 = []
+    if info.precision == "int8":
+        for stage, dirs in (("classifier", info.classifiers), ("segmenter", info.segmenters)):
+            for directory, graph in zip(dirs, info.int8_graphs(stage)):
+                with atomic_path(target / f"{directory.name}.int8.onnx") as tmp:
+                    tmp.write_bytes(graph)
+                int8.append(f"{directory.name}.int8.onnx")
     with atomic_path(target / MANIFEST) as tmp:
         shutil.copyfile(Path(model_dir) / MANIFEST, tmp)
     atomic_write_json(
@@ -104,6 +113,8 @@ def export_onnx(
             "output": "probability: float32, [batch] (classifier) or [batch, 1, height, width] (segmenter)",
             "tolerance": tolerance,
             "members": [asdict(r) for r in results],
+            "precision": info.precision,
+            "int8": int8,
         },
     )
     return results

@@ -339,6 +339,11 @@ def test_int8_tune_ships_calibrated_graphs_that_predict_runs(runs: Path, model: 
     usual = resolve_precision("auto", torch.device("cpu"))  # torch asked for: the usual auto precision, warned
     with pytest.warns(PrecisionWarning, match=f"tuned at int8 but inference runs at {usual}"):
         assert Cascade.from_pretrained(out, device="cpu", backend="torch").precision == usual
+    assert main(["export", str(out), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0  # the int8 graphs travel too
+    exported = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert exported["precision"] == "int8"
+    assert exported["int8"] == ["classifier.int8.onnx", "segmenter.int8.onnx"]
+    assert (tmp_path / "onnx" / "segmenter.int8.onnx").read_bytes() == (out / "segmenter" / INT8_GRAPH).read_bytes()
     damaged = tmp_path / "damaged"
     shutil.copytree(out, damaged)
     graph = damaged / "segmenter" / INT8_GRAPH

@@ -10,7 +10,9 @@ Export both stages of a model folder (every member of a fold ensemble) to ONNX: 
 `segmenter.onnx`, … in DIR, with cascade.json (thresholds, preprocessing) and export.json beside them. Each graph
 takes the uint8 image at the stage's input size ([batch, 1, H, W]) and returns probabilities; batch is dynamic,
 and height/width too where the network allows. ONNX Runtime (the optional extra `onnx`) then runs every file on
-random inputs and must match PyTorch within 1e-4 in probability, or the command fails."""
+random inputs and must match PyTorch within 1e-4 in probability, or the command fails. A folder tuned with
+--precision int8 also gives `classifier.int8.onnx`, … (its calibrated int8 graphs, same input and output): its
+thresholds were tuned on those."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cascade.errors import ModelError
-    from cascade.fileio import check_output, input_file
+    from cascade.fileio import check_output, input_file, read_json_object
 
     input_file(args.model_dir, ModelError, "model folder", folder=True)
     check_output(args.out, folder=True, inside=[args.model_dir])
@@ -34,4 +36,7 @@ def run(args: argparse.Namespace) -> int:
     results = export_onnx(args.model_dir, args.out)
     print(describe(results))
     print(f"ONNX Runtime matches PyTorch within {TOLERANCE:.0e} on every network → {args.out}")
+    int8 = read_json_object(Path(args.out) / "export.json", "written just now")["int8"]
+    if int8:
+        print(f"int8 graphs, on which the thresholds were tuned (run these with them): {', '.join(int8)}")
     return 0
