@@ -93,6 +93,11 @@ def render(manifest: Mapping[str, Any], configs: Mapping[str, Sequence[Mapping[s
         "",
         Thresholds.from_dict(th).describe(code=True) + "; see the README's threshold rule",
         "",
+        f"Tuned on probabilities computed at {manifest.get('precision', 'fp32')}"
+        + (" by the int8 graphs in this folder (`model.int8.onnx`), which a CPU runs by default; any other precision "
+           "moves decisions (docs/speed.md)." if manifest.get("precision") == "int8"
+           else "; another precision warns, as decisions near a threshold can move."),
+        "",
         "## Known limits",
         "",
         *[f"- {limit}" for limit in KNOWN_LIMITS],

@@ -309,6 +309,7 @@ def test_int8_tune_ships_calibrated_graphs_that_predict_runs(runs: Path, model: 
     assert tune_cli(runs, out, "--precision", "int8", "--cache-dir", str(tmp_path / "engines")) == 0
     data = manifest(out)
     assert data["precision"] == "int8" and data["metrics"]["validation"]["precision"] == "int8"
+    assert "Tuned on probabilities computed at int8 by the int8 graphs" in (out / "MODEL_CARD.md").read_text()
     for name in ("classifier", "segmenter"):
         assert data["sha256"][f"{name}/{INT8_GRAPH}"] == sha256_file(out / name / INT8_GRAPH)
     with warnings.catch_warnings():
