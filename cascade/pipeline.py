@@ -151,7 +151,9 @@ class _Stage:
         self._sessions = []
         if precision == "int8":
             if int8 is None or len(int8) != len(members):
-                raise ConfigError(f"precision int8 needs one int8 graph per member: {len(int8 or ())} for {len(members)}")
+                raise ConfigError(
+                    f"precision int8 needs one int8 graph per member: {len(int8 or ())} for {len(members)}"
+                )
             self._sessions = [_ort_session(graph) for graph in int8]
         elif backend == "onnxruntime":
             self._sessions = [_ort_session(cached_graph(m, c, prep, cache_dir)) for m, c in members]

@@ -1,7 +1,7 @@
 """int8 graphs for ONNX Runtime on the CPU: static quantization calibrated on the model's own validation images.
 
-``cascade tune --precision int8`` calls :func:`quantized_graph` for every member before it predicts the validation
-fold: the member's fp32 graph (:func:`cascade.onnx_export.cached_graph`) is quantized with ONNX Runtime's static
+``cascade tune --precision int8`` calls :func:`int8_members` for each stage before it predicts the validation
+fold: every member's fp32 graph (:func:`cascade.onnx_export.cached_graph`) is quantized with ONNX Runtime's static
 quantizer — weights int8 per output channel, activations uint8 with ranges taken (min/max) from the first
 :data:`CALIBRATION_IMAGES` validation images — and the thresholds are then tuned on the int8 probabilities. The
 graphs go into MODEL_DIR (``<member>/model.int8.onnx``, hashed like the weights), because the calibration images
@@ -52,11 +52,14 @@ def quantized_graph(
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError:
-        raise ConfigError("precision int8 needs onnx and onnxruntime: pip install 'pneumothorax-cascade[onnx]'") from None
+        raise ConfigError(
+            "precision int8 needs onnx and onnxruntime: pip install 'pneumothorax-cascade[onnx]'"
+        ) from None
     from cascade.onnx_export import cached_graph
 
     if calibration.dtype != np.uint8 or calibration.ndim != 3 or len(calibration) == 0:
-        raise ValueError(f"calibration images must be uint8 [N, S, S] with N > 0, got {calibration.dtype} {calibration.shape}")
+        raise ValueError(f"calibration images must be uint8 [N, S, S], N > 0; got {calibration.dtype} "
+                         f"{calibration.shape}")
     fp32 = cached_graph(model, config, prep, cache_dir)
     key = hashlib.sha256(f"{fp32.stem}:{RECIPE}:{onnxruntime.__version__}".encode())
     key.update(np.ascontiguousarray(calibration).tobytes())
@@ -87,7 +90,9 @@ def quantized_graph(
     return path
 
 
-def calibration_images(sources: Sequence[str | os.PathLike[str]], size: int, count: int = CALIBRATION_IMAGES) -> np.ndarray:
+def calibration_images(
+    sources: Sequence[str | os.PathLike[str]], size: int, count: int = CALIBRATION_IMAGES
+) -> np.ndarray:
     """The first ``count`` readable images of ``sources``, prepared at ``size`` exactly as inference prepares them
     (uint8 ``[N, size, size]``); unreadable files are passed over (tune reports them)."""
     images = []

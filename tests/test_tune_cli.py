@@ -340,7 +340,8 @@ def test_int8_tune_ships_calibrated_graphs_that_predict_runs(runs: Path, model: 
     usual = resolve_precision("auto", torch.device("cpu"))  # torch asked for: the usual auto precision, warned
     with pytest.warns(PrecisionWarning, match=f"tuned at int8 but inference runs at {usual}"):
         assert Cascade.from_pretrained(out, device="cpu", backend="torch").precision == usual
-    assert main(["export", str(out), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0  # the int8 graphs travel too
+    # the int8 graphs travel with an export
+    assert main(["export", str(out), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
     exported = json.loads((tmp_path / "onnx" / "export.json").read_text())
     assert exported["precision"] == "int8"
     assert exported["int8"] == ["classifier.int8.onnx", "segmenter.int8.onnx"]
