@@ -254,7 +254,9 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
                 raise ModelError(f"{path}: member {name!r} must be a folder name inside the model folder")
             configs[root / name], weight_hashes[root / name] = _verify_member(root, name, stage, hashes, path)
             if precision == "int8":
-                int8_hashes[root / name] = _recorded_file(root, name, INT8_GRAPH, hashes, path)
+                int8_hashes[root / name] = _recorded_sha256(root, name, INT8_GRAPH, hashes, path)
+                if path_kind(root / name / INT8_GRAPH) != "file":
+                    raise ModelError(f"{root / name / INT8_GRAPH}: missing")
             dirs.append(root / name)
         stage_dirs[stage] = dirs
         preprocessing[stage] = _stage_preprocessing([configs[d] for d in dirs], stage, root)
@@ -292,21 +294,8 @@ def _verify_member(
 ) -> tuple[dict[str, Any], str]:
     """A member folder must lie inside ``root``, hold a config (of the right stage, sha256 as recorded, every field
     valid) and a weight file with a recorded sha256; returns the config and that sha256."""
-    real_root = os.path.realpath(root)
-    recorded = {}
-    for file in ("", CONFIG, WEIGHTS):
-        path = root / name / file if file else root / name
-        real = os.path.realpath(path)
-        if not real.startswith(real_root + os.sep):
-            raise ModelError(f"{path}: leads outside the model folder (a symlink); refusing to read it")
-        if file:
-            expected = hashes.get(f"{name}/{file}")
-            if not isinstance(expected, str):
-                raise ModelError(
-                    f"{manifest}: no sha256 recorded for {name}/{file} (written by an older cascade? run "
-                    "'cascade tune' again)"
-                )
-            recorded[file] = expected
+    _check_inside(root, root / name)
+    recorded = {file: _recorded_sha256(root, name, file, hashes, manifest) for file in (CONFIG, WEIGHTS)}
     config_path = root / name / CONFIG
     data = read_json_bytes(config_path, f"a stage folder needs {CONFIG} and {WEIGHTS}")
     if hashlib.sha256(data).hexdigest() != recorded[CONFIG]:
@@ -321,16 +310,19 @@ def _verify_member(
     return config, recorded[WEIGHTS]
 
 
-def _recorded_file(root: Path, name: str, file: str, hashes: dict[str, Any], manifest: Path) -> str:
-    """The recorded sha256 of ``name/file``, which must exist inside ``root`` (checked again when it is read)."""
-    path = root / name / file
+def _check_inside(root: Path, path: Path) -> None:
     if not os.path.realpath(path).startswith(os.path.realpath(root) + os.sep):
         raise ModelError(f"{path}: leads outside the model folder (a symlink); refusing to read it")
+
+
+def _recorded_sha256(root: Path, name: str, file: str, hashes: dict[str, Any], manifest: Path) -> str:
+    """The sha256 ``cascade.json`` records for ``name/file``, a path that must not lead outside ``root``."""
+    _check_inside(root, root / name / file)
     expected = hashes.get(f"{name}/{file}")
     if not isinstance(expected, str):
-        raise ModelError(f"{manifest}: no sha256 recorded for {name}/{file}")
-    if path_kind(path) != "file":
-        raise ModelError(f"{path}: missing")
+        raise ModelError(
+            f"{manifest}: no sha256 recorded for {name}/{file} (written by an older cascade? run 'cascade tune' again)"
+        )
     return expected
 
 

@@ -333,12 +333,11 @@ class _Engine:
                 "precision int8 needs the calibrated graphs of a model folder tuned at int8 "
                 "('cascade tune --precision int8')"
             )
-        self.int8_graphs = int8_graphs if self.precision == "int8" else None
         preps = (_preprocessing(classifiers, "classifier"), _preprocessing(segmenters, "segmenter"))
 
         def stages(chosen: str) -> tuple[_Stage, _Stage]:
             options = {"precision": self.precision, "backend": chosen, "compile": compile, "cache_dir": cache_dir}
-            graphs = self.int8_graphs or (None, None)
+            graphs = int8_graphs if self.precision == "int8" and int8_graphs else (None, None)
             return (_Stage(classifiers, preps[0], self.device, int8=graphs[0], **options),
                     _Stage(segmenters, preps[1], self.device, int8=graphs[1], **options))
 
