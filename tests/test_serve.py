@@ -267,6 +267,15 @@ def test_declared_2gb_content_length_is_refused_before_reading(client: TestClien
     assert reads == 0
 
 
+def test_the_service_runs_the_engine_it_was_given_and_says_which(client: TestClient, model_dir: Path) -> None:
+    default = Cascade.from_pretrained(model_dir, device="cpu")
+    assert client.get("/v1/model").json()["runtime"] == {
+        "device": "cpu", "precision": default.precision, "backend": default.backend}
+    with TestClient(create_app(model_dir, device="cpu", precision="fp32", backend="torch")) as forced:
+        wait_ready(forced.get)
+        assert forced.get("/v1/model").json()["runtime"] == {"device": "cpu", "precision": "fp32", "backend": "torch"}
+
+
 def test_token_is_required_when_configured(model_dir: Path, samples: list[Path]) -> None:
     app = create_app(model_dir, device="cpu", token=TOKEN)
     with TestClient(app) as client:

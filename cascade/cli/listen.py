@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cascade.cli.argtypes import non_negative_int, positive_int
+from cascade.cli.argtypes import add_speed_arguments, non_negative_int, positive_int
 
 DESCRIPTION = """\
 Run a DICOM node: a Storage SCP that accepts CR, DX (for presentation and for processing) and Secondary Capture
@@ -44,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--retry-max", type=float, default=60.0, metavar="S",
         help="longest wait between attempts to reach the --forward destination (default 60 s)",
     )
+    add_speed_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -66,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     log.propagate = False  # other libraries' INFO lines stay off: highdicom's name the UIDs it copies
     forward = Destination.parse(args.forward) if args.forward else None
     accept_from = [t.strip() for t in (args.accept_from or "").split(",") if t.strip()]
-    model = Cascade.from_pretrained(args.model_dir, device=args.device)
+    model = Cascade.from_pretrained(
+        args.model_dir, device=args.device, precision=args.precision, backend=args.backend, compile=args.compile,
+        cache_dir=args.cache_dir,
+    )
     node = Node(
         model,
         args.out,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cascade.cli.argtypes import positive_int
+from cascade.cli.argtypes import add_speed_arguments, positive_int
 
 DESCRIPTION = """\
 Serve a model folder over HTTP: a page at / (drop a DICOM, see the outlined mask, download RLE, PNG or DICOM SEG),
@@ -33,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="most images per forward pass (default 8; 1 turns micro-batching off)")
     p.add_argument("--decode-threads", type=positive_int, default=None, metavar="N",
                    help="threads decoding uploads and encoding answers (default: cores, at most 4)")
+    add_speed_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -78,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
         token=token,
         batch_window_ms=args.batch_window_ms,
         max_batch=args.max_batch,
+        precision=args.precision,
+        backend=args.backend,
+        compile=args.compile,
+        cache_dir=args.cache_dir,
         decode_threads=args.decode_threads,
         on_load_failure=stop,
     )

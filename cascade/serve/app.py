@@ -53,6 +53,8 @@ class _State:
     device: str
     limit: int
     token: str | None
+    speed: dict[str, Any] = field(default_factory=dict)
+    """precision, backend, compile, cache_dir: how the networks run (``Cascade.from_pretrained``'s arguments)."""
     metrics: Metrics = field(default_factory=Metrics)
     model: Any = None
     info: dict[str, Any] | None = None
@@ -69,18 +71,24 @@ def create_app(
     max_batch: int = 8,
     decode_threads: int | None = None,
     on_load_failure: Callable[[str], None] | None = None,
+    precision: str = "auto",
+    backend: str = "auto",
+    compile: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> FastAPI:
     """The service for the model folder ``model_dir``.
 
     ``token``: when given, ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <token>``. ``max_batch=1``
-    turns micro-batching off. ``on_load_failure`` is called with the reason if the model cannot be loaded
+    turns micro-batching off. ``precision``, ``backend``, ``compile`` and ``cache_dir`` choose how the networks run,
+    as for :meth:`cascade.Cascade.from_pretrained`; ``GET /v1/model`` says what was chosen. ``on_load_failure`` is called with the reason if the model cannot be loaded
     (the command line stops the server then; otherwise ``/healthz`` keeps answering 503 with the reason).
     """
     if max_batch < 1:
         raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
     if batch_window_ms < 0 or max_upload_mb <= 0:
         raise ConfigError("batch_window_ms must be 0 or more and max_upload_mb more than 0")
-    state = _State(Path(model_dir), device, int(max_upload_mb * 1024 * 1024), token)
+    speed = {"precision": precision, "backend": backend, "compile": compile, "cache_dir": cache_dir}
+    state = _State(Path(model_dir), device, int(max_upload_mb * 1024 * 1024), token, speed)
     inference = ThreadPoolExecutor(1, thread_name_prefix="cascade-inference")
     decoding = ThreadPoolExecutor(decode_threads or min(4, os.cpu_count() or 1), thread_name_prefix="cascade-decode")
     batcher = MicroBatcher(inference, batch_window_ms / 1000, max_batch, state.metrics.observe_batch)
@@ -96,7 +104,8 @@ def create_app(
             return
         batcher.start(state.model)
         state.metrics.ready.set(1)
-        log.info("ready: %s on %s", state.info["name"], state.model.device)
+        log.info("ready: %s on %s, %s on %s", state.info["name"], state.model.device, state.model.precision,
+                 state.model.backend)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -181,8 +190,9 @@ def _load(state: _State) -> tuple[Any, dict[str, Any]]:
     from cascade.pipeline import Cascade
 
     info = model_info(state.model_dir)
-    model = Cascade.from_pretrained(state.model_dir, device=state.device)
+    model = Cascade.from_pretrained(state.model_dir, device=state.device, **state.speed)
     model.warm_up()
+    info["runtime"] = {"device": str(model.device), "precision": model.precision, "backend": model.backend}
     return model, info
 
 
