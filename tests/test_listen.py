@@ -8,8 +8,11 @@ so some real images come out positive and some negative.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -250,7 +253,12 @@ def test_dcmtk_storescu_and_echoscu_against_the_cli(
 ) -> None:
     storescu = require("storescu")
     out = tmp_path / "node"
-    node = NodeProcess(model_dir, out, tmp_path / "node.log", "--ae-title", "TRIAGE")
+    synthetic = tmp_path / "model"  # the same networks, recorded as trained on cascade synth films: the node says so
+    shutil.copytree(model_dir, synthetic)
+    manifest = json.loads((synthetic / "cascade.json").read_text())
+    manifest["metrics"]["training_data"] = {"synthetic": True}
+    (synthetic / "cascade.json").write_text(json.dumps(manifest))
+    node = NodeProcess(synthetic, out, tmp_path / "node.log", "--ae-title", "TRIAGE")
     try:
         echo = subprocess.run([require("echoscu"), "-aec", "TRIAGE", "127.0.0.1", str(node.port)],
                               capture_output=True, text=True, timeout=30)
@@ -267,6 +275,8 @@ def test_dcmtk_storescu_and_echoscu_against_the_cli(
     log = (tmp_path / "node.log").read_text()
     assert not [v for v in identifiers(samples) if v in log], "a header value reached the log"
     assert "stopped; 11 finding(s)" in log
+    assert "warning: this model was trained on synthetic films (cascade synth) only" in log
+    assert re.search(r"listening on 127\.0\.0\.1:\d+ \(device cpu, (fp32|bf16) on (onnxruntime|torch),", log), log
 
 
 @pytest.mark.slow

@@ -91,7 +91,15 @@ def run(args: argparse.Namespace) -> int:
     if host not in ("127.0.0.1", "localhost", "::1") and not accept_from:
         print(f"cascade listen: warning: listening on {host}, open to other machines; restrict senders with "
               "--accept-from", file=sys.stderr)
-    print(f"cascade listen: {args.ae_title} listening on {host}:{port} (device {model.device}, "
+    # the library's own warnings (ignored above with the rest) said once, here, without the incoming file's name
+    if model.metrics.get("training_data", {}).get("synthetic"):
+        print("cascade listen: warning: this model was trained on synthetic films (cascade synth) only; its findings "
+              "on real radiographs mean nothing (see MODEL_CARD.md)", file=sys.stderr)
+    if model.tuned_precision not in (None, model.precision):
+        print(f"cascade listen: warning: thresholds were tuned at {model.tuned_precision} but the networks run at "
+              f"{model.precision}; decisions near a threshold can differ", file=sys.stderr)
+    print(f"cascade listen: {args.ae_title} listening on {host}:{port} (device {model.device}, {model.precision} on "
+          f"{model.backend}, "
           f"{len(node.findings)} finding(s) so far in {args.out}; forward: {forward or 'off'})",
           file=sys.stderr, flush=True)
     while not stop.wait(0.5):
