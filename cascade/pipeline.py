@@ -521,7 +521,8 @@ class Cascade:
         self.tta = tta
         """Horizontal-flip TTA (from ``cascade.json``; assign to override)."""
         self.metrics = dict(metrics or {})
-        self._synthetic_model = bool(self.metrics.get("training_data", {}).get("synthetic"))
+        self.synthetic_model = bool(self.metrics.get("training_data", {}).get("synthetic"))
+        """Trained on ``cascade synth`` films only (from the model folder's provenance): meaningless on real ones."""
         self._warned_synthetic = False
         self.tuned_precision = tuned_precision
         """The precision the thresholds were tuned at (None: unknown, no check)."""
@@ -671,7 +672,7 @@ class Cascade:
     def _check_domain(self, probs: ImageProbabilities) -> None:
         """Warn once when a model trained on synthetic films meets a DICOM that ``cascade synth`` did not write:
         its answers there mean nothing (on the real SIIM samples such a model called every film positive)."""
-        if self._synthetic_model and not self._warned_synthetic and probs.header is not None:
+        if self.synthetic_model and not self._warned_synthetic and probs.header is not None:
             if not is_synthetic(probs.header):
                 self._warned_synthetic = True
                 warnings.warn(

@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cascade.listen import Destination, Node
     from cascade.pipeline import Cascade
+    from cascade.precision import PrecisionWarning
 
     # pydicom and highdicom warn by quoting header values (patient names among them): never shown here
     warnings.simplefilter("ignore")
@@ -67,10 +68,12 @@ def run(args: argparse.Namespace) -> int:
     log.propagate = False  # other libraries' INFO lines stay off: highdicom's name the UIDs it copies
     forward = Destination.parse(args.forward) if args.forward else None
     accept_from = [t.strip() for t in (args.accept_from or "").split(",") if t.strip()]
-    model = Cascade.from_pretrained(
-        args.model_dir, device=args.device, precision=args.precision, backend=args.backend, compile=args.compile,
-        cache_dir=args.cache_dir,
-    )
+    with warnings.catch_warnings(record=True) as load_warnings:  # a precision mismatch names only the folder
+        warnings.simplefilter("always", PrecisionWarning)
+        model = Cascade.from_pretrained(
+            args.model_dir, device=args.device, precision=args.precision, backend=args.backend, compile=args.compile,
+            cache_dir=args.cache_dir,
+        )
     node = Node(
         model,
         args.out,
@@ -92,12 +95,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"cascade listen: warning: listening on {host}, open to other machines; restrict senders with "
               "--accept-from", file=sys.stderr)
     # the library's own warnings (ignored above with the rest) said once, here, without the incoming file's name
-    if model.metrics.get("training_data", {}).get("synthetic"):
+    if model.synthetic_model:
         print("cascade listen: warning: this model was trained on synthetic films (cascade synth) only; its findings "
               "on real radiographs mean nothing (see MODEL_CARD.md)", file=sys.stderr)
-    if model.tuned_precision not in (None, model.precision):
-        print(f"cascade listen: warning: thresholds were tuned at {model.tuned_precision} but the networks run at "
-              f"{model.precision}; decisions near a threshold can differ", file=sys.stderr)
+    for caught in load_warnings:
+        print(f"cascade listen: warning: {caught.message}", file=sys.stderr)
     print(f"cascade listen: {args.ae_title} listening on {host}:{port} (device {model.device}, {model.precision} on "
           f"{model.backend}, "
           f"{len(node.findings)} finding(s) so far in {args.out}; forward: {forward or 'off'})",

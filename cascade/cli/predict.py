@@ -25,8 +25,9 @@ output paths or the arguments are bad), 143 after SIGTERM.
 
 Speed: --precision auto runs bf16 where the hardware computes it natively (CUDA, CPUs with AVX512-BF16/AMX) and
 fp32 elsewhere; --backend auto picks the measured fastest engine (ONNX Runtime for fp32 on a CPU, exported once into
---cache-dir); a model folder tuned with --precision int8 runs its calibrated int8 graphs (CPU). Sharded: `torchrun --nproc_per_node N -m cascade predict …` splits the inputs across N processes
-(one per GPU, or CPU processes), and rank 0 writes the one CSV, identical to a single-process run."""
+--cache-dir); a model folder tuned with --precision int8 runs its calibrated int8 graphs (CPU). Sharded: `torchrun
+--nproc_per_node N -m cascade predict …` splits the inputs across N processes (one per GPU, or CPU processes), and
+rank 0 writes the one CSV, identical to a single-process run."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
