@@ -45,8 +45,9 @@ from cascade.data.rle import EMPTY, rle_encode
 from cascade.devices import resolve_device
 from cascade.errors import CascadeError, CascadeWarning, ConfigError, ImageError, ModelError
 from cascade.modeldir import Member, read_model_dir, write_model_dir
-from cascade.precision import autocast, check_tuned, resolve_precision
+from cascade.precision import PrecisionWarning, autocast, check_tuned, resolve_precision
 from cascade.processes import worker_init
+from cascade.quantize import stale_recipe
 from cascade.stages.checkpoint import load_stage
 from cascade.thresholds.rule import Thresholds, apply_rule, area_scale
 
@@ -350,6 +351,14 @@ class _Engine:
                           CascadeWarning, stacklevel=3)
             self.backend = "torch"
             self.classifier, self.segmenter = stages(self.backend)
+        if self.precision == "int8" and any(stale_recipe(s) for st in (self.classifier, self.segmenter) for s in st._sessions):
+            warnings.warn(
+                "these int8 graphs were made by cascade's first int8 recipe (before 2026-12-02), which quantized the "
+                "output layer: probabilities are rounded to 256 levels and clipped at the calibration images' "
+                "maximum; tune the model folder again with 'cascade tune --precision int8' (docs/speed.md)",
+                PrecisionWarning,
+                stacklevel=3,
+            )
         self.sizes = (self.classifier.prep.size, self.segmenter.prep.size)
         self.seconds = {"classifier": 0.0, "segmenter": 0.0}
         """Wall seconds spent in each stage's forwards since loading (per-request timing and metrics)."""

@@ -40,7 +40,10 @@ from cascade.fileio import atomic_path
 CALIBRATION_IMAGES = 32
 """How many validation images set the activation ranges (the first ones of the fold, in its order)."""
 RECIPE = "qdq-u8s7-per-channel-minmax-fp32-head-v2"
-"""Names the quantization settings below; part of the cache key, so a changed recipe never reuses a graph."""
+"""Names the quantization settings below; part of the cache key, so a changed recipe never reuses a graph, and
+stamped into each graph's metadata (:data:`RECIPE_KEY`), so a model folder says which recipe made its graphs."""
+RECIPE_KEY = "cascade.int8_recipe"
+"""The graph metadata key holding :data:`RECIPE`; graphs of recipe ``v1`` (before 2026-12-02) have none."""
 
 
 def quantized_graph(
@@ -93,9 +96,24 @@ def quantized_graph(
                 quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 per_channel=True, reduce_range=True, nodes_to_exclude=output_head(prepared),
             )
+            _stamp_recipe(out)
     finally:
         logging.getLogger().setLevel(quiet)
     return path
+
+
+def _stamp_recipe(graph: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(graph))
+    onnx.helper.set_model_props(model, {RECIPE_KEY: RECIPE})
+    onnx.save(model, str(graph))
+
+
+def stale_recipe(session: object) -> bool:
+    """Whether an ONNX Runtime session runs an int8 graph of recipe ``v1``, which quantized the output layer: its
+    probabilities are rounded to 256 levels and clipped at the calibration images' maximum."""
+    return RECIPE_KEY not in session.get_modelmeta().custom_metadata_map  # type: ignore[attr-defined]
 
 
 def output_head(graph: Path) -> list[str]:
