@@ -355,7 +355,8 @@ class _Engine:
                           CascadeWarning, stacklevel=3)
             self.backend = "torch"
             self.classifier, self.segmenter = stages(self.backend)
-        if self.precision == "int8" and any(stale_recipe(s) for st in (self.classifier, self.segmenter) for s in st._sessions):
+        sessions = [*self.classifier._sessions, *self.segmenter._sessions]
+        if self.precision == "int8" and any(stale_recipe(session) for session in sessions):
             warnings.warn(
                 "these int8 graphs were made by cascade's first int8 recipe (before 2026-12-02), which quantized the "
                 "output layer: probabilities are rounded to 256 levels and clipped at the calibration images' "

@@ -103,6 +103,7 @@ def quantized_graph(
 
 
 def _stamp_recipe(graph: Path) -> None:
+    """Write :data:`RECIPE` into the graph's metadata (:func:`stale_recipe` reads it back at load)."""
     import onnx
 
     model = onnx.load(str(graph))
