@@ -28,6 +28,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import nn
@@ -36,6 +37,9 @@ from cascade.data.dicom import read_dicom
 from cascade.data.preprocess import Preprocessing, prepare_image
 from cascade.errors import CascadeError, ConfigError
 from cascade.fileio import atomic_path
+
+if TYPE_CHECKING:
+    import onnx
 
 CALIBRATION_IMAGES = 32
 """How many validation images set the activation ranges (the first ones of the fold, in its order)."""
@@ -94,21 +98,22 @@ def quantized_graph(
             quantize_static(
                 str(prepared), str(out), _Images(),
                 quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                per_channel=True, reduce_range=True, nodes_to_exclude=output_head(prepared),
+                per_channel=True, reduce_range=True, nodes_to_exclude=_stamp_recipe(prepared),
             )
-            _stamp_recipe(out)
     finally:
         logging.getLogger().setLevel(quiet)
     return path
 
 
-def _stamp_recipe(graph: Path) -> None:
-    """Write :data:`RECIPE` into the graph's metadata (:func:`stale_recipe` reads it back at load)."""
+def _stamp_recipe(prepared: Path) -> list[str]:
+    """Write :data:`RECIPE` into the metadata of the graph about to be quantized (the quantizer keeps it, and
+    :func:`stale_recipe` reads it back at load); return its :func:`output_head`, read from the same load."""
     import onnx
 
-    model = onnx.load(str(graph))
+    model = onnx.load(str(prepared))
     onnx.helper.set_model_props(model, {RECIPE_KEY: RECIPE})
-    onnx.save(model, str(graph))
+    onnx.save(model, str(prepared))
+    return output_head(model)
 
 
 def stale_recipe(session: object) -> bool:
@@ -117,12 +122,9 @@ def stale_recipe(session: object) -> bool:
     return RECIPE_KEY not in session.get_modelmeta().custom_metadata_map  # type: ignore[attr-defined]
 
 
-def output_head(graph: Path) -> list[str]:
+def output_head(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes from the graph's ``probability`` output back to the last Conv/Gemm/MatMul, inclusive:
     what stays fp32, so the probability is neither rounded to 256 levels nor clipped at the calibration range."""
-    import onnx
-
-    model = onnx.load(str(graph), load_external_data=False)
     producers = {output: node for node in model.graph.node for output in node.output}
     names, tensor = [], "probability"
     while tensor in producers:
@@ -131,7 +133,7 @@ def output_head(graph: Path) -> list[str]:
         if node.op_type in ("Conv", "Gemm", "MatMul"):
             return names
         tensor = node.input[0]
-    raise CascadeError(f"{graph}: no Conv, Gemm or MatMul leads to the probability output; cannot quantize it")
+    raise CascadeError("no Conv, Gemm or MatMul leads to the network's probability output; cannot quantize it")
 
 
 def calibration_images(
