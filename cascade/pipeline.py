@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from cascade.data.dicom import MAX_SIDE, DicomImage, read_dicom
+from cascade.data.dicom import MAX_PIXELS, MAX_SIDE, DicomImage, check_max_pixels, read_dicom
 from cascade.data.synth_spec import is_synthetic
 from cascade.data.preprocess import Preprocessing, normalize, prepare_image, to_uint8
 from cascade.data.rle import EMPTY, rle_encode
@@ -269,10 +269,13 @@ weights) and no decision changed on the synthetic set; eager bf16 there was 17-2
 class _DecodeDataset(TorchDataset):
     """Paths → :class:`_Decoded` at each needed input size; never raises for a bad file."""
 
-    def __init__(self, sources: Sequence[Source], sizes: Sequence[int], keep_image: bool = False) -> None:
+    def __init__(
+        self, sources: Sequence[Source], sizes: Sequence[int], keep_image: bool = False, max_pixels: int = MAX_PIXELS
+    ) -> None:
         self.sources = list(sources)
         self.sizes = sorted(set(sizes))
         self.keep_image = keep_image
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -280,7 +283,7 @@ class _DecodeDataset(TorchDataset):
     def __getitem__(self, index: int) -> _Decoded:
         path = Path(self.sources[index])
         try:
-            image = read_dicom(path)
+            image = read_dicom(path, max_pixels=self.max_pixels)
         except CascadeError as err:
             return _Decoded(image_id=path.stem, source=str(path), error=str(err))
         except Exception as err:  # one broken file must not stop a batch run, whatever the decoder raised
@@ -329,7 +332,7 @@ class _Engine:
         if not classifiers or not segmenters:
             raise ConfigError("a cascade needs at least one classifier and one segmenter")
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device, backend)
         self.backend = choose_backend(backend, self.device, self.precision, compile)
         if compile and self.backend != "torch":
             raise ConfigError("torch.compile applies to the torch backend only (use --backend torch)")
@@ -369,14 +372,20 @@ class _Engine:
         """Wall seconds spent in each stage's forwards since loading (per-request timing and metrics)."""
 
     def batches(
-        self, sources: Sequence[Source], batch_size: int, workers: int | None, keep_image: bool = False
+        self,
+        sources: Sequence[Source],
+        batch_size: int,
+        workers: int | None,
+        keep_image: bool = False,
+        max_pixels: int = MAX_PIXELS,
     ) -> Iterator[list[_Decoded]]:
         """Decoded images in order, ``batch_size`` at a time, decoded by ``workers`` processes (0: this one);
-        ``keep_image`` keeps each native-size grey image (:attr:`Prediction.image`)."""
+        ``keep_image`` keeps each native-size grey image (:attr:`Prediction.image`); an image over ``max_pixels``
+        is a failed one, refused before decoding."""
         check_batch_size(batch_size)
         workers = default_workers() if workers is None else workers
         loader = DataLoader(
-            _DecodeDataset(sources, self.sizes, keep_image),
+            _DecodeDataset(sources, self.sizes, keep_image, max_pixels),
             batch_size=batch_size,
             shuffle=False,
             num_workers=workers,
@@ -538,6 +547,9 @@ class Cascade:
         self.synthetic_model = bool(self.metrics.get("training_data", {}).get("synthetic"))
         """Trained on ``cascade synth`` films only (from the model folder's provenance): meaningless on real ones."""
         self._warned_synthetic = False
+        self.max_pixels = MAX_PIXELS
+        """Pixel budget of one input image (:data:`cascade.data.dicom.MAX_PIXELS`; assign to change): a DICOM over
+        it is refused from its header, before anything is decoded."""
         self.tuned_precision = tuned_precision
         """The precision the thresholds were tuned at (None: unknown, no check)."""
         if tuned_precision is not None:
@@ -638,7 +650,7 @@ class Cascade:
         """
         if isinstance(x, np.ndarray):
             return _decoded(_array_pixels(x), "array", "<array>", self._engine.sizes)
-        image = x if isinstance(x, DicomImage) else read_dicom(x)
+        image = x if isinstance(x, DicomImage) else read_dicom(x, max_pixels=self.max_pixels)
         image_id = Path(x).stem if isinstance(x, (str, os.PathLike)) else image.image_id
         return _decoded(image.pixels, image_id, image.source, self._engine.sizes, image.header)
 
@@ -678,7 +690,7 @@ class Cascade:
         ``gate=False`` runs the segmenter on every image (same answers, slower: the baseline of the benchmark).
         ``keep_image`` keeps each decoded radiograph in :attr:`Prediction.image` (for an output drawn on it).
         """
-        batches = self._engine.batches(sources, batch_size, workers, keep_image)
+        batches = self._engine.batches(sources, batch_size, workers, keep_image, check_max_pixels(self.max_pixels))
         cls_threshold = self.thresholds.cls if gate else None
         for probs in self._engine.probabilities(batches, batch_size, cls_threshold, self.tta):
             yield self._finish(probs)

@@ -37,21 +37,32 @@ def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
     Windows) PyTorch's own CPU feature probe answers.
     """
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
+        cpuinfo = _cpuinfo()
+        if cpuinfo is None:
             probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
             return bool(probe()) if probe is not None else False
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo))
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``fp32``, ``bf16``, ``fp16`` or ``int8``: ``auto`` → bf16 on CUDA and on CPUs with native bf16, else fp32
-    (a model folder tuned at int8 turns ``auto`` into int8 before this: :meth:`cascade.Cascade.from_pretrained`)."""
+def _cpuinfo() -> str | None:
+    """The text of ``/proc/cpuinfo``, or None where there is none (tests fake other CPUs through this)."""
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def resolve_precision(precision: str, device: torch.device, backend: str = "auto") -> str:
+    """``fp32``, ``bf16``, ``fp16`` or ``int8``: ``auto`` resolves to what the chosen engine runs best here —
+    for ``backend="onnxruntime"`` fp32 (its CPU provider has no bf16 convolutions), otherwise bf16 on CUDA and on
+    CPUs with native bf16, else fp32 (a model folder tuned at int8 turns ``auto`` into int8 before this:
+    :meth:`cascade.Cascade.from_pretrained`)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
+    if backend == "onnxruntime":
+        return "fp32"
     return "bf16" if device.type == "cuda" or cpu_supports_bf16() else "fp32"
 
 

@@ -371,7 +371,7 @@ def tune_runs(
     check_batch_size(batch_size)
     target = Path(out)
     check_replaceable(target)
-    precision = resolve_precision(precision, resolve_device(device))
+    precision = resolve_precision(precision, resolve_device(device), backend)
     if precision == "int8":
         choose_backend(backend, resolve_device(device), precision, compile)  # refuses CUDA / torch before any work
     pairs = pair_folds([read_run(r, "cls") for r in _as_list(cls_runs)],

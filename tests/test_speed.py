@@ -51,6 +51,32 @@ def test_auto_precision_is_bf16_on_cuda_and_native_bf16_cpus_only() -> None:
         resolve_precision("int4", CPU)
 
 
+AVX2_ONLY = "flags\t: fpu sse avx2 fma avx512f avx512_vnni\n"
+NATIVE_BF16 = "flags\t: fpu sse avx2 fma avx512f avx512_vnni avx512_bf16\n"
+
+
+@pytest.mark.parametrize("flags, torch_auto", [(AVX2_ONLY, "fp32"), (NATIVE_BF16, "bf16")], ids=["avx2", "bf16"])
+def test_auto_precision_resolves_per_engine_on_each_kind_of_cpu(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, flags: str, torch_auto: str
+) -> None:
+    """What ``auto`` picks on a CPU with and without native bf16 (flags faked): torch follows the CPU, ONNX Runtime
+    always runs fp32 there, and ``--backend onnxruntime`` with the default precision is never refused."""
+    monkeypatch.setattr("cascade.precision._cpuinfo", lambda: flags)
+    assert resolve_precision("auto", CPU) == torch_auto
+    assert resolve_precision("auto", CPU, "torch") == torch_auto
+    assert resolve_precision("auto", CPU, "onnxruntime") == "fp32"
+    assert resolve_precision("auto", torch.device("cuda"), "torch") == "bf16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)  # the folder was tuned at fp32: ONNX Runtime must run fp32
+        ort = Cascade.from_pretrained(model_dir, device="cpu", backend="onnxruntime")
+    assert (ort.precision, ort.backend) == ("fp32", "onnxruntime")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrecisionWarning)
+        auto = Cascade.from_pretrained(model_dir, device="cpu")
+    expected_backend = "onnxruntime" if torch_auto == "fp32" and AUTO_ONNXRUNTIME else "torch"
+    assert (auto.precision, auto.backend) == (torch_auto, expected_backend)
+
+
 def test_model_folder_records_precision_and_an_old_folder_reads_as_fp32(tmp_path: Path) -> None:
     folder = make_model_dir(tmp_path / "m")
     assert json.loads((folder / MANIFEST).read_text())["precision"] == "fp32"
@@ -111,7 +137,7 @@ def test_onnxruntime_matches_torch_and_caches_graphs_outside_the_model_folder(
 ) -> None:
     before = sorted(p.relative_to(model_dir) for p in model_dir.rglob("*"))
     cache = tmp_path / "engines"
-    torch_model = Cascade.from_pretrained(model_dir, device="cpu", backend="torch")
+    torch_model = Cascade.from_pretrained(model_dir, device="cpu", backend="torch", precision="fp32")
     ort_model = Cascade.from_pretrained(model_dir, device="cpu", backend="onnxruntime", cache_dir=cache, tta=True)
     assert ort_model.backend == "onnxruntime" and ort_model.precision == "fp32"
     graphs = sorted(cache.glob("*.onnx"))

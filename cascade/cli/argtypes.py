@@ -42,8 +42,8 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
     """--precision, --backend, --compile and --cache-dir: how the networks run (shared with commands that predict)."""
     p.add_argument(
         "--precision", choices=("auto", "fp32", "bf16", "fp16", "int8"), default="auto",
-        help="network precision (default auto: bf16 on CUDA and on CPUs with native bf16, else fp32; int8 for a model "
-        "folder tuned at int8); a precision other than the one the thresholds were tuned at warns. int8: CPU, ONNX "
+        help="network precision (default auto: bf16 on CUDA and on CPUs with native bf16, else fp32 - always fp32 with "
+        "--backend onnxruntime; int8 for a model folder tuned at int8); a precision other than the one the thresholds were tuned at warns. int8: CPU, ONNX "
         "Runtime, graphs calibrated by 'cascade tune --precision int8' (docs/speed.md)",
     )
     p.add_argument(
@@ -54,4 +54,16 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-dir", metavar="DIR",
         help="where ONNX graphs are exported on first use (default $CASCADE_ENGINE_CACHE or ~/.cache/cascade/engines)",
+    )
+
+
+def add_max_pixels_argument(p: argparse.ArgumentParser) -> None:
+    """--max-pixels: the pixel budget of one input image, checked from its header before decoding."""
+    from cascade.data.dicom import MAX_PIXELS  # light: pydicom and numpy only
+
+    p.add_argument(
+        "--max-pixels", type=positive_int, default=MAX_PIXELS, metavar="N",
+        help=f"refuse an image of more than N pixels (Rows x Columns x samples x frames) from its header, before "
+        f"anything is decoded: a few-KB compressed file can declare gigabytes (default {MAX_PIXELS:,}, which covers "
+        "the largest real radiographs)",
     )

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from cascade.cli.argtypes import add_speed_arguments, non_negative_int, positive_int
+from cascade.cli.argtypes import add_max_pixels_argument, add_speed_arguments, non_negative_int, positive_int
 from cascade.outputs.writers import OUTPUTS
 
 DESCRIPTION = """\
@@ -52,6 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     for output in OUTPUTS.values():
         p.add_argument(f"--{output.name}", metavar="DIR", help=output.help)
     add_speed_arguments(p)
+    add_max_pixels_argument(p)
     p.set_defaults(func=run)
 
 
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
                 args.model_dir, device=shard.device(args.device), tta=args.tta, precision=args.precision,
                 backend=args.backend, compile=args.compile, cache_dir=args.cache_dir,
             )
+            model.max_pixels = args.max_pixels
         for w in caught if shard.main else ():  # ours as warning lines, other libraries' as Python shows them
             if issubclass(w.category, CascadeWarning):
                 print(f"cascade predict: warning: {w.message}", file=sys.stderr)

@@ -34,6 +34,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from pydicom.pixels.decoders.base import get_decoder
@@ -45,13 +46,29 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 
-from cascade.errors import DicomError
+from cascade.errors import ConfigError, DicomError
 from cascade.fileio import path_kind
 
 MAX_SIDE = 16384
 """Largest accepted image side in pixels; anything bigger is a corrupt header, not a radiograph."""
 
+MAX_PIXELS = 5000 * 5000
+"""Default pixel budget of one image: Rows x Columns x SamplesPerPixel x frames, checked from the header (and
+from the compressed stream's own size fields) before any decoder allocates, so a few-kilobyte compressed "bomb"
+declaring 16384 x 16384 is refused instead of costing gigabytes. 25 million pixels covers the largest real
+radiographs (a 43 x 43 cm detector at 100 um is 4,300 x 4,300; stitched long-leg films about 3,000 x 7,000); the
+memory one decode needs is in docs/robustness.md. ``--max-pixels`` / ``max_pixels=`` change it."""
+
+_SOF_MARKERS = frozenset([*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7])
+"""JPEG start-of-frame markers (baseline, extended, progressive, lossless; 0xF7 is JPEG-LS): their segment holds
+the frame's height and width."""
+
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+_HEAD = 8192
+"""Bytes read ahead of parsing, to find the file meta's transfer syntax."""
+_DEFLATED = b"1.2.840.10008.1.2.1.99"
+"""Deflated Explicit VR Little Endian: pydicom inflates the whole dataset at once, so a small file could expand
+without bound before any check; no radiograph needs it."""
 _FIRST_GROUPS = (0x0002, 0x0008)
 """Group of the first element of a DICOM stream without preamble: file meta, or a bare dataset's identification."""
 
@@ -89,16 +106,34 @@ def quiet() -> Iterator[None]:
             logger.disabled = disabled
 
 
-def read_dicom(source: DicomSource) -> DicomImage:
+def hold_dicom_loggers() -> None:
+    """What a long-running service (``serve``, ``listen``) calls once at start: hold pynetdicom at WARNING, pydicom
+    and highdicom at ERROR: below that they print header values (whole datasets, invalid values, the UIDs of the
+    images a SEG copies from)."""
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.getLogger("highdicom").setLevel(logging.ERROR)
+
+
+def read_dicom(source: DicomSource, *, max_pixels: int = MAX_PIXELS) -> DicomImage:
     """Read a path, a binary file object or a pydicom ``Dataset``; raise ``DicomError`` for anything unusable.
 
     ``image_id`` is the SOPInstanceUID, else the file stem (``"unknown"`` for a file object or Dataset without one).
+    An image over ``max_pixels`` (:data:`MAX_PIXELS`) is refused before its pixel data is decoded.
     """
+    check_max_pixels(max_pixels)
     with quiet():
-        return _read_dicom(source)
+        return _read_dicom(source, max_pixels)
 
 
-def _read_dicom(source: DicomSource) -> DicomImage:
+def check_max_pixels(max_pixels: int) -> int:
+    """The one check of a pixel budget (``--max-pixels``, ``max_pixels=``): a positive whole number."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ConfigError(f"max_pixels must be a positive whole number of pixels, got {max_pixels!r}")
+    return max_pixels
+
+
+def _read_dicom(source: DicomSource, max_pixels: int) -> DicomImage:
     if isinstance(source, Dataset):
         name, ds, fallback_id = "<dataset>", source, "unknown"
     elif isinstance(source, (str, os.PathLike)):
@@ -110,7 +145,7 @@ def _read_dicom(source: DicomSource) -> DicomImage:
         ds = _parse(fp, name, header_only=False)
     else:
         raise TypeError(f"read_dicom takes a path, a binary file object or a pydicom Dataset, not {type(source)}")
-    pixels = _pixels(ds, name)
+    pixels = _pixels(ds, name, max_pixels)
     return DicomImage(
         pixels=pixels,
         image_id=str(_element(ds, "SOPInstanceUID", name) or "").strip() or fallback_id,
@@ -194,8 +229,11 @@ def _read_path(path: Path, *, header_only: bool) -> Dataset:
 def _parse(fp: BinaryIO, name: str, *, header_only: bool) -> Dataset:
     """Parse a seekable stream: a standard file, or one without preamble if it starts like a DICOM stream."""
     start = fp.tell()
-    if not fp.read(1):
+    head = fp.read(_HEAD)
+    if not head:
         raise DicomError(f"{name}: empty file")
+    if _DEFLATED in head:
+        raise DicomError(f"{name}: the Deflated transfer syntax is not supported (pydicom inflates it whole, unbounded)")
     fp.seek(start)
     try:
         try:
@@ -274,7 +312,7 @@ def _header_int(ds: Dataset, keyword: str, name: str, default: int | None = None
         raise DicomError(f"{name}: header element {keyword} is not a single integer") from None
 
 
-def _pixels(ds: Dataset, name: str) -> np.ndarray:
+def _pixels(ds: Dataset, name: str, max_pixels: int) -> np.ndarray:
     """Validate the image header, decode, apply the modality LUT, scale to [0,1] and undo MONOCHROME1."""
     if "PixelData" not in ds:
         raise DicomError(f"{name}: no pixel data (the file holds a header only, or was cut short)")
@@ -292,6 +330,11 @@ def _pixels(ds: Dataset, name: str) -> np.ndarray:
     rows, cols = _header_int(ds, "Rows", name), _header_int(ds, "Columns", name)
     if not (0 < rows <= MAX_SIDE and 0 < cols <= MAX_SIDE):
         raise DicomError(f"{name}: absurd image size {rows} x {cols} (each side must be 1..{MAX_SIDE})")
+    if rows * cols * samples * frames > max_pixels:
+        raise DicomError(
+            f"{name}: image of {rows} x {cols} pixels is over the pixel budget of {max_pixels:,} pixels "
+            "(--max-pixels); refused before decoding"
+        )
     allocated = _header_int(ds, "BitsAllocated", name)
     stored = _header_int(ds, "BitsStored", name, default=allocated)
     signed = _header_int(ds, "PixelRepresentation", name, default=0)
@@ -301,7 +344,9 @@ def _pixels(ds: Dataset, name: str) -> np.ndarray:
             f"PixelRepresentation {signed})"
         )
     syntax = _check_decoder(ds, name)
-    if not syntax.is_encapsulated:
+    if syntax.is_encapsulated:
+        _check_stream_size(ds, name, rows, cols)
+    else:
         expected = rows * cols * allocated // 8
         if len(ds.PixelData) < expected:
             raise DicomError(
@@ -332,6 +377,42 @@ def _pixels(ds: Dataset, name: str) -> np.ndarray:
     if photometric == "MONOCHROME1":
         np.subtract(1.0, pixels, out=pixels)
     return pixels
+
+
+def _check_stream_size(ds: Dataset, name: str, rows: int, cols: int) -> None:
+    """Refuse compressed pixel data whose own size fields (JPEG/JPEG-LS SOF, JPEG 2000 SIZ) disagree with the
+    header: decoders allocate what the stream declares, so a small header must not let a huge stream through."""
+    try:
+        first = next(generate_fragments(ds.PixelData), b"")
+    except Exception:  # a corrupt item structure; the decoder's own check reports it
+        return
+    size = _stream_size(bytes(first[:65536]))
+    if size is not None and size != (rows, cols):
+        raise DicomError(
+            f"{name}: the compressed stream declares {size[0]} x {size[1]} pixels, the header says {rows} x {cols}; "
+            "refused before decoding"
+        )
+
+
+def _stream_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) a JPEG-family or JPEG 2000 codestream declares, or None when it does not say in its start."""
+    if data[:4] == b"\xff\x4f\xff\x51" and len(data) >= 24:  # J2K: SOC then SIZ (Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz)
+        x, y, x0, y0 = (int.from_bytes(data[i:i + 4], "big") for i in (8, 12, 16, 20))
+        return y - y0, x - x0
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in _SOF_MARKERS:
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
 
 
 def _check_decoder(ds: Dataset, name: str) -> UID:

@@ -70,14 +70,6 @@ def accepted_transfer_syntaxes() -> list[str]:
     return syntaxes
 
 
-def quiet_dicom_loggers() -> None:
-    """Hold pynetdicom at WARNING, pydicom and highdicom at ERROR: below that they print header values (whole
-    datasets, invalid values, the UIDs of the images a SEG copies from)."""
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
-    logging.getLogger("highdicom").setLevel(logging.ERROR)
-
-
 @dataclass(frozen=True)
 class _Received:
     uid: str
@@ -139,9 +131,10 @@ class Node:
         """Recover what a previous run left, start the worker (and forwarder), then listen."""
         import highdicom  # noqa: F401  (imported now, not on the first positive: seconds of latency)
         from pynetdicom import evt
+        from cascade.data.dicom import hold_dicom_loggers
 
         ae = self._application_entity()
-        quiet_dicom_loggers()
+        hold_dicom_loggers()
         self.findings = FindingsLog(self.out / "findings.csv")
         self.incoming = Spool(self.out / "incoming")
         self.outbox = Spool(self.out / "outbox")
