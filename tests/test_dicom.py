@@ -16,10 +16,10 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import MPEG2MPML, HTJ2KLossless, SecondaryCaptureImageStorage
+from pydicom.uid import DeflatedExplicitVRLittleEndian, MPEG2MPML, HTJ2KLossless, SecondaryCaptureImageStorage
 
 from cascade.data.dicom import DicomImage, read_dicom, read_patient_key
-from cascade.errors import DicomError
+from cascade.errors import ConfigError, DicomError
 
 SIIM_6904 = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"
 
@@ -318,6 +318,19 @@ def _syntax(uid: str):
     return make
 
 
+def _bomb(source: Path, path: Path) -> None:
+    """A few-KB file that declares 16384 x 16384 16-bit pixels: a decoder would allocate 512 MiB and more."""
+    ds = pydicom.dcmread(source)
+    ds.Rows = ds.Columns = 16384
+    ds.save_as(path)
+
+
+def _deflated(source: Path, path: Path) -> None:
+    ds = _native(source)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+
+
 def _cut_jpeg_stream(source: Path, path: Path) -> None:
     ds = pydicom.dcmread(source)
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
@@ -358,7 +371,9 @@ BAD_FILES = [
     (_multi_frame, "multi-frame"),
     (_rows(0), "absurd image size"),
     (_rows(20000), "absurd image size"),
-    (_rows(512), "cannot decode the JPEG Baseline (Process 1) pixel data"),
+    (_rows(512), "the compressed stream declares 1024 x 1024 pixels, the header says 512 x 1024; refused before"),
+    (_bomb, "image of 16384 x 16384 pixels is over the pixel budget of 25,000,000 pixels (--max-pixels); refused"),
+    (_deflated, "the Deflated transfer syntax is not supported"),
     (_cut_jpeg_stream, "cannot decode the JPEG Baseline (Process 1) pixel data"),
     (_syntax("1.2.3.4.5"), "transfer syntax (an unknown UID) is not supported"),
     (_syntax(MPEG2MPML), "MPEG2 Main Profile / Main Level is not supported"),
@@ -425,3 +440,20 @@ def test_read_patient_key_refuses_bad_files(tmp_path: Path) -> None:
     _random_bytes(junk, junk)
     with pytest.raises(DicomError, match=r"junk\.dcm: not a DICOM file"):
         read_patient_key(junk)
+
+
+def test_the_pixel_budget_is_checked_from_the_header_and_the_stream_before_decoding(
+    tmp_path: Path, shared_data: Path, siim_files: list[Path]
+) -> None:
+    source = siim_files[0]  # 1024 x 1024 JPEG Baseline
+    assert read_dicom(source, max_pixels=1024 * 1024).height == 1024
+    with pytest.raises(DicomError, match=r"over the pixel budget of 1,048,575 pixels \(--max-pixels\)"):
+        read_dicom(source, max_pixels=1024 * 1024 - 1)
+    with pytest.raises(ConfigError, match="max_pixels must be a positive whole number"):
+        read_dicom(source, max_pixels=0)
+    # JPEG 2000: the SIZ segment's size is checked against the header, so a small header cannot hide a big stream
+    ds = pydicom.dcmread(shared_data / "dicom" / "cr-chest-monochrome1-j2k-lossless.dcm")
+    ds.Rows, ds.Columns = 64, 64
+    ds.save_as(tmp_path / "j2k.dcm")
+    with pytest.raises(DicomError, match="the compressed stream declares 1955 x 1841 pixels, the header says 64 x 64"):
+        read_dicom(tmp_path / "j2k.dcm")

@@ -211,3 +211,21 @@ def test_end_to_end_synth_train_tune_predict_beats_the_all_empty_baseline(tmp_pa
     score = mean_dice((submission.mask(i, SIZE, SIZE) for i in ids), (truth.mask(i, SIZE, SIZE) for i in ids))
     baseline = 1 - len(truth.positives) / len(ids)
     assert score > baseline, (score, baseline)
+
+
+def test_max_pixels_refuses_a_bigger_image_and_the_batch_goes_on(
+    synth: SynthSummary, model_dir: Path, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    big = sorted((shared_data / "siim" / "sample-images").glob("*.dcm"))[0]  # 1024 x 1024
+    small = sorted(synth.paths.values())[:2]  # 96 x 96
+    out = tmp_path / "sub.csv"
+    status = main(["predict", str(model_dir), str(big), *map(str, small), "--out", str(out), "--device", "cpu",
+                   "--workers", "0", "--max-pixels", str(SIZE * SIZE)])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert f"failed: {big}: image of 1024 x 1024 pixels is over the pixel budget of 9,216 pixels" in err
+    rows = out.read_text().splitlines()[1:]
+    assert sorted({row.split(",")[0] for row in rows}) == sorted(p.stem for p in small), "the small ones go on"
+    with pytest.raises(SystemExit) as usage:
+        main(["predict", str(model_dir), str(big), "--out", str(tmp_path / "x.csv"), "--max-pixels", "0"])
+    assert usage.value.code == 2 and "--max-pixels: must be at least 1, got 0" in capsys.readouterr().err

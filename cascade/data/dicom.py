@@ -383,7 +383,9 @@ def _check_stream_size(ds: Dataset, name: str, rows: int, cols: int) -> None:
     """Refuse compressed pixel data whose own size fields (JPEG/JPEG-LS SOF, JPEG 2000 SIZ) disagree with the
     header: decoders allocate what the stream declares, so a small header must not let a huge stream through."""
     try:
-        first = next(generate_fragments(ds.PixelData), b"")
+        fragments = generate_fragments(ds.PixelData)
+        next(fragments, b"")  # the Basic Offset Table
+        first = next(fragments, b"")
     except Exception:  # a corrupt item structure; the decoder's own check reports it
         return
     size = _stream_size(bytes(first[:65536]))
