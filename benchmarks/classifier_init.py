@@ -37,6 +37,8 @@ from cascade.stages import training  # noqa: E402
 from cascade.tuning import tune_runs  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_json_argument, write_result  # noqa: E402
 
 
 def overrides(args: argparse.Namespace, epochs: int, cache: Path) -> dict:
@@ -95,6 +97,7 @@ def main() -> int:
     p.add_argument("--cls-epochs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on 2 shared cores)")
+    add_json_argument(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="cascade-cls-init-") as tmp:
@@ -141,6 +144,15 @@ def run(args: argparse.Namespace) -> int:
     for r in results:
         print(f"val AUC per epoch, {r['name']:<9}: " + " ".join(f"{a:.3f}" for a in r["auc_curve"]))
     print(f"total {time.perf_counter() - start:.0f}s, torch threads {args.threads}", file=sys.stderr)
+    figures = {"segmenter Dice on positives": float(best["val_dice_pos"]),
+               "segmenter val mean Dice": float(best["val_mean_dice"])}
+    for r in results:
+        th = r["thresholds"]
+        figures.update({f"{r['name']} val AUC": r["auc"], f"{r['name']} tuned cls": th.cls,
+                        f"{r['name']} mean Dice": r["score"], f"{r['name']} negatives skipped %": 100 * r["skipped"]})
+    figures["total s"] = time.perf_counter() - start
+    baselines = {"no gate mean Dice": results[0]["score_without_gate"]}
+    write_result("classifier_init", figures, baselines, args)
     return 0
 
 

@@ -47,7 +47,13 @@ from cascade.stages.config import resolve  # noqa: E402
 from cascade.stages.training import train  # noqa: E402
 from cascade.tuning import tune_runs  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_json_argument, write_result  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
+FIGURES: dict = {}
+BASELINES: dict = {}
+"""What the steps measured, for the JSON result (the baseline of parity is CPU fp32 eager)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,9 @@ def train_stage(plan: Plan, stage: str, size: int, variant: str, steps: int, dat
     print(f"  train {stage} {size}² {variant:18s} {epochs} epoch(s) x {math.ceil(train_images / batch)} steps: "
           f"{row['images_per_s']:7.1f} img/s, data wait {row['data_wait']:.0%}, peak {peak_memory()}, "
           f"{time.perf_counter() - start:.0f} s", flush=True)
+    FIGURES[f"train {stage} {size}px {variant} images/s"] = row["images_per_s"]
+    if torch.cuda.is_available():
+        FIGURES[f"train {stage} {size}px {variant} peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
     return run
 
 
@@ -130,6 +139,7 @@ def predict_check(plan: Plan, model_dir: Path, paths: list[Path]) -> bool:
         pass
     rate = len(paths) / (time.perf_counter() - start)
     print(f"  predict ({auto.precision} on {auto.backend}, {plan.device}): {rate:.1f} img/s, peak {peak_memory()}")
+    FIGURES[f"predict {auto.precision} images/s"] = rate
     paths = paths[:PARITY_IMAGES]
     reference = list(Cascade.from_pretrained(model_dir, device="cpu", precision="fp32", backend="torch")
                      .predict_many(paths, workers=0))
@@ -145,6 +155,8 @@ def predict_check(plan: Plan, model_dir: Path, paths: list[Path]) -> bool:
         ok &= diff <= limit and same >= 0.9
         print(f"  parity {plan.device} {precision} vs cpu fp32: max |dprob| {diff:.1e} (limit {limit:.0e}), "
               f"identical decisions {same:.1%}")
+        FIGURES[f"parity {precision} max |dprob|"] = diff
+        FIGURES[f"parity {precision} identical decisions %"] = 100 * float(same)
     return bool(ok)
 
 
@@ -169,6 +181,7 @@ def ddp_step(plan: Plan, data: Path, labels: Path, out: Path) -> bool:
     ok = proc.returncode == 0 and (out / "ddp" / "best" / "model.safetensors").is_file()
     print(f"  ddp 2 ranks on {device} ({'nccl' if device == 'cuda' else 'gloo'}): "
           f"{'ok' if ok else 'FAILED'} in {time.perf_counter() - start:.0f} s")
+    FIGURES["ddp 2 ranks"] = f"{'ok' if ok else 'FAILED'} ({'nccl' if device == 'cuda' else 'gloo'} on {device})"
     if not ok:
         print(proc.stderr[-3000:])
     return ok
@@ -179,6 +192,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per training run (CUDA)")
     parser.add_argument("--out", type=Path, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--compile", action="store_true", help="on the CPU, also the torch.compile variant")
+    add_json_argument(parser)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     plan = make_plan(cuda, args.compile)
@@ -211,6 +225,8 @@ def main() -> int:
             outcome = tune_runs(cls_run, seg_run, out / "model", device=plan.device, progress=False)
             print(f"  tune: mean Dice {outcome.result.score:.4f} on {len(outcome.image_ids)} validation images "
                   f"({outcome.seconds:.0f} s, networks at {outcome.metrics['validation']['precision']})")
+            FIGURES["tune mean Dice"] = outcome.result.score
+            BASELINES["tune all-empty baseline"] = outcome.result.baseline
             print(f"3. parity ({time.perf_counter() - start:.0f} s in)", flush=True)
             if not predict_check(plan, outcome.model_dir, paths):
                 failures.append("parity against CPU fp32")
@@ -221,6 +237,9 @@ def main() -> int:
             failures.append("2-rank DDP step")
     print(f"{'all checks passed' if not failures else 'FAILED: ' + '; '.join(failures)} "
           f"in {time.perf_counter() - start:.0f} s")
+    FIGURES.update({"device": plan.device, "checks": "all passed" if not failures else "FAILED: " + "; ".join(failures),
+                    "total s": time.perf_counter() - start})
+    write_result("gpu_check", FIGURES, BASELINES, args)
     return 1 if failures else 0
 
 

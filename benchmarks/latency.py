@@ -63,8 +63,12 @@ from cascade.data.synth import generate  # noqa: E402
 from cascade.pipeline import Cascade  # noqa: E402
 from cascade.precision import cpu_supports_bf16, resolve_precision  # noqa: E402
 from cascade.thresholds.rule import Thresholds  # noqa: E402
+from results import add_json_argument, write_result  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+FIGURES: dict = {}
+BASELINES: dict = {}
+"""What the sections measured, for the JSON result (the baseline is fp32 eager, or segmenting every image)."""
 
 
 def timed(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -104,6 +108,11 @@ def latency_table(engines: dict[str, Cascade], images: list[Path], repeats: int)
             median = statistics.median(times)
             baseline.setdefault(label, median)
             print(f"  {name:12s} {label:9s} {ms(times)}  {baseline[label] / median:5.2f}x fp32 eager")
+            where = BASELINES if name == "fp32 eager" else FIGURES
+            where[f"{name} {label} median ms"] = median * 1000
+            where[f"{name} {label} p95 ms"] = float(np.percentile(times, 95)) * 1000
+            if name != "fp32 eager":
+                FIGURES[f"{name} {label} x fp32 eager"] = baseline[label] / median
 
 
 def decisions(engines: dict[str, Cascade], paths: list[Path], labels: Path, batch: int, bf16_images: int) -> None:
@@ -117,7 +126,11 @@ def decisions(engines: dict[str, Cascade], paths: list[Path], labels: Path, batc
         n = bf16_images if model.precision == "bf16" and not cpu_supports_bf16() and model.device.type == "cpu" \
             else len(paths)
         preds = list(model.predict_many(paths[:n], batch_size=batch, workers=0))
-        print(describe(name, drift(reference[:n], preds, truth)))
+        d = drift(reference[:n], preds, truth)
+        print(describe(name, d))
+        FIGURES[f"{name} decisions changed %"] = 100 * d["decisions_changed"]
+        FIGURES[f"{name} decisions compared"] = d["images"]
+        FIGURES[f"{name} mean Dice change"] = d["mean_dice_change"]
 
 
 def gate_throughput(model: Cascade, paths: list[Path], batch: int, workers: int) -> None:
@@ -139,6 +152,10 @@ def gate_throughput(model: Cascade, paths: list[Path], batch: int, workers: int)
           f"{gated:.2f} images/s, segment everything {opened:.2f} images/s, ratio {gated / opened:.2f}x (target "
           f">= 3x); bound (c+s)/(c+{share:.2f}s) = {(c + s) / (c + share * s):.2f}x with c {c * 1000:.0f} ms, "
           f"s {s * 1000:.0f} ms per image; identical answers: {same}")
+    FIGURES.update({"gate images/s": gated, "gate x segment everything": gated / opened,
+                    "gate bound x": (c + s) / (c + share * s), "classifier ms per image": c * 1000,
+                    "segmenter ms per image": s * 1000, "gate identical answers": bool(same)})
+    BASELINES["segment everything images/s"] = opened
 
 
 def decoding(model: Cascade, files: list[Path], repeats: int) -> None:
@@ -153,6 +170,9 @@ def decoding(model: Cascade, files: list[Path], repeats: int) -> None:
         d, p, t = (statistics.median(v) for v in (decode, prep, total))
         print(f"  {path.name[:48]:48s} {pixels.shape[1]}x{pixels.shape[0]}: decode {d * 1000:6.1f} ms, resize to "
               f"{size}² {p * 1000:5.1f} ms = {(d + p) / t:.0%} of predict ({t * 1000:.0f} ms)")
+        kind = "15-bit JPEG 2000 CR" if path.name.startswith("cr-") else "SIIM"
+        FIGURES[f"decode+resize ms ({kind})"] = (d + p) * 1000
+        FIGURES[f"decode+resize % of predict ({kind})"] = 100 * (d + p) / t
 
 
 def sharded(model: Cascade, folder: Path, tmp: Path, batch: int) -> None:
@@ -183,6 +203,9 @@ def sharded(model: Cascade, folder: Path, tmp: Path, batch: int) -> None:
     print(f"\n5. sharded cascade predict ({model.precision} on {model.backend}, wall time including start-up): "
           f"1 process {one:.1f} s, 2 processes {two:.1f} s, speed-up {one / two:.2f}x; identical CSV: "
           f"{csv1 == csv2 and bool(csv1)}")
+    FIGURES.update({"sharded 2 processes s": two, "sharded speed-up x": one / two,
+                    "sharded identical CSV": csv1 == csv2 and bool(csv1)})
+    BASELINES["sharded 1 process s"] = one
 
 
 def main() -> None:
@@ -197,6 +220,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
     parser.add_argument("--data", type=Path, default=SHARED, help="the real data folder (../shared/data)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every section runs")
+    add_json_argument(parser)
     args = parser.parse_args()
     if args.quick:
         args.images, args.image_size, args.input_size, args.repeats, args.bf16_images = 12, 256, 64, 2, 4
@@ -229,6 +253,8 @@ def main() -> None:
         gate_throughput(auto, paths, args.batch_size, args.workers)
         decoding(auto, [*siim[:1], *cr], args.repeats)
         sharded(auto, synth.labels.parent / "dicom-images-train", tmp, args.batch_size)
+    FIGURES["auto engine"] = f"{auto.precision} on {auto.backend}"
+    write_result("latency", FIGURES, BASELINES, args)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ from cascade.pipeline import Cascade  # noqa: E402
 from cascade.stages.checkpoint import build_model  # noqa: E402
 from cascade.thresholds.rule import Thresholds  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_json_argument, write_result  # noqa: E402
+
 PREVALENCE = 0.22
 TIMEOUT = 3600
 
@@ -74,7 +77,7 @@ def run_predict(model: Path, images: Path, out: Path, args: argparse.Namespace) 
         return rate, {row["ImageId"]: row["EncodedPixels"].strip() != "-1" for row in csv.DictReader(f)}
 
 
-def run_node(model: Path, paths: list[Path], work: Path, args: argparse.Namespace) -> tuple[float, list[dict]]:
+def run_node(model: Path, paths: list[Path], work: Path, args: argparse.Namespace) -> tuple[float, list[dict], float]:
     """Start the node, push the images from ``parallel`` storescu processes at once, wait for every finding."""
     out, log = work / "node", open(work / "node.log", "wb")
     node = subprocess.Popen(
@@ -108,7 +111,7 @@ def run_node(model: Path, paths: list[Path], work: Path, args: argparse.Namespac
         log.close()
     last = max(parse_time(r["finished"]) for r in rows)
     print(f"  storescu x{args.parallel}: all {len(paths)} images acknowledged in {sent:.1f} s")
-    return len(paths) / (last - start), rows
+    return len(paths) / (last - start), rows, sent
 
 
 def read_findings(path: Path) -> list[dict]:
@@ -152,6 +155,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="smoke run: 24 images of 256², tiny networks")
+    add_json_argument(parser)
     args = parser.parse_args()
     if args.quick:
         args.images, args.parallel, args.image_size, args.input_size = 24, 2, 256, 64
@@ -170,7 +174,7 @@ def main() -> None:
 
         rate_predict, decisions = run_predict(model, work / "synth", work / "submission.csv", args)
         print(f"cascade predict: {rate_predict:.2f} images/s")
-        rate_node, rows = run_node(model, paths, work, args)
+        rate_node, rows, sent = run_node(model, paths, work, args)
         latency = [(parse_time(r["finished"]) - parse_time(r["received"])) * 1000 for r in rows]
         print(f"cascade listen: {rate_node:.2f} images/s from the first send to the last finding; receipt → finding "
               f"p50 {statistics.median(latency):.0f} ms, p95 {np.percentile(latency, 95):.0f} ms")
@@ -178,6 +182,12 @@ def main() -> None:
         positives = sum(r["positive"] == "1" for r in rows)
         print(f"node / predict throughput: {rate_node / rate_predict:.2f}x; {positives} positive(s) with a SEG; "
               f"decisions that differ from cascade predict: {disagree} of {len(rows)}")
+    write_result("listen", {
+        "images": len(rows), "storescu acknowledged all s": sent, "node images/s": rate_node,
+        "node / predict x": rate_node / rate_predict, "receipt to finding p50 ms": statistics.median(latency),
+        "receipt to finding p95 ms": float(np.percentile(latency, 95)), "positives": positives,
+        "decisions differing": disagree,
+    }, {"cascade predict images/s": rate_predict}, args)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -39,6 +40,9 @@ from cascade.stages.checkpoint import build_model  # noqa: E402
 from cascade.stages.config import find_config, read_yaml  # noqa: E402
 from cascade.thresholds.metrics import dice  # noqa: E402
 from cascade.thresholds.rule import Thresholds  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_json_argument, write_result  # noqa: E402
 
 PREVALENCE = 0.22
 ENGINES = {
@@ -157,6 +161,7 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=["bf16", "onnxruntime", "int8"], choices=sorted(ENGINES))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="12 images of 256², 64² input: checks the script runs")
+    add_json_argument(parser)
     args = parser.parse_args()
     if args.quick:
         args.images, args.image_size, args.input_size = 12, 256, 64
@@ -174,14 +179,24 @@ def main() -> None:
         reference.thresholds = thresholds
         start = time.perf_counter()
         ref_preds = list(reference.predict_many(paths, batch_size=args.batch_size, workers=0))
-        print(f"{len(paths)} synthetic images, reference fp32 eager in {time.perf_counter() - start:.1f} s; "
+        ref_seconds = time.perf_counter() - start
+        print(f"{len(paths)} synthetic images, reference fp32 eager in {ref_seconds:.1f} s; "
               f"thresholds {thresholds}")
+        figures: dict = {"images": len(paths)}
+        baselines: dict = {"fp32 eager s": ref_seconds}
         for engine in args.engines:
             model = load(engine, model_dir=args.model_dir, members=members, thresholds=thresholds,
                          cache_dir=str(Path(tmp) / "engines"), calibration=calibration)
             start = time.perf_counter()
             preds = list(model.predict_many(paths, batch_size=args.batch_size, workers=0))
-            print(describe(engine, drift(ref_preds, preds, truth)) + f" ({time.perf_counter() - start:.1f} s)")
+            seconds = time.perf_counter() - start
+            d = drift(ref_preds, preds, truth)
+            print(describe(engine, d) + f" ({seconds:.1f} s)")
+            figures.update({f"{engine} decisions changed %": 100 * d["decisions_changed"],
+                            f"{engine} max |dprob|": d["max_abs_prob_diff"], f"{engine} mean Dice": d["mean_dice"],
+                            f"{engine} s": seconds})
+            baselines["fp32 eager mean Dice"] = d["mean_dice_reference"]
+    write_result("precision_drift", figures, baselines, args)
 
 
 if __name__ == "__main__":

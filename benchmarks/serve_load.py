@@ -46,6 +46,9 @@ from cascade.pipeline import Cascade  # noqa: E402
 from cascade.stages.checkpoint import build_model  # noqa: E402
 from cascade.thresholds.rule import Thresholds  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_json_argument, write_result  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "data" / "siim" / "sample-images"
 PREVALENCE = 0.22
@@ -186,6 +189,7 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=600, help="time limit of each configuration")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="tiny networks at 64², 24 requests: a smoke run")
+    add_json_argument(parser)
     args = parser.parse_args()
     if args.quick:
         args.classifier, args.encoder, args.input_size = "resnet10t", "tu-resnet10t", 64
@@ -232,6 +236,18 @@ def main() -> None:
     for batching, before, after in rss:
         print(f"server RSS (batching {batching}): {before:.0f} MiB after warm-up → {after:.0f} MiB at the end "
               f"({after / before - 1:+.1%}; target within ±10%)")
+    figures: dict = {}
+    for batching, clients, r, batch in rows:
+        key = f"batching {batching} C={clients}"
+        figures.update({f"{key} p50 ms": r["p50"], f"{key} p95 ms": r["p95"], f"{key} p99 ms": r["p99"],
+                        f"{key} requests/s": r["throughput"], f"{key} mean batch": batch,
+                        f"{key} errors": int(r["errors"])})
+    figures.update({"HTTP overhead at C=1 %": 100 * overhead, "micro-batching x at C=16": ratio, "errors": int(errors)})
+    for batching, before, after in rss:
+        figures.update({f"RSS batching {batching} after warm-up MiB": before,
+                        f"RSS batching {batching} at the end MiB": after})
+    write_result("serve_load", figures, {"in-process p50 ms": baseline["p50"], "in-process p95 ms": baseline["p95"]},
+                 args)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_json_argument, write_result  # noqa: E402
+
 MASK_BANK = REPO.parent / "shared" / "data" / "siim" / "siim-train-rle.csv.gz"
 
 
@@ -115,6 +118,7 @@ def main() -> None:
     parser.add_argument("--mask-bank", type=Path, default=MASK_BANK, help="SIIM label file for lesion shapes")
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, measures nothing")
+    add_json_argument(parser)
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.images, args.test_images, args.synth_size = [1], 60, 20, 64
@@ -138,6 +142,10 @@ def main() -> None:
         cells = [f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS]
         print("| " + " | ".join(cells) + f" | {row['mean_dice'] - row['baseline']:+.4f} | "
               f"{row['mean_dice'] - row['open_dice']:+.4f} |")
+    figures = {f"seed {row['seed']} {c}": row[c] for row in rows for c in COLUMNS
+               if c not in ("seed", "baseline", "open_dice")}
+    baselines = {f"seed {row['seed']} {c}": row[c] for row in rows for c in ("baseline", "open_dice")}
+    write_result("small_data", figures, baselines, args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,9 @@ from cascade.data.synth import generate  # noqa: E402
 from cascade.stages import config as cfg  # noqa: E402
 from cascade.stages import training  # noqa: E402
 from cascade.stages.trainer import Runtime, Trainer, build_training_model, make_loader, to_device  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_json_argument, write_result  # noqa: E402
 
 
 def bare_epoch(model: torch.nn.Module, batches: list, criterion: torch.nn.Module, config: dict[str, Any],
@@ -54,7 +58,11 @@ def sync(rt: Runtime) -> None:
         torch.cuda.synchronize(rt.device)
 
 
-def bench_stage(stage: str, size: int, data: Path, args: argparse.Namespace, cache_root: Path) -> None:
+def bench_stage(stage: str, size: int, data: Path, args: argparse.Namespace, cache_root: Path,
+                figures: dict | None = None, baselines: dict | None = None) -> None:
+    """Measure one stage at one size; print it; add its figures (keyed by stage and size) to the dicts given."""
+    figures = {} if figures is None else figures
+    baselines = {} if baselines is None else baselines
     config = cfg.resolve(stage, Path(__file__).resolve().parents[1] / "cascade" / "configs" / f"tiny-{stage}.yaml", {
         "preprocessing": {"size": size},
         "optim": {"batch_size": args.batch_size, "grad_clip": 0.0},
@@ -90,8 +98,13 @@ def bench_stage(stage: str, size: int, data: Path, args: argparse.Namespace, cac
     print(f"  bare loop   {best_bare:8.1f} images/s")
     print(f"  our loop    {best_ours:8.1f} images/s   ratio {best_ours / best_bare:.3f} "
           f"(overhead {100 * (1 - best_ours / best_bare):+.1f}%)")
+    key = f"{stage} {size}px"
+    figures[f"{key} our loop images/s"] = best_ours
+    figures[f"{key} overhead %"] = 100 * (1 - best_ours / best_bare)
+    baselines[f"{key} bare loop images/s"] = best_bare
     if rt.device.type == "cuda":
         print(f"  peak GPU memory {torch.cuda.max_memory_allocated(rt.device) / 2**30:.2f} GiB")
+        figures[f"{key} peak GPU memory GiB"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
 
     for name, use_cache in (("cache warm", True), ("no cache", False)):
         c = training.make_cache({**config, "data": {**config["data"], "cache": use_cache}}, data)
@@ -100,6 +113,7 @@ def bench_stage(stage: str, size: int, data: Path, args: argparse.Namespace, cac
         stats = trainer.train_epoch(make_loader(ds, config, rt, sampler, generator_seed=0), 0)
         print(f"  data wait   {100 * stats.data_wait / stats.seconds:5.1f}% of step time ({name}, "
               f"{args.workers} workers, {stats.images_per_s:.1f} images/s)")
+        figures[f"{key} data wait % ({name})"] = 100 * stats.data_wait / stats.seconds
 
 
 def main() -> None:
@@ -116,10 +130,13 @@ def main() -> None:
     p.add_argument("--cls-model", default="resnet18")
     p.add_argument("--seg-encoder", default="resnet18")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    add_json_argument(p)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     stages = ("cls", "seg") if args.stage == "both" else (args.stage,)
+    figures: dict = {}
+    baselines: dict = {}
     with tempfile.TemporaryDirectory(prefix="cascade-bench-") as tmp:
         tmp_path = Path(tmp)
         images = max(args.steps * args.batch_size * 2, 32)
@@ -127,7 +144,8 @@ def main() -> None:
             data = tmp_path / f"synth-{size}"
             generate(data, images=images, positive_fraction=0.5, size=1024, seed=0, progress=False)
             for stage in stages:
-                bench_stage(stage, size, data, args, tmp_path / "cache")
+                bench_stage(stage, size, data, args, tmp_path / "cache", figures, baselines)
+    write_result("train_throughput", figures, baselines, args)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ import numpy as np
 from cascade.thresholds.rule import apply_rule, area_scale
 from cascade.thresholds.search import Grid, ThresholdSearch, best_point, tune
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_json_argument, write_result  # noqa: E402
+
 TARGET_RATIO = 100.0
 TARGET_MEMORY_MB = 1024.0
 SMALL_GRID = Grid(
@@ -77,7 +80,7 @@ def brute_force_point(cls, segs, masks, th) -> float:
     return total / len(segs)
 
 
-def part1(n: int, size: int, sample: int, seed: int) -> None:
+def part1(n: int, size: int, sample: int, seed: int) -> dict:
     cls, segs, masks = map(list, zip(*synthetic(n, size, seed), strict=True))
     print(f"part 1: {n} maps of {size}², {sum(m.any() for m in masks)} positive")
 
@@ -117,6 +120,10 @@ def part1(n: int, size: int, sample: int, seed: int) -> None:
     )
     status = "meets" if ratio >= TARGET_RATIO else "MISSES"
     print(f"  speed ratio {ratio:,.0f}x ({status} the {TARGET_RATIO:.0f}x target)")
+    return {"maps": n, "map side px": size, "grid points": grid.size, "search s": fast,
+            "brute force ms per point": per_point * 1000, "brute force points timed": len(points),
+            "brute force extrapolated h": brute / 3600, "speed ratio (x)": ratio, "identical best": True,
+            "best score": result.score, "all-empty baseline": result.baseline}
 
 
 def stream_child(n: int, size: int, seed: int) -> None:
@@ -135,7 +142,7 @@ def stream_child(n: int, size: int, seed: int) -> None:
     print(json.dumps(out))
 
 
-def part2(n: int, seed: int) -> None:
+def part2(n: int, seed: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--stream-child", str(n), "--seed", str(seed)]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -147,6 +154,8 @@ def part2(n: int, seed: int) -> None:
         f"peak RSS {peak_mb:.0f} MB ({status} the {TARGET_MEMORY_MB:.0f} MB target); "
         f"best {info['thresholds']} score {info['score']:.4f}, all-empty {info['baseline']:.4f}"
     )
+    return {"streamed maps": n, "streamed wall s": info["wall_s"], "streamed search s": info["search_s"],
+            "streamed peak RSS MB": peak_mb}
 
 
 def main() -> int:
@@ -158,14 +167,19 @@ def main() -> int:
     parser.add_argument("--stream-maps", type=int, default=12047, help="maps in part 2 (default 12047)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stream-child", type=int, help=argparse.SUPPRESS)
+    add_json_argument(parser)
     args = parser.parse_args()
     if args.stream_child is not None:
         stream_child(args.stream_child, 1024, args.seed)
         return 0
     if args.quick:
         args.maps, args.stream_maps, args.sample_points = min(args.maps, 300), min(args.stream_maps, 1000), 10
-    part1(args.maps, args.size, args.sample_points, args.seed)
-    part2(args.stream_maps, args.seed)
+    one = part1(args.maps, args.size, args.sample_points, args.seed)
+    two = part2(args.stream_maps, args.seed)
+    baselines = {"brute force extrapolated h": one.pop("brute force extrapolated h"),
+                 "brute force ms per point": one.pop("brute force ms per point"),
+                 "all-empty baseline": one.pop("all-empty baseline")}
+    write_result("tune", {**one, **two}, baselines, args)
     return 0
 
 
