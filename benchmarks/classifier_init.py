@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from cascade.data.synth import generate  # noqa: E402
 from cascade.stages import config as cfg  # noqa: E402
 from cascade.stages import training  # noqa: E402
+from cascade.runtime import Runtime  # noqa: E402
 from cascade.tuning import tune_runs  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
@@ -67,7 +68,8 @@ def auc_curve(run: Path) -> list[float]:
 
 
 def summarise(name: str, cls_run: Path, seg_run: Path, work: Path, seconds: float) -> dict:
-    outcome = tune_runs(cls_run, seg_run, work / f"model-{name}", progress=False, workers=0, device="cpu")
+    outcome = tune_runs(cls_run, seg_run, work / f"model-{name}", progress=False, workers=0,
+                        runtime=Runtime.resolve("cpu"))
     r = outcome.result
     th = r.thresholds
     negative = ~r.truth_positive

@@ -43,6 +43,7 @@ import torch  # noqa: E402
 from cascade.data.synth import generate  # noqa: E402
 from cascade.pipeline import Cascade  # noqa: E402
 from cascade.precision import PrecisionWarning  # noqa: E402
+from cascade.runtime import Runtime  # noqa: E402
 from cascade.stages.config import resolve  # noqa: E402
 from cascade.stages.training import train  # noqa: E402
 from cascade.tuning import tune_runs  # noqa: E402
@@ -133,7 +134,7 @@ PARITY_IMAGES = 64
 def predict_check(plan: Plan, model_dir: Path, paths: list[Path]) -> bool:
     """Predict the set on the device at auto precision; parity of fp32 and auto against CPU fp32 eager."""
     reset_peak()
-    auto = Cascade.from_pretrained(model_dir, device=plan.device)
+    auto = Cascade.from_pretrained(model_dir, runtime=Runtime.resolve(plan.device))
     start = time.perf_counter()
     for _ in auto.predict_many(paths, batch_size=plan.batch_size, workers=0):
         pass
@@ -141,13 +142,13 @@ def predict_check(plan: Plan, model_dir: Path, paths: list[Path]) -> bool:
     print(f"  predict ({auto.precision} on {auto.backend}, {plan.device}): {rate:.1f} img/s, peak {peak_memory()}")
     FIGURES[f"predict {auto.precision} images/s"] = rate
     paths = paths[:PARITY_IMAGES]
-    reference = list(Cascade.from_pretrained(model_dir, device="cpu", precision="fp32", backend="torch")
+    reference = list(Cascade.from_pretrained(model_dir, runtime=Runtime.resolve("cpu", "fp32", "torch"))
                      .predict_many(paths, workers=0))
     ok = True
     for precision in ("fp32", auto.precision) if auto.precision != "fp32" else ("fp32",):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PrecisionWarning)
-            model = Cascade.from_pretrained(model_dir, device=plan.device, precision=precision, backend="torch")
+            model = Cascade.from_pretrained(model_dir, runtime=Runtime.resolve(plan.device, precision, "torch"))
         got = list(model.predict_many(paths, workers=0))
         diff = max(abs(a.probability - b.probability) for a, b in zip(got, reference))
         same = np.mean([a.positive == b.positive for a, b in zip(got, reference)])
@@ -222,7 +223,7 @@ def main() -> int:
         cls_run, seg_run = (runs.get((stage, plan.sizes[0], "bf16 channels_last")) for stage in ("cls", "seg"))
         print(f"2. tune and predict ({time.perf_counter() - start:.0f} s in)", flush=True)
         if cls_run and seg_run:
-            outcome = tune_runs(cls_run, seg_run, out / "model", device=plan.device, progress=False)
+            outcome = tune_runs(cls_run, seg_run, out / "model", runtime=Runtime.resolve(plan.device), progress=False)
             print(f"  tune: mean Dice {outcome.result.score:.4f} on {len(outcome.image_ids)} validation images "
                   f"({outcome.seconds:.0f} s, networks at {outcome.metrics['validation']['precision']})")
             FIGURES["tune mean Dice"] = outcome.result.score

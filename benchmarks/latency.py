@@ -61,7 +61,8 @@ from cascade.data.dicom import read_dicom  # noqa: E402
 from cascade.data.preprocess import prepare_image  # noqa: E402
 from cascade.data.synth import generate  # noqa: E402
 from cascade.pipeline import Cascade  # noqa: E402
-from cascade.precision import cpu_supports_bf16, resolve_precision  # noqa: E402
+from cascade.precision import cpu_supports_bf16  # noqa: E402
+from cascade.runtime import Runtime  # noqa: E402
 from cascade.thresholds.rule import Thresholds  # noqa: E402
 from results import add_json_argument, write_result  # noqa: E402
 
@@ -240,9 +241,9 @@ def main() -> None:
         calibration = calibration_set(tmp / "calibration", args.image_size)
         engines = {n: load(n, model_dir=None, members=(cls, seg), thresholds=start, cache_dir=str(tmp / "engines"),
                            calibration=calibration) for n in names}
-        auto = Cascade([cls], [seg], start, device="cpu", cache_dir=str(tmp / "engines"))
-        print(f"auto here = {auto.precision} on {auto.backend} (precision auto -> "
-              f"{resolve_precision('auto', torch.device('cpu'))})")
+        auto = Cascade([cls], [seg], start, runtime=Runtime.resolve("cpu", cache_dir=tmp / "engines"))
+        print(f"auto here = {auto.precision} on {auto.backend} (precision auto on torch -> "
+              f"{Runtime.resolve('cpu', engine='torch').precision})")
         siim, cr = real_images(args.data, paths)
         latency_table(engines, siim, args.repeats)
 

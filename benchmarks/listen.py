@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 from cascade.data.synth import generate  # noqa: E402
 from cascade.modeldir import write_model_dir  # noqa: E402
 from cascade.pipeline import Cascade  # noqa: E402
+from cascade.runtime import Runtime  # noqa: E402
 from cascade.stages.checkpoint import build_model  # noqa: E402
 from cascade.thresholds.rule import Thresholds  # noqa: E402
 
@@ -59,7 +60,7 @@ def make_model(folder: Path, paths: list[Path], args: argparse.Namespace) -> Pat
     seg = (build_model(s := {"stage": "seg", "arch": "unet", "encoder": args.encoder, "in_chans": 1,
                              "preprocessing": prep}), s)
     rule = Thresholds(cls=0.0, top=0.5, area=0, bottom=0.5, min_component=0)
-    probe = Cascade([cls], [seg], rule, device=args.device)
+    probe = Cascade([cls], [seg], rule, runtime=Runtime.resolve(args.device))
     probs = [p.probability for p in probe.predict_many(paths[:32], batch_size=args.batch_size, workers=0)]
     rule = Thresholds(cls=float(np.quantile(probs, 1 - PREVALENCE)), top=0.5, area=0, bottom=0.5, min_component=0)
     return write_model_dir(folder, [cls], [seg], rule)

@@ -36,6 +36,7 @@ from cascade.modeldir import read_model_dir  # noqa: E402
 from cascade.pipeline import Cascade, Prediction  # noqa: E402
 from cascade.precision import PrecisionWarning  # noqa: E402
 from cascade.quantize import CALIBRATION_IMAGES, int8_members  # noqa: E402
+from cascade.runtime import Runtime  # noqa: E402
 from cascade.stages.checkpoint import build_model  # noqa: E402
 from cascade.stages.config import find_config, read_yaml  # noqa: E402
 from cascade.thresholds.metrics import dice  # noqa: E402
@@ -53,7 +54,7 @@ ENGINES = {
     "compile": {"precision": "fp32", "backend": "torch", "compile": True},
     "int8": {"precision": "int8", "backend": "auto"},
 }
-"""The engines the benchmarks compare: name → ``Cascade`` keyword arguments."""
+"""The engines the benchmarks compare: name → ``Runtime.resolve`` requests (``backend`` is its ``engine``)."""
 
 
 def shipped_members(input_size: int | None = None) -> tuple[tuple, tuple]:
@@ -74,18 +75,19 @@ def load(engine: str, *, model_dir: str | None, members: tuple | None, threshold
     """A cascade on ``engine`` (a key of ENGINES): from ``model_dir``, or from in-memory ``members``. ``int8`` of
     networks without int8 graphs quantizes them here, calibrated on ``calibration`` (as ``tune --precision int8``
     does on the validation fold)."""
-    options = dict(ENGINES[engine], device=device, cache_dir=cache_dir)
+    asked = dict(ENGINES[engine])
+    runtime = Runtime.resolve(device, asked["precision"], asked["backend"], asked.get("compile", False), cache_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PrecisionWarning)  # the point here is to measure the difference
         if engine == "int8" and not (model_dir and read_model_dir(model_dir).precision == "int8"):
             info = read_model_dir(model_dir) if model_dir else None
             stages = (info.load("classifier"), info.load("segmenter")) if info else ([members[0]], [members[1]])
             graphs = tuple(int8_members(m, calibration, cache_dir) for m in stages)
-            return Cascade(*stages, info.thresholds if info else thresholds, int8_graphs=graphs, **options)
+            return Cascade(*stages, info.thresholds if info else thresholds, int8_graphs=graphs, runtime=runtime)
         if model_dir:
-            return Cascade.from_pretrained(model_dir, **options)
+            return Cascade.from_pretrained(model_dir, runtime=runtime)
         cls, seg = members
-        return Cascade([cls], [seg], thresholds, **options)
+        return Cascade([cls], [seg], thresholds, runtime=runtime)
 
 
 def calibrate(model: Cascade, paths: Sequence[Path]) -> Thresholds:

@@ -5,6 +5,8 @@
 Both implementations run in the same process on the same annotations, and their outputs are compared. The loop
 takes a few hundred milliseconds per 1024x1024 annotation, so by default it runs on an evenly spaced subset and its
 time for all annotations is scaled from the per-annotation mean; the ratio is taken on that same subset.
+Then encoding alone is timed on the same subset's masks in both memory layouts, C-ordered and column-major
+(Fortran order), each against the loop on the same masks, and both ratios are printed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import numpy as np
 
 from cascade.data.labels import read_labels
 from cascade.data.rle import rle_decode, rle_encode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import add_json_argument, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LABELS = REPO.parent / "shared" / "data" / "siim" / "siim-train-rle.csv.gz"
@@ -65,6 +70,33 @@ def _ours(rles: list[str]) -> tuple[float, list[str]]:
     return time.perf_counter() - start, encoded
 
 
+def _encode_layouts(rles: list[str], repeats: int) -> tuple[dict[str, float], bool]:
+    """Encoding alone, per memory layout of the same masks: C-ordered (what rle_decode and most image code give) and
+    column-major (Fortran order: a transposed view, what the RLE's own order is), each timed against the per-pixel
+    loop on the same masks. Prints one line per layout; returns ``{layout: ratio}`` and whether every encoder gave
+    the original strings."""
+    c_masks = [np.ascontiguousarray(rle_decode(rle, SIZE, SIZE)) for rle in rles]
+    layouts = {"C-ordered": c_masks, "column-major": [np.asfortranarray(m) for m in c_masks]}
+    expected = [" ".join(rle.split()) for rle in rles]
+    ratios, identical = {}, True
+    for name, masks in layouts.items():
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            ours = [rle_encode(mask) for mask in masks]
+            best = min(best, time.perf_counter() - start)
+        start = time.perf_counter()
+        loop = [loop_encode(mask) for mask in masks]
+        loop_seconds = time.perf_counter() - start
+        identical &= ours == loop == expected
+        ratios[name] = loop_seconds / best
+        print(
+            f"  encode only, {name + ' masks:':20s} {1e3 * best / len(masks):.3f} ms vs loop "
+            f"{1e3 * loop_seconds / len(masks):.1f} ms per annotation -> {ratios[name]:.0f}x faster"
+        )
+    return ratios, identical
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labels", type=Path, default=DEFAULT_LABELS, help="label CSV (default: %(default)s)")
@@ -76,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         help="annotations the per-pixel loop runs on, evenly spaced (0 = all; default: %(default)s)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="passes of the fast codec, best kept (default: 3)")
+    add_json_argument(parser)
     args = parser.parse_args(argv)
     if not args.labels.is_file():
         print(
@@ -124,7 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         f"  identical results: loop vs ours on the subset {'yes' if identical_sub else 'NO'}; "
         f"all {n} re-encode to their original string {'yes' if identical_all else 'NO'}"
     )
-    return 0 if identical_sub and identical_all else 1
+    encode_ratios, identical_layouts = _encode_layouts(subset, args.repeats)
+    print(f"  identical results: both layouts, ours and the loop {'yes' if identical_layouts else 'NO'}")
+    write_result("rle", {
+        "annotations": n,
+        "speed-up vs per-pixel loop (x)": ratio,
+        "cascade.data.rle ms per annotation": 1e3 * per_ours,
+        "all annotations s": ours_all,
+        "identical results": identical_sub and identical_all,
+    }, {"per-pixel loop ms per annotation": 1e3 * per_loop, "loop annotations timed": len(subset)}, args)
+    return 0 if identical_sub and identical_all and identical_layouts else 1
 
 
 if __name__ == "__main__":

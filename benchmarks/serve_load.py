@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 
 from cascade.modeldir import write_model_dir  # noqa: E402
 from cascade.pipeline import Cascade  # noqa: E402
+from cascade.runtime import Runtime  # noqa: E402
 from cascade.stages.checkpoint import build_model  # noqa: E402
 from cascade.thresholds.rule import Thresholds  # noqa: E402
 
@@ -65,7 +66,7 @@ def make_model(folder: Path, files: list[Path], classifier: str, encoder: str, s
     seg = {"stage": "seg", "arch": "unet", "encoder": encoder, "in_chans": 1, "preprocessing": prep}
     members = ([(build_model(cls), cls)], [(build_model(seg), seg)])
     shut = Thresholds(cls=1.0, top=0.5, area=0, bottom=0.5, min_component=0)
-    probs = [Cascade(*members, shut, device="cpu").predict(f).probability for f in files]
+    probs = [Cascade(*members, shut, runtime=Runtime.resolve("cpu")).predict(f).probability for f in files]
     gate = float(np.quantile(probs, 1 - PREVALENCE))
     return write_model_dir(folder, *members, Thresholds(cls=gate, top=0.5, area=0, bottom=0.5, min_component=0))
 
@@ -76,7 +77,7 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 
 
 def in_process(model_dir: Path, files: list[Path], requests: int, device: str) -> list[float]:
-    model = Cascade.from_pretrained(model_dir, device=device)
+    model = Cascade.from_pretrained(model_dir, runtime=Runtime.resolve(device))
     model.predict(files[0])
     times = []
     for i in range(requests):

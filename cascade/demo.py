@@ -3,7 +3,10 @@
 It runs the same commands a user runs on the real challenge data — ``synth`` (standing in for the SIIM-ACR
 download), ``train --stage seg``, ``train --stage cls --init-from`` the segmenter, ``tune``, ``predict`` on a
 held-out folder, ``evaluate`` — printing each command as it goes, then writes ``report.md`` with the headline
-numbers next to the all-empty baseline, the tuning plots, the confusion matrix and a few overlays.
+numbers next to the all-empty baseline, the tuning plots, the confusion matrix and a few overlays. The commands
+run through the ``command`` the caller hands in (``cascade demo`` passes the command line's own entry point: this
+module does not import the command line), but for ``predict``, which is the library's
+:func:`cascade.predicting.predict_files`, as ``cascade predict`` runs it.
 """
 
 from __future__ import annotations
@@ -11,16 +14,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cascade.errors import CascadeError, ConfigError
 from cascade.fileio import atomic_write_text
 from cascade.thresholds.metrics import format_number
 from cascade.thresholds.rule import Thresholds
+
+if TYPE_CHECKING:
+    from cascade.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -63,13 +70,15 @@ class DemoResult:
         return float(self.test["baseline_empty"])
 
 
-def _run(step: str, argv: Sequence[str], seconds: dict[str, float]) -> None:
-    """Run one ``cascade`` command in-process, echoing it; a failure stops the demo with that command named."""
-    from cascade.cli.main import main
+Command = Callable[[list[str]], int]
+"""Runs one ``cascade`` command line in-process and returns its exit status (``cascade.cli.main.main``)."""
 
+
+def _run(step: str, argv: Sequence[str], seconds: dict[str, float], command: Command) -> None:
+    """Run one ``cascade`` command in-process, echoing it; a failure stops the demo with that command named."""
     print(f"\n$ cascade {shlex.join(argv)}", flush=True)
     start = time.perf_counter()
-    status = main(list(argv))
+    status = command(list(argv))
     seconds[step] = time.perf_counter() - start
     if status == 130:  # the step was interrupted: so is the demo
         raise KeyboardInterrupt
@@ -77,13 +86,18 @@ def _run(step: str, argv: Sequence[str], seconds: dict[str, float]) -> None:
         raise CascadeError(f"demo step '{step}' failed (exit status {status}): cascade {shlex.join(argv)}")
 
 
-def run_demo(out: str | Path, plan: DemoPlan = DemoPlan(), *, progress: bool = True) -> DemoResult:
-    """Run the demo into ``out`` (created; refused if it exists and is not empty) and return its numbers."""
+def run_demo(out: str | Path, plan: DemoPlan = DemoPlan(), *, command: Command, progress: bool = True) -> DemoResult:
+    """Run the demo into ``out`` (created; refused if it exists and is not empty), each step but ``predict``
+    through ``command``, and return its numbers."""
     root = Path(out)
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"{root}: already exists and is not empty; choose another --out or remove it")
     quiet = [] if progress else ["--quiet"]
     seconds: dict[str, float] = {}
+
+    def step(name: str, argv: list[str]) -> None:
+        _run(name, argv, seconds, command)
+
     data, test = root / "data", root / "test"
     seg_run, cls_run, model = root / "runs" / "seg", root / "runs" / "cls", root / "model"
     size = str(plan.image_size)
@@ -92,23 +106,22 @@ def run_demo(out: str | Path, plan: DemoPlan = DemoPlan(), *, progress: bool = T
 
     synth_size = str(plan.synth_size)
     share = str(plan.positive_fraction)
-    _run("synth (train)", ["synth", str(data), "--images", str(plan.train_images), "--size", synth_size,
-                           "--positive-fraction", share, "--difficulty", plan.difficulty, "--seed", "1", *quiet], seconds)
-    _run("synth (test)", ["synth", str(test), "--images", str(plan.test_images), "--size", synth_size,
-                          "--positive-fraction", share, "--difficulty", plan.difficulty, "--seed", "2", *quiet], seconds)
-    _run("train segmenter", ["train", "--stage", "seg", *common, "--out", str(seg_run),
+    step("synth (train)", ["synth", str(data), "--images", str(plan.train_images), "--size", synth_size,
+                           "--positive-fraction", share, "--difficulty", plan.difficulty, "--seed", "1", *quiet])
+    step("synth (test)", ["synth", str(test), "--images", str(plan.test_images), "--size", synth_size,
+                          "--positive-fraction", share, "--difficulty", plan.difficulty, "--seed", "2", *quiet])
+    step("train segmenter", ["train", "--stage", "seg", *common, "--out", str(seg_run),
                              "--config", "demo-seg", "--epochs", str(plan.seg_epochs),
-                             *quiet], seconds)
-    _run("train classifier", ["train", "--stage", "cls", *common, "--out", str(cls_run),
+                             *quiet])
+    step("train classifier", ["train", "--stage", "cls", *common, "--out", str(cls_run),
                               "--config", "demo-cls", "--epochs", str(plan.cls_epochs),
-                              "--init-from", str(seg_run), *quiet], seconds)
+                              "--init-from", str(seg_run), *quiet])
     speed = [] if plan.max_segmenter_share is None else ["--max-segmenter-share", str(plan.max_segmenter_share)]
-    _run("tune", ["tune", "--cls", str(cls_run), "--seg", str(seg_run), "--out", str(model), "--device", "cpu",
-                  *speed, *quiet], seconds)
-    _run("predict", ["predict", str(model), str(test / "dicom-images-train"), "--out", str(root / "submission.csv"),
-                     "--device", "cpu", "--overlays", str(root / "overlays")], seconds)
-    _run("evaluate", ["evaluate", str(root / "submission.csv"), "--labels", str(test / "train-rle.csv"),
-                      "--size", synth_size, synth_size, "--report", str(root / "evaluation"), *quiet], seconds)
+    step("tune", ["tune", "--cls", str(cls_run), "--seg", str(seg_run), "--out", str(model), "--device", "cpu",
+                  *speed, *quiet])
+    _predict(model, test / "dicom-images-train", root, seconds)
+    step("evaluate", ["evaluate", str(root / "submission.csv"), "--labels", str(test / "train-rle.csv"),
+                      "--size", synth_size, synth_size, "--report", str(root / "evaluation"), *quiet])
 
     evaluation = json.loads((root / "evaluation" / "evaluate.json").read_text(encoding="utf-8"))
     manifest = json.loads((model / "cascade.json").read_text(encoding="utf-8"))
@@ -118,28 +131,58 @@ def run_demo(out: str | Path, plan: DemoPlan = DemoPlan(), *, progress: bool = T
     return DemoResult(root, report, evaluation, manifest.get("metrics", {}), seconds, gate)
 
 
-def gate_comparison(model_dir: Path, images: Path, labels: Path, size: int, out: Path) -> dict[str, dict[str, float]]:
+def _predict(model_dir: Path, images: Path, root: Path, seconds: dict[str, float]) -> None:
+    """The ``predict`` step: what ``cascade predict`` runs (:func:`cascade.predicting.predict_files`), echoed as
+    that command; a failed image stops the demo, as the command's exit status 2 would."""
+    from cascade.outputs.writers import OUTPUTS
+    from cascade.pipeline import Cascade
+    from cascade.predicting import caught_warnings, collect_inputs, predict_files
+    from cascade.runtime import Runtime
+
+    submission, overlays = root / "submission.csv", root / "overlays"
+    argv = ["predict", str(model_dir), str(images), "--out", str(submission), "--device", "cpu",
+            "--overlays", str(overlays)]
+    print(f"\n$ cascade {shlex.join(argv)}", flush=True)
+    start = time.perf_counter()
+    with caught_warnings() as loading:
+        model = Cascade.from_pretrained(model_dir, runtime=Runtime.resolve(device="cpu"))
+    writers = {"overlays": OUTPUTS["overlays"].writer(overlays)}
+    summary = predict_files(model, collect_inputs([images]), writers, submission=submission)
+    seconds["predict"] = time.perf_counter() - start
+    for line in [*loading, *summary.warnings]:
+        print(f"cascade predict: warning: {line}", file=sys.stderr)
+    if summary.failures:
+        raise CascadeError(f"demo step 'predict' failed: {summary.failures[0]}")
+    print(f"{summary.rows} images predicted, {summary.positives} positive, {summary.images_per_second:.1f} "
+          f"images/s ({model.runtime.describe()}) → {submission}")
+
+
+def gate_comparison(
+    model_dir: Path, images: Path, labels: Path, size: int, out: Path, runtime: Runtime | None = None
+) -> dict[str, dict[str, float]]:
     """Predict ``images`` with the tuned gate and with the gate open (``cls`` 0: the segmenter on every image, the
-    other thresholds unchanged), each timed, and score both: what the first stage saves and what it costs."""
-    from cascade.data.labels import read_labels, write_labels
+    other thresholds unchanged), each timed, and score both: what the first stage saves and what it costs
+    (``runtime``: the CPU's ``auto`` by default)."""
+    from cascade.data.labels import read_labels
     from cascade.evaluation import score_submission
     from cascade.pipeline import Cascade
+    from cascade.predicting import collect_inputs, predict_files
+    from cascade.runtime import Runtime
+    from cascade.sharding import Shard
     from cascade.thresholds.metrics import roc_auc
 
-    model = Cascade.from_pretrained(model_dir, device="cpu")
-    paths = sorted(images.rglob("*.dcm"))
+    model = Cascade.from_pretrained(model_dir, runtime=runtime or Runtime.resolve(device="cpu"))
+    files = collect_inputs([images])
     truth = read_labels(labels)
     tuned = model.thresholds
     results: dict[str, dict[str, float]] = {}
     for name, thresholds in (("gate", tuned), ("open", dataclasses.replace(tuned, cls=0.0))):
         model.thresholds = thresholds
-        start = time.perf_counter()
-        predictions = list(model.predict_many(paths, workers=0))
-        seconds = time.perf_counter() - start
         submission = out / f"submission-{name}.csv"
-        write_labels(submission, [(p.image_id, p.rle) for p in predictions if p.ok])
+        summary = predict_files(model, files, {}, submission=submission, shard=Shard(), workers=0, progress=False)
+        seconds = summary.seconds
         scored = score_submission(submission, labels, size=(size, size)).summary
-        done = [p for p in predictions if p.ok]
+        done = [p for p in summary.predictions if p.ok]
         passed = [p.probability >= thresholds.cls for p in done]
         positive = [truth.is_positive(p.image_id) for p in done]
         negatives = [ok for ok, pos in zip(passed, positive) if not pos]

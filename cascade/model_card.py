@@ -97,6 +97,8 @@ def render(manifest: Mapping[str, Any], configs: Mapping[str, Sequence[Mapping[s
         + (" by the int8 graphs in this folder (`model.int8.onnx`), which a CPU runs by default; any other precision "
            "moves decisions (docs/speed.md)." if manifest.get("precision") == "int8"
            else "; another precision warns, as decisions near a threshold can move."),
+        *([f"The validation fold ran on device {r['device']}, {r['precision']} on {r['backend']} (engine "
+           f"`{r['engine']}`{', compiled' if r['compile'] else ''})."] if (r := v.get("runtime")) else []),
         "",
         "## Known limits",
         "",

@@ -87,6 +87,9 @@ class ModelDir:
     """The recorded sha256 of each member folder's weight file."""
     int8_sha256: dict[Path, str] = field(default_factory=dict, repr=False)
     """The recorded sha256 of each member folder's int8 graph (folders tuned at int8)."""
+    weights_sha256: str = ""
+    """The model's digest: :func:`weights_digest` of the sha256 of every member file recorded in ``cascade.json``
+    (what every result names, :class:`ModelIdentity`, and the web service's ``weights_sha256``)."""
 
     def load(self, stage: str) -> list[tuple[nn.Module, dict[str, Any]]]:
         """The networks of ``stage`` (``"classifier"`` / ``"segmenter"``), each weight file read once: hashed and
@@ -114,6 +117,57 @@ class ModelDir:
                 raise ModelError(f"{path}: sha256 does not match {MANIFEST}: the file was changed or truncated")
             graphs.append(data)
         return graphs
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What every result names as the model that made it (the DICOM SEG, SR and Secondary Capture): the model
+    folder's name and weights digest (:attr:`ModelDir.weights_sha256`; both empty for networks given in memory), the
+    cascade version that ran, the thresholds in use and what they were tuned for (empty when not recorded or changed
+    after loading). Built once per model by :func:`model_identity`; :attr:`cascade.pipeline.Prediction.model`
+    carries it."""
+
+    name: str = ""
+    weights_sha256: str = ""
+    version: str = __version__
+    thresholds: Thresholds | None = None
+    tuned_for: str = ""
+
+
+def model_identity(info: ModelDir) -> ModelIdentity:
+    """The identity of a verified model folder (the one function the DICOM outputs' model names come from): its
+    folder name (resolved, so ``.`` names the folder) and :attr:`ModelDir.weights_sha256`."""
+    return ModelIdentity(info.root.resolve().name, info.weights_sha256, __version__, info.thresholds,
+                         tuned_for(info.metrics))
+
+
+def weights_digest(hashes: Mapping[str, Any]) -> str:
+    """The model's weights digest: sha256 of the ``path:sha256`` lines, sorted, of ``cascade.json``'s ``sha256``
+    (every member's ``config.json``, ``model.safetensors`` and int8 graph), so one value names the networks."""
+    return hashlib.sha256("".join(f"{k}:{hashes[k]}\n" for k in sorted(hashes)).encode()).hexdigest()
+
+
+def tuned_for(metrics: Mapping[str, Any]) -> str:
+    """One line saying what the thresholds of ``cascade.json`` were tuned for (its ``metrics.validation``), e.g.
+    ``highest mean Dice on 120 validation images (fold 0 of 5, fp32): mean Dice 0.81, sensitivity 0.90, specificity
+    0.88``; empty when the folder records no validation."""
+    v = metrics.get("validation")
+    if not isinstance(v, Mapping) or not isinstance(v.get("images"), int):
+        return ""
+    where = []
+    if isinstance(v.get("fold"), int) and isinstance(v.get("folds"), int):
+        where.append(f"fold {v['fold']} of {v['folds']}")
+    elif isinstance(v.get("out_of_fold"), Mapping):
+        where.append("out-of-fold")
+    if isinstance(v.get("precision"), str):
+        where.append(v["precision"])
+    line = f"highest mean Dice on {v['images']} validation images" + (f" ({', '.join(where)})" if where else "")
+    scores = [f"{key.replace('_', ' ')} {v[key]:.3f}" for key in ("mean_dice", "sensitivity", "specificity")
+              if isinstance(v.get(key), (int, float)) and not isinstance(v.get(key), bool)]
+    limits = [f"{label} {v[key]:g}" for key, label in (("min_sensitivity", "sensitivity at least"),
+                                                       ("max_segmented_share", "segmented share at most"))
+              if isinstance(v.get(key), (int, float)) and not isinstance(v.get(key), bool)]
+    return line + (f": {', '.join(scores)}" if scores else "") + (f"; subject to {', '.join(limits)}" if limits else "")
 
 
 def member_name(stage: str, index: int) -> str:
@@ -279,6 +333,7 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
         configs=configs,
         sha256=weight_hashes,
         int8_sha256=int8_hashes,
+        weights_sha256=weights_digest(hashes),
     )
 
 

@@ -11,15 +11,13 @@ rescaled by :func:`~cascade.thresholds.rule.area_scale` of the native size).
 an unreadable file becomes a failed :class:`Prediction` (with its reason) and the run goes on.
 ``predict_probabilities`` is the same loop without thresholds, for ``cascade tune`` on the validation fold.
 
-Each stage runs at a ``precision`` (:mod:`cascade.precision`: ``auto`` = bf16 where the hardware has it) on a
-``backend``: ``torch`` (eager, or ``torch.compile`` when asked) or ``onnxruntime`` (the exported graphs of
-:func:`cascade.onnx_export.cached_graph`, fp32, CPU; or at ``int8`` the calibrated graphs of :mod:`cascade.quantize`
-that a model folder tuned at int8 carries). ``auto`` picks by :func:`choose_backend`.
+How the networks run (device, precision, engine, compile, cache folder) is one resolved
+:class:`cascade.runtime.Runtime`; each stage runs on the engine it names (:mod:`cascade.engines`).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import math
 import os
 import time
@@ -42,17 +40,16 @@ from cascade.data.dicom import MAX_PIXELS, MAX_SIDE, DicomImage, check_max_pixel
 from cascade.data.synth_spec import is_synthetic
 from cascade.data.preprocess import Preprocessing, normalize, prepare_image, to_uint8
 from cascade.data.rle import EMPTY, rle_encode
-from cascade.devices import resolve_device
+from cascade.engines import Engine, engine_class
 from cascade.errors import CascadeError, CascadeWarning, ConfigError, ImageError, ModelError
-from cascade.modeldir import Member, read_model_dir, write_model_dir
-from cascade.precision import PrecisionWarning, autocast, check_tuned, resolve_precision
+from cascade.modeldir import Member, ModelIdentity, model_identity, read_model_dir, write_model_dir
+from cascade.precision import PrecisionWarning, check_tuned
 from cascade.processes import worker_init
-from cascade.quantize import stale_recipe
+from cascade.runtime import Runtime
 from cascade.stages.checkpoint import load_stage
 from cascade.thresholds.rule import Thresholds, apply_rule, area_scale
 
 Source = str | os.PathLike[str]
-BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,6 +72,9 @@ class Prediction:
     image: np.ndarray | None = field(default=None, repr=False)
     """The decoded radiograph as uint8 grey levels at its native size (what an overlay is drawn on); kept only when
     asked (``predict_many(..., keep_image=True)``), so the source is never decoded twice."""
+    model: ModelIdentity | None = field(default=None, repr=False)
+    """The model that made this answer (:attr:`Cascade.identity`: folder name and digest, version, thresholds), what
+    the DICOM results name; None only for a prediction built by hand."""
 
     @property
     def ok(self) -> bool:
@@ -125,147 +125,6 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
-class _Stage:
-    """The members of one stage on a device: uint8 images in, averaged sigmoid probabilities out.
-
-    ``models`` stay the eager fp32 networks (what ``save_pretrained`` writes); what runs is either them under
-    autocast at ``precision`` (optionally through ``torch.compile``) or ONNX Runtime sessions of their graphs.
-    """
-
-    def __init__(
-        self,
-        members: Sequence[tuple[nn.Module, dict[str, Any]]],
-        prep: Preprocessing,
-        device: torch.device,
-        *,
-        precision: str = "fp32",
-        backend: str = "torch",
-        compile: bool = False,
-        cache_dir: Source | None = None,
-        int8: Sequence[bytes] | None = None,
-    ) -> None:
-        self.prep = prep
-        self.device = device
-        self.precision = precision
-        self.backend = backend
-        self.models = [m.eval() for m, _ in members]
-        self._sessions = []
-        if precision == "int8":
-            if int8 is None or len(int8) != len(members):
-                raise ConfigError(
-                    f"precision int8 needs one int8 graph per member: {len(int8 or ())} for {len(members)}"
-                )
-            self._sessions = [_ort_session(graph) for graph in int8]
-        elif backend == "onnxruntime":
-            self._sessions = [_ort_session(cached_graph(m, c, prep, cache_dir)) for m, c in members]
-        self.models = [self._place(m) for m in self.models]
-        self._runners = [torch.compile(m, dynamic=True) if compile else m for m in self.models]
-
-    def _place(self, model: nn.Module) -> nn.Module:
-        model = model.eval().to(self.device)
-        return model.to(memory_format=torch.channels_last)
-
-    def __call__(self, images: np.ndarray, tta: bool) -> np.ndarray:
-        """``images`` uint8 [B,S,S] → float32 probabilities, [B] (classifier) or [B,S,S] (segmenter)."""
-        if self._sessions:
-            x = images[:, None]
-            probs = [
-                _mean_flip(lambda v, s=s: s.run(["probability"], {"image": np.ascontiguousarray(v)})[0], x, tta)
-                for s in self._sessions
-            ]
-            out = np.mean(probs, axis=0, dtype=np.float32) if len(probs) > 1 else probs[0]
-        else:
-            x = torch.from_numpy(images).to(self.device)
-            x = normalize(x, self.prep).unsqueeze(1).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), autocast(self.device, self.precision):
-                total = sum(_mean_flip(lambda v, m=m: torch.sigmoid(m(v).float()), x, tta) for m in self._runners)
-                out = (total / len(self._runners)).cpu().numpy()
-        out = out.astype(np.float32, copy=False)
-        return out[:, 0] if out.ndim == 4 else out
-
-
-def _mean_flip(run: Any, x: Any, tta: bool) -> Any:
-    """``run(x)``, averaged with the mirrored ``run`` of the horizontally flipped ``x`` when ``tta`` (torch or numpy)."""
-    prob = run(x)
-    if not tta:
-        return prob
-    flipped = run(x.flip(-1) if isinstance(x, torch.Tensor) else x[..., ::-1])
-    if flipped.ndim == 4:
-        flipped = flipped.flip(-1) if isinstance(flipped, torch.Tensor) else flipped[..., ::-1]
-    return (prob + flipped) / 2
-
-
-def cached_graph(model: nn.Module, config: dict[str, Any], prep: Preprocessing, cache_dir: Source | None) -> Path:
-    """The member's fp32 ONNX graph (:func:`cascade.onnx_export.cached_graph`; imported here, as onnx is optional)."""
-    try:
-        from cascade.onnx_export import cached_graph as graph
-    except ImportError:
-        raise ConfigError("backend onnxruntime needs onnx: pip install 'pneumothorax-cascade[onnx]'") from None
-    return graph(model, config, prep, cache_dir)
-
-
-def _ort_session(graph: Path | bytes) -> Any:
-    """An ONNX Runtime CPU session of a graph (a file, or bytes already checked), with as many threads as torch."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ConfigError("backend onnxruntime needs onnxruntime: pip install 'pneumothorax-cascade[onnx]'") from None
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    # threads spin between the operators of a run (the int8 U-Net has many short ones: 11% faster at 512² on 2
-    # cores, the other graphs unchanged) but stop as soon as a run returns, as the decoding workers of predict_many
-    # (and torch, in one process) need the cores between runs: predict_many with a decoding worker ran at the same
-    # speed either way (3 runs each, within their 10% spread)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    options.add_session_config_entry("session.force_spinning_stop", "1")
-    source = graph if isinstance(graph, bytes) else str(graph)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def choose_backend(backend: str, device: torch.device, precision: str, compile: bool = False) -> str:
-    """The backend that runs: ``torch`` or ``onnxruntime``; ``auto`` decides from measurements, as follows.
-
-    The rule is data: ``benchmarks/latency.py`` times eager fp32, eager bf16, ``torch.compile`` and ONNX Runtime
-    on the same networks in one run and prints which is fastest while exact enough; change ``AUTO_ONNXRUNTIME``
-    when it says otherwise on the hardware you care about. ONNX Runtime runs fp32 on the CPU only (its CPU
-    provider has no bf16 convolutions), so it is a candidate only for a CPU at fp32 — which ``auto`` precision
-    means on a CPU without native bf16 — and only when onnx and onnxruntime are installed; asking for
-    ``compile`` means torch. If the export of a network fails (an architecture the exporter cannot trace, or a
-    parity check), ``auto`` falls back to torch with a warning.
-    """
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
-    if precision == "int8":
-        if device.type != "cpu" or backend == "torch" or compile:
-            raise ConfigError(
-                f"precision int8 runs on ONNX Runtime on the CPU only; got device {device.type}, backend {backend}"
-                f"{' with --compile' if compile else ''} (use --device cpu --backend auto, or another precision)"
-            )
-        return "onnxruntime"
-    if backend == "onnxruntime" and (device.type != "cpu" or precision != "fp32"):
-        raise ConfigError(
-            f"backend onnxruntime runs fp32 on the CPU only; got device {device.type} at {precision} "
-            "(use --backend torch, or --device cpu --precision fp32)"
-        )
-    if backend != "auto":
-        return backend
-    wanted = device.type == "cpu" and precision == "fp32" and not compile and AUTO_ONNXRUNTIME
-    return "onnxruntime" if wanted and _installed("onnx", "onnxruntime") else "torch"
-
-
-def _installed(*modules: str) -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in modules)
-
-
-AUTO_ONNXRUNTIME = True
-"""Whether ``auto`` picks ONNX Runtime for fp32 on the CPU. Measured (2-core AVX2 EPYC without native bf16, shared
-and loaded, so ratios within one run only): at the shipped 512² networks, batch 1, ONNX Runtime 1.4-3.5x faster than
-eager PyTorch fp32 for the resnet34 classifier and 1.7x for the U-Net, largest probability difference 2e-4 (random
-weights) and no decision changed on the synthetic set; eager bf16 there was 17-27x slower than fp32 (emulated), so
-``auto`` precision is fp32 on such a CPU. Re-measure with ``benchmarks/latency.py`` and flip this if it loses."""
-
-
 class _DecodeDataset(TorchDataset):
     """Paths → :class:`_Decoded` at each needed input size; never raises for a bad file."""
 
@@ -314,59 +173,37 @@ def _collate(items: list[_Decoded]) -> list[_Decoded]:
     return items
 
 
-class _Engine:
-    """Both stages on one device, and the batched decode → classify → (gated) segment loop."""
+class _Stages:
+    """Both stages on the runtime's engine, and the batched decode → classify → (gated) segment loop."""
 
     def __init__(
         self,
         classifiers: Sequence[tuple[nn.Module, dict[str, Any]]],
         segmenters: Sequence[tuple[nn.Module, dict[str, Any]]],
-        device: str | torch.device = "auto",
-        *,
-        precision: str = "auto",
-        backend: str = "auto",
-        compile: bool = False,
-        cache_dir: Source | None = None,
+        runtime: Runtime,
         int8_graphs: tuple[Sequence[bytes], Sequence[bytes]] | None = None,
     ) -> None:
         if not classifiers or not segmenters:
             raise ConfigError("a cascade needs at least one classifier and one segmenter")
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device, backend)
-        self.backend = choose_backend(backend, self.device, self.precision, compile)
-        if compile and self.backend != "torch":
-            raise ConfigError("torch.compile applies to the torch backend only (use --backend torch)")
-        if self.precision == "int8" and int8_graphs is None:
-            raise ConfigError(
-                "precision int8 needs the calibrated graphs of a model folder tuned at int8 "
-                "('cascade tune --precision int8')"
-            )
         preps = (_preprocessing(classifiers, "classifier"), _preprocessing(segmenters, "segmenter"))
+        graphs = int8_graphs if runtime.precision == "int8" and int8_graphs else (None, None)
 
-        def stages(chosen: str) -> tuple[_Stage, _Stage]:
-            options = {"precision": self.precision, "backend": chosen, "compile": compile, "cache_dir": cache_dir}
-            graphs = int8_graphs if self.precision == "int8" and int8_graphs else (None, None)
-            return (_Stage(classifiers, preps[0], self.device, int8=graphs[0], **options),
-                    _Stage(segmenters, preps[1], self.device, int8=graphs[1], **options))
+        def build(runtime: Runtime) -> tuple[Engine, Engine]:
+            engine = engine_class(runtime.engine)
+            return (engine(classifiers, preps[0], runtime, graphs[0]), engine(segmenters, preps[1], runtime, graphs[1]))
 
         try:
-            self.classifier, self.segmenter = stages(self.backend)
-        except ModelError as err:
-            if backend != "auto" or self.precision == "int8":
+            self.classifier, self.segmenter = build(runtime)
+        except ModelError as err:  # an export failed: under auto, torch runs the model instead
+            if runtime.request.engine != "auto" or runtime.engine == "torch" or runtime.precision == "int8":
                 raise
-            warnings.warn(f"backend onnxruntime unavailable for this model ({err}); running on torch",
+            warnings.warn(f"backend {runtime.backend} unavailable for this model ({err}); running on torch",
                           CascadeWarning, stacklevel=3)
-            self.backend = "torch"
-            self.classifier, self.segmenter = stages(self.backend)
-        sessions = [*self.classifier._sessions, *self.segmenter._sessions]
-        if self.precision == "int8" and any(stale_recipe(session) for session in sessions):
-            warnings.warn(
-                "these int8 graphs were made by cascade's first int8 recipe (before 2026-12-02), which quantized the "
-                "output layer: probabilities are rounded to 256 levels and clipped at the calibration images' "
-                "maximum; tune the model folder again with 'cascade tune --precision int8' (docs/speed.md)",
-                PrecisionWarning,
-                stacklevel=3,
-            )
+            runtime = runtime.on_torch()
+            self.classifier, self.segmenter = build(runtime)
+        self.runtime = runtime
+        for line in dict.fromkeys([*self.classifier.warnings(), *self.segmenter.warnings()]):
+            warnings.warn(line, PrecisionWarning, stacklevel=3)
         self.sizes = (self.classifier.prep.size, self.segmenter.prep.size)
         self.seconds = {"classifier": 0.0, "segmenter": 0.0}
         """Wall seconds spent in each stage's forwards since loading (per-request timing and metrics)."""
@@ -488,33 +325,29 @@ def predict_probabilities(
     batch_size: int = 16,
     workers: int | None = None,
     tta: bool = False,
-    device: str | torch.device = "auto",
-    precision: str = "auto",
-    backend: str = "auto",
-    compile: bool = False,
-    cache_dir: Source | None = None,
+    runtime: Runtime | None = None,
     int8_graphs: tuple[Sequence[bytes], Sequence[bytes]] | None = None,
 ) -> Iterator[ImageProbabilities]:
     """Classifier and segmenter probabilities of every image, in order, before any threshold.
 
     The members are stage folders or ``(model, config)`` pairs (several per stage are averaged). The segmenter
     runs on every image, so ``seg_prob`` is the map at the segmenter's input size for each readable image. This is
-    the exact computation ``Cascade.predict_many`` makes (with the same ``precision`` and ``backend`` choices), so
-    thresholds tuned on it mean the same at inference. ``int8_graphs`` (per stage, one per member) are what
-    precision ``int8`` runs (:mod:`cascade.quantize`).
+    the exact computation ``Cascade.predict_many`` makes (on the same ``runtime``; None: ``Runtime.resolve()``, all
+    ``auto``), so thresholds tuned on it mean the same at inference. ``int8_graphs`` (per stage, one per member) are
+    what precision ``int8`` runs (:mod:`cascade.quantize`).
     """
-    engine = _Engine(
-        [_load_member(m) for m in classifiers], [_load_member(m) for m in segmenters], device,
-        precision=precision, backend=backend, compile=compile, cache_dir=cache_dir, int8_graphs=int8_graphs,
+    stages = _Stages(
+        [_load_member(m) for m in classifiers], [_load_member(m) for m in segmenters],
+        runtime or Runtime.resolve(), int8_graphs,
     )
-    yield from engine.probabilities(engine.batches(sources, batch_size, workers), batch_size, None, tta)
+    yield from stages.probabilities(stages.batches(sources, batch_size, workers), batch_size, None, tta)
 
 
 class Cascade:
     """A classifier-gated segmenter with its thresholds: load with :meth:`from_pretrained`, then :meth:`predict`.
 
-    ``precision`` / ``backend`` / ``compile`` / ``cache_dir`` choose how the networks run (see
-    :meth:`from_pretrained`); ``tuned_precision`` is the precision the thresholds were tuned at, checked against
+    ``runtime`` is how the networks run (:class:`cascade.runtime.Runtime`; None: ``Runtime.resolve()``, all
+    ``auto``); ``tuned_precision`` is the precision the thresholds were tuned at, checked against
     the one that runs (None: unknown, not checked).
     """
 
@@ -526,18 +359,11 @@ class Cascade:
         *,
         tta: bool = False,
         metrics: dict[str, Any] | None = None,
-        device: str | torch.device = "auto",
-        precision: str = "auto",
-        backend: str = "auto",
-        compile: bool = False,
-        cache_dir: Source | None = None,
+        runtime: Runtime | None = None,
         tuned_precision: str | None = None,
         int8_graphs: tuple[Sequence[bytes], Sequence[bytes]] | None = None,
     ) -> None:
-        self._engine = _Engine(
-            classifiers, segmenters, device, precision=precision, backend=backend, compile=compile,
-            cache_dir=cache_dir, int8_graphs=int8_graphs,
-        )
+        self._stages = _Stages(classifiers, segmenters, runtime or Runtime.resolve(), int8_graphs)
         self._configs = ([dict(c) for _, c in classifiers], [dict(c) for _, c in segmenters])
         self._int8_graphs = int8_graphs
         self.thresholds = thresholds
@@ -552,67 +378,80 @@ class Cascade:
         it is refused from its header, before anything is decoded."""
         self.tuned_precision = tuned_precision
         """The precision the thresholds were tuned at (None: unknown, no check)."""
+        self._identity = ModelIdentity(thresholds=thresholds)
         if tuned_precision is not None:
             check_tuned(tuned_precision, self.precision, "cascade")
 
     @property
+    def runtime(self) -> Runtime:
+        """How the networks run, resolved (after any fallback to torch)."""
+        return self._stages.runtime
+
+    @property
     def device(self) -> torch.device:
-        return self._engine.device
+        return self.runtime.device
 
     @property
     def precision(self) -> str:
         """What the networks run at: ``fp32``, ``bf16``, ``fp16`` or ``int8`` (``auto`` resolved for this device)."""
-        return self._engine.precision
+        return self.runtime.precision
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """The model every prediction names (:attr:`Prediction.model`): the folder's name and digest when loaded with
+        :meth:`from_pretrained` (empty otherwise), this cascade's version and the thresholds in use (what they were
+        tuned for is dropped once ``thresholds`` is assigned other values)."""
+        if self._identity.thresholds != self.thresholds:
+            self._identity = dataclasses.replace(self._identity, thresholds=self.thresholds, tuned_for="")
+        return self._identity
 
     @property
     def backend(self) -> str:
         """What runs the networks: ``torch`` or ``onnxruntime`` (``auto`` resolved)."""
-        return self._engine.backend
+        return self.runtime.backend
 
     @classmethod
     def from_pretrained(
         cls,
         directory: Source,
         *,
-        device: str | torch.device = "auto",
+        runtime: Runtime | None = None,
         tta: bool | None = None,
-        precision: str = "auto",
-        backend: str = "auto",
-        compile: bool = False,
+        device: str | torch.device | None = None,
+        precision: str | None = None,
+        backend: str | None = None,
+        compile: bool | None = None,
         cache_dir: Source | None = None,
     ) -> Cascade:
         """Load a MODEL_DIR (checked: schema version, sha256 of every member file, config fields; nothing is
         unpickled).
 
-        ``tta`` overrides the model folder's setting when given. ``precision`` (``auto``, ``fp32``, ``bf16``,
-        ``fp16``, ``int8``) and ``backend`` (``auto``, ``torch``, ``onnxruntime``) choose how the networks run; a
-        precision other than the one the folder was tuned at warns (:class:`cascade.precision.PrecisionWarning`).
-        ``int8`` needs a folder tuned at int8 (its calibrated graphs); for such a folder ``auto`` means int8 on a
-        CPU with onnxruntime installed, unless ``backend="torch"`` or ``compile`` asks for PyTorch (then the usual
-        ``auto`` precision runs, with the warning).
-        ``compile`` wraps the torch networks in ``torch.compile``; ``cache_dir`` holds exported ONNX graphs.
+        ``runtime`` is how the networks run (None: ``Runtime.resolve()``, all ``auto``); for a folder tuned at int8,
+        ``auto`` precision means its int8 graphs where they can run (:meth:`Runtime.with_int8_graphs`). A precision
+        other than the one the folder was tuned at warns (:class:`cascade.precision.PrecisionWarning`). ``tta``
+        overrides the folder's setting when given. ``device``, ``precision``, ``backend``, ``compile`` and
+        ``cache_dir`` are :meth:`Runtime.resolve`'s requests, accepted instead of ``runtime`` until the web service
+        and the DICOM node pass one.
         """
         info = read_model_dir(directory)
+        runtime = _runtime(runtime, device=device, precision=precision, engine=backend, compile=compile,
+                           cache_dir=cache_dir)
+        if info.precision == "int8":
+            runtime = runtime.with_int8_graphs()
         graphs = None
-        if precision == "int8" or info.precision == "int8":
+        if runtime.precision == "int8" or info.precision == "int8":
             graphs = (info.int8_graphs("classifier"), info.int8_graphs("segmenter"))
-            runs_int8 = backend in ("auto", "onnxruntime") and not compile and resolve_device(device).type == "cpu"
-            if precision == "auto" and runs_int8 and _installed("onnx", "onnxruntime"):
-                precision = "int8"
         model = cls(
             info.load("classifier"),
             info.load("segmenter"),
             info.thresholds,
             tta=info.tta if tta is None else tta,
             metrics=info.metrics,
-            device=device,
-            precision=precision,
-            backend=backend,
-            compile=compile,
-            cache_dir=cache_dir,
+            runtime=runtime,
             int8_graphs=graphs,
         )
         model.tuned_precision = info.precision
+        model._identity = model_identity(info)
         check_tuned(info.precision, model.precision, str(info.root))
         return model
 
@@ -624,8 +463,8 @@ class Cascade:
             raise ConfigError("a cascade tuned at int8 is saved with its int8 graphs, and this one has none")
         return write_model_dir(
             directory,
-            [(m, c) for m, c in zip(self._engine.classifier.models, cls_configs)],
-            [(m, c) for m, c in zip(self._engine.segmenter.models, seg_configs)],
+            [(m, c) for m, c in zip(self._stages.classifier.models, cls_configs)],
+            [(m, c) for m, c in zip(self._stages.segmenter.models, seg_configs)],
             self.thresholds,
             metrics=self.metrics,
             tta=self.tta,
@@ -649,10 +488,10 @@ class Cascade:
         for an unreadable input.
         """
         if isinstance(x, np.ndarray):
-            return _decoded(_array_pixels(x), "array", "<array>", self._engine.sizes)
+            return _decoded(_array_pixels(x), "array", "<array>", self._stages.sizes)
         image = x if isinstance(x, DicomImage) else read_dicom(x, max_pixels=self.max_pixels)
         image_id = Path(x).stem if isinstance(x, (str, os.PathLike)) else image.image_id
-        return _decoded(image.pixels, image_id, image.source, self._engine.sizes, image.header)
+        return _decoded(image.pixels, image_id, image.source, self._stages.sizes, image.header)
 
     def predict_batch(self, items: Sequence[_Decoded]) -> list[Prediction]:
         """Predict prepared images (:meth:`prepare`) together: one classifier forward over all of them and one
@@ -661,20 +500,20 @@ class Cascade:
         1e-7 in a probability, which can flip a mask pixel lying exactly at a threshold)."""
         if not items:
             return []
-        probs = self._engine.probabilities([list(items)], len(items), self.thresholds.cls, self.tta)
+        probs = self._stages.probabilities([list(items)], len(items), self.thresholds.cls, self.tta)
         return [self._finish(p) for p in probs]
 
     def warm_up(self) -> None:
         """Run each stage once on a grey image, so first-call setup (CUDA kernels, allocations) is not paid by the
         first real image."""
         item = self.prepare(np.full((64, 64), 0.5, dtype=np.float32))
-        for _ in self._engine.probabilities([[item]], 1, None, self.tta):
+        for _ in self._stages.probabilities([[item]], 1, None, self.tta):
             pass
 
     @property
     def stage_seconds(self) -> dict[str, float]:
         """Wall seconds spent in the classifier's and the segmenter's forwards since loading."""
-        return dict(self._engine.seconds)
+        return dict(self._stages.seconds)
 
     def predict_many(
         self,
@@ -690,9 +529,9 @@ class Cascade:
         ``gate=False`` runs the segmenter on every image (same answers, slower: the baseline of the benchmark).
         ``keep_image`` keeps each decoded radiograph in :attr:`Prediction.image` (for an output drawn on it).
         """
-        batches = self._engine.batches(sources, batch_size, workers, keep_image, check_max_pixels(self.max_pixels))
+        batches = self._stages.batches(sources, batch_size, workers, keep_image, check_max_pixels(self.max_pixels))
         cls_threshold = self.thresholds.cls if gate else None
-        for probs in self._engine.probabilities(batches, batch_size, cls_threshold, self.tta):
+        for probs in self._stages.probabilities(batches, batch_size, cls_threshold, self.tta):
             yield self._finish(probs)
 
     def _check_domain(self, probs: ImageProbabilities) -> None:
@@ -721,8 +560,17 @@ class Cascade:
         positive = bool(mask.any())
         rle = rle_encode(mask) if positive else EMPTY
         return Prediction(
-            probs.cls_prob, positive, mask, rle, probs.image_id, probs.source, header=probs.header, image=probs.image
+            probs.cls_prob, positive, mask, rle, probs.image_id, probs.source, header=probs.header, image=probs.image,
+            model=self.identity,
         )
+
+
+def _runtime(runtime: Runtime | None, **requests: Any) -> Runtime:
+    """``runtime``, or one resolved from :meth:`Cascade.from_pretrained`'s request keywords (not both)."""
+    given = {name: value for name, value in requests.items() if value is not None}
+    if runtime is not None and given:
+        raise ConfigError(f"give runtime= or the requests {', '.join(given)}, not both")
+    return runtime or Runtime.resolve(**given)
 
 
 class SyntheticModelWarning(UserWarning):

@@ -1,6 +1,7 @@
-"""Numeric precision of inference: which one ``auto`` means here, the autocast it runs under, and the tuned check.
+"""Numeric precision of inference: the CPU's native bf16, the autocast a precision runs under, and the tuned check.
 
-``auto`` is bf16 where the hardware computes it natively — any CUDA device, and CPUs with AVX512-BF16 or AMX
+Which precision ``auto`` means is resolved with the engine, once, by :class:`cascade.runtime.Runtime`: for torch
+bf16 where the hardware computes it natively — any CUDA device, and CPUs with AVX512-BF16 or AMX
 (detected from the CPU flags, never assumed) — and fp32 elsewhere: on a CPU without those units bf16 is emulated
 and slower than fp32. ``fp16`` is meant for CUDA (it also runs on CPU, slowly). The thresholds of a model folder
 were tuned on probabilities computed at one precision (``cascade.json`` records it; folders written before the field
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cascade.errors import CascadeWarning, ConfigError
+from cascade.errors import CascadeWarning
 from cascade.modeldir import TUNED_PRECISIONS
 
 PRECISIONS = ("auto", *TUNED_PRECISIONS)
@@ -50,20 +51,6 @@ def _cpuinfo() -> str | None:
         return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
-
-
-def resolve_precision(precision: str, device: torch.device, backend: str = "auto") -> str:
-    """``fp32``, ``bf16``, ``fp16`` or ``int8``: ``auto`` resolves to what the chosen engine runs best here —
-    for ``backend="onnxruntime"`` fp32 (its CPU provider has no bf16 convolutions), otherwise bf16 on CUDA and on
-    CPUs with native bf16, else fp32 (a model folder tuned at int8 turns ``auto`` into int8 before this:
-    :meth:`cascade.Cascade.from_pretrained`)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        return precision
-    if backend == "onnxruntime":
-        return "fp32"
-    return "bf16" if device.type == "cuda" or cpu_supports_bf16() else "fp32"
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -22,11 +22,12 @@ Dice. What the recipe costs and gains on this project's CPU is measured in docs/
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,7 +76,7 @@ def quantized_graph(
     if calibration.dtype != np.uint8 or calibration.ndim != 3 or len(calibration) == 0:
         raise ValueError(f"calibration images must be uint8 [N, S, S], N > 0; got {calibration.dtype} "
                          f"{calibration.shape}")
-    fp32 = cached_graph(model, config, prep, cache_dir)
+    fp32 = cached_graph(model, config, prep, cache_dir).absolute()  # absolute: the quantizer runs in a scratch folder
     key = hashlib.sha256(f"{fp32.stem}:{RECIPE}:{onnxruntime.__version__}".encode())
     key.update(np.ascontiguousarray(calibration).tobytes())
     path = fp32.parent / f"{key.hexdigest()[:32]}.int8.onnx"
@@ -92,7 +93,11 @@ def quantized_graph(
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs a warning per integer shape tensor it skips
     try:
-        with tempfile.TemporaryDirectory(prefix="cascade-int8-") as tmp, atomic_path(path) as out:
+        with (
+            tempfile.TemporaryDirectory(prefix="cascade-int8-") as tmp,
+            atomic_path(path) as out,
+            _working_directory(tmp),
+        ):
             prepared = Path(tmp) / "prepared.onnx"
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
             quantize_static(
@@ -103,6 +108,25 @@ def quantized_graph(
     finally:
         logging.getLogger().setLevel(quiet)
     return path
+
+
+@contextlib.contextmanager
+def _working_directory(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Run ONNX Runtime's quantization tools inside ``folder`` (the call's temporary folder), then return.
+
+    Some of them write scratch files into the current directory, whatever paths they are given: symbolic shape
+    inference (``quant_pre_process`` without ``skip_symbolic_shape``), when it cannot infer every shape, saves
+    ``sym_shape_infer_temp.onnx`` with its weights as ``<uuid>.data`` beside it before raising — four such files were
+    once committed at the repository root. Inside the temporary folder they go when it does. Every path handed to
+    the tools is absolute. The working directory is the process's, so nothing else may rely on it meanwhile:
+    ``tune`` quantizes between its prediction passes, while no loader or service runs.
+    """
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def _stamp_recipe(prepared: Path) -> list[str]:

@@ -44,14 +44,13 @@ from cascade.data.index import scan_dicoms
 from cascade.data.synth_spec import is_synthetic
 from cascade.data.labels import Labels, read_labels
 from cascade.data.splits import Split, read_split_csv, split_fingerprint
-from cascade.devices import resolve_device
 from cascade.errors import CascadeError, ConfigError, LabelError, ModelError
 from cascade.fileio import atomic_write_json, pending
 from cascade.modeldir import REPORT_DIR, check_replaceable, write_model_dir
-from cascade.pipeline import ImageProbabilities, check_batch_size, choose_backend, native_map, predict_probabilities
-from cascade.precision import resolve_precision
+from cascade.pipeline import ImageProbabilities, check_batch_size, native_map, predict_probabilities
 from cascade.rundir import DATA_FILE, SPLIT_FILE, best_stage, read_sources
 from cascade.quantize import int8_members
+from cascade.runtime import Runtime
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, load_stage, read_config, sha256_file
 from cascade.stages.specs import SPECS
 from cascade.thresholds.metrics import json_float
@@ -94,6 +93,8 @@ class TuneOutcome:
     seconds: float = 0.0
     image_ids: list[str] = field(default_factory=list)
     """The ImageIds the search scored, in the order it saw them (fold by fold)."""
+    runtime: Runtime | None = None
+    """How the networks ran."""
 
     @property
     def report_dir(self) -> Path:
@@ -336,11 +337,7 @@ def tune_runs(
     tta: bool = False,
     batch_size: int = 16,
     workers: int | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    backend: str = "auto",
-    compile: bool = False,
-    cache_dir: PathArg | None = None,
+    runtime: Runtime | None = None,
     images: PathArg | None = None,
     labels: PathArg | None = None,
     grid: Grid | None = None,
@@ -356,10 +353,10 @@ def tune_runs(
     feed one search; MODEL_DIR gets every run as a member of its stage. ``images`` / ``labels`` override the paths
     the runs recorded in ``data.json``. Every input is checked before the (long) prediction starts; a failure
     leaves ``out`` untouched. Unreadable validation images are left out and listed in ``TuneOutcome.failed`` (and
-    in the report); if none is readable, the search raises. The networks run at ``precision`` (``auto``: bf16
-    where the hardware computes it natively), which MODEL_DIR records: inference at another precision warns; and on
-    ``backend`` (``auto`` is what ``cascade predict`` picks by default too, so thresholds are tuned on the
-    probabilities they will be applied to). At ``int8`` each member is first quantized, calibrated on the first
+    in the report); if none is readable, the search raises. The networks run on ``runtime`` (None:
+    ``Runtime.resolve()``, all ``auto``, what ``cascade predict`` picks by default too, so thresholds are tuned on
+    the probabilities they will be applied to); MODEL_DIR records its precision: inference at another one warns.
+    At ``int8`` each member is first quantized, calibrated on the first
     images of its fold (:mod:`cascade.quantize`), the search runs on the int8 probabilities, and MODEL_DIR carries
     the int8 graphs.
     """
@@ -371,9 +368,8 @@ def tune_runs(
     check_batch_size(batch_size)
     target = Path(out)
     check_replaceable(target)
-    precision = resolve_precision(precision, resolve_device(device), backend)
-    if precision == "int8":
-        choose_backend(backend, resolve_device(device), precision, compile)  # refuses CUDA / torch before any work
+    runtime = runtime or Runtime.resolve()
+    precision = runtime.precision
     pairs = pair_folds([read_run(r, "cls") for r in _as_list(cls_runs)],
                        [read_run(r, "seg") for r in _as_list(seg_runs)])
     images_dir, labels_path = _data_paths(*pairs[0], images, labels)
@@ -396,12 +392,12 @@ def tune_runs(
         members = ([load_stage(cls.best)], [load_stage(seg.best)])
         graphs = None
         if precision == "int8":
-            graphs = (int8_members(members[0], paths, cache_dir), int8_members(members[1], paths, cache_dir))
+            graphs = (int8_members(members[0], paths, runtime.cache_dir),
+                      int8_members(members[1], paths, runtime.cache_dir))
             int8_graphs["classifier"] += graphs[0]
             int8_graphs["segmenter"] += graphs[1]
         predictions = predict_probabilities(
-            *members, paths, batch_size=batch_size, workers=workers, tta=tta, device=device,
-            precision=precision, backend=backend, compile=compile, cache_dir=cache_dir, int8_graphs=graphs,
+            *members, paths, batch_size=batch_size, workers=workers, tta=tta, runtime=runtime, int8_graphs=graphs,
         )
         for image_id, cls_prob, seg_map, mask in _stream(predictions, truth, failed, synthetic, bar):
             search.add(cls_prob, seg_map, mask)
@@ -415,6 +411,7 @@ def tune_runs(
     metrics = validation_metrics(result, pairs=pairs, images_per_fold=per_fold, tta=tta, failed=len(failed))
     metrics["training_data"] = training_data(pairs, Path(labels_path), synthetic)
     metrics["validation"]["precision"] = precision
+    metrics["validation"]["runtime"] = runtime.as_dict()
 
     with tempfile.TemporaryDirectory(prefix="cascade-tune-report-") as tmp, pending(Path(tmp)):
         files = write_tune_report(result, tmp)
@@ -437,7 +434,7 @@ def tune_runs(
             tta=tta, precision=precision, report_files=[*files, Path(tmp) / "validation.json"],
             int8_graphs=int8_graphs if precision == "int8" else None,
         )
-    return TuneOutcome(target, result, metrics, failed, time.perf_counter() - start, searched)
+    return TuneOutcome(target, result, metrics, failed, time.perf_counter() - start, searched, runtime)
 
 
 def _as_list(runs: PathArg | Sequence[PathArg]) -> list[PathArg]:

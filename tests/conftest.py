@@ -1,4 +1,5 @@
-"""Shared test setup: offline hubs, no albumentations version check, and the real data folder."""
+"""Shared test setup: offline hubs, no albumentations version check, the real data folder, and a check that the test
+run leaves the repository as it found it."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ if "CASCADE_ENGINE_CACHE" not in os.environ:  # exported ONNX graphs of the tiny
 
     os.environ["CASCADE_ENGINE_CACHE"] = tempfile.mkdtemp(prefix="cascade-test-engines-")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +28,57 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent (it lives beside the repository, not in it)")
     return SHARED_DATA
+
+
+NOT_WATCHED = {".git", ".venv", ".ci-venv", "__pycache__", ".pytest_cache", ".hypothesis"}
+"""Folders (at any depth, with ``*.egg-info``) that tools rightly write while tests run, or that are not the tree."""
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Every file under ``root`` as ``relative path -> (size, mtime_ns)`` and every folder as ``path/ -> None``,
+    outside :data:`NOT_WATCHED`; links are not followed (their own size and time count)."""
+    tree: dict[str, tuple[int, int] | None] = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in NOT_WATCHED and not d.endswith(".egg-info")]
+        here = Path(folder).relative_to(root)
+        tree.update({f"{(here / d).as_posix()}/": None for d in dirs})
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(folder, name))
+            except FileNotFoundError:  # removed between listing and stat
+                continue
+            tree[(here / name).as_posix()] = (st.st_size, st.st_mtime_ns)
+    return tree
+
+
+def tree_changes(before: dict[str, tuple[int, int] | None], after: dict[str, tuple[int, int] | None]) -> list[str]:
+    """``added X`` / ``removed X`` / ``changed X`` lines, sorted by path."""
+    lines = [(path, "added") for path in after.keys() - before.keys()]
+    lines += [(path, "removed") for path in before.keys() - after.keys()]
+    lines += [(path, "changed") for path in before.keys() & after.keys() if before[path] != after[path]]
+    return [f"{what} {path}" for path, what in sorted(lines)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_left_as_found() -> Iterator[None]:
+    """Fail the run when the tests added, removed or changed any file of the repository (scratch files of a tool
+    run in the working directory, a benchmark result, an output written beside its input): tests write under
+    ``tmp_path``. ``.ci/run``'s ``.ci-venv`` inside the clone is not watched. ``CASCADE_TREE_CHECK=0`` turns the
+    check off, for a working tree that people edit while the tests run."""
+    if os.environ.get("CASCADE_TREE_CHECK") == "0":
+        yield
+        return
+    before = tree_snapshot(REPO)
+    yield
+    changes = tree_changes(before, tree_snapshot(REPO))
+    if changes:
+        shown = "\n  ".join(changes[:50]) + (f"\n  ... and {len(changes) - 50} more" if len(changes) > 50 else "")
+        pytest.fail(
+            f"the test run changed the repository at {REPO} ({len(changes)} path(s)); tests must write under "
+            f"tmp_path (if you edited these files yourself meanwhile, run again, or set CASCADE_TREE_CHECK=0):"
+            f"\n  {shown}",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -457,3 +457,20 @@ def test_the_pixel_budget_is_checked_from_the_header_and_the_stream_before_decod
     ds.save_as(tmp_path / "j2k.dcm")
     with pytest.raises(DicomError, match="the compressed stream declares 1955 x 1841 pixels, the header says 64 x 64"):
         read_dicom(tmp_path / "j2k.dcm")
+
+
+def test_a_jpeg_that_hides_its_size_past_its_first_segments_is_refused(tmp_path: Path, siim_files: list[Path]) -> None:
+    """Application segments put the frame header past where a short look would stop: still checked, and a stream
+    whose size is nowhere before its data is refused rather than handed to a decoder that trusts it."""
+    ds = pydicom.dcmread(siim_files[0])
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    padding = (b"\xff\xe1" + (65535).to_bytes(2, "big") + bytes(65533)) * 3  # three full APP1 segments
+    ds.PixelData = encapsulate([frame[:2] + padding + frame[2:]])
+    ds.Rows = 512
+    ds.save_as(tmp_path / "padded.dcm")
+    with pytest.raises(DicomError, match="the compressed stream declares 1024 x 1024 pixels, the header says 512"):
+        read_dicom(tmp_path / "padded.dcm")
+    ds.PixelData = encapsulate([frame[:2] + padding])  # no frame header at all
+    ds.save_as(tmp_path / "headless.dcm")
+    with pytest.raises(DicomError, match="the compressed stream does not declare its size"):
+        read_dicom(tmp_path / "headless.dcm")

@@ -14,6 +14,7 @@ from cascade.data.preprocess import prepare_image
 from cascade.errors import ModelError
 from cascade.onnx_export import TOLERANCE, export_onnx
 from cascade.pipeline import predict_probabilities
+from cascade.runtime import Runtime
 from test_pipeline import make_model_dir
 
 ort = pytest.importorskip("onnxruntime", reason="ONNX export needs the optional extra 'onnx'")
@@ -43,7 +44,7 @@ def test_onnx_runtime_reproduces_the_pipeline_on_a_real_image(exported: tuple[Pa
     model_dir, out = exported
     path = sorted((shared_data / "siim" / "sample-images").glob("*.dcm"))[0]
     (expected,) = predict_probabilities([model_dir / "classifier"], [model_dir / "segmenter"], [path], workers=0,
-                                        device="cpu", precision="fp32")
+                                        runtime=Runtime.resolve("cpu", "fp32"))
     image = prepare_image(read_dicom(path).pixels, 64)[None, None]
     batch = np.concatenate([image, image[..., ::-1]])  # batch of 2: the dynamic batch axis is used
     cls = ort.InferenceSession(str(out / "classifier.onnx")).run(None, {"image": batch})[0]

@@ -25,6 +25,7 @@ from cascade.data.labels import read_labels
 from cascade.data.splits import read_split_csv, split_fingerprint, write_split_csv
 from cascade.modeldir import read_model_dir
 from cascade.pipeline import predict_probabilities
+from cascade.runtime import Runtime
 from cascade.stages.checkpoint import sha256_file
 from cascade.thresholds import tune
 from cascade.tuning import tune_runs
@@ -124,7 +125,7 @@ def test_search_saw_each_image_once_predicted_by_its_own_fold(runs: Path, tuned:
     are given out of fold order to show that pairing is by fold, not by position."""
     model, _ = tuned
     outcome = tune_runs([runs / "cls1", runs / "cls0"], fold_runs(runs, "seg"), tmp_path / "m", workers=0,
-                        device="cpu", progress=False)
+                        runtime=Runtime.resolve("cpu"), progress=False)
     ids = fold_ids(runs)
     assert outcome.image_ids == ids[0] + ids[1]
     assert sorted(outcome.image_ids) == sorted(read_labels(runs / "synth" / "train-rle.csv").annotations)
@@ -134,7 +135,7 @@ def test_search_saw_each_image_once_predicted_by_its_own_fold(runs: Path, tuned:
     for fold in range(FOLDS):
         best = [runs / f"{stage}{fold}" / "best" for stage in ("cls", "seg")]
         probs += list(predict_probabilities(best[:1], best[1:], [paths[i] for i in ids[fold]], workers=0,
-                                            device="cpu"))
+                                            runtime=Runtime.resolve("cpu")))
     maps = [cv2.resize(p.seg_prob, (p.width, p.height), interpolation=cv2.INTER_LINEAR) for p in probs]
     result = tune([p.cls_prob for p in probs], maps, [labels.mask(p.image_id, SIZE, SIZE) for p in probs],
                   progress=False)
@@ -150,7 +151,7 @@ def test_ensemble_prediction_averages_the_fold_classifiers(runs: Path, tuned: tu
     images = sorted(dicoms(runs).values())[:4]
     seg = [runs / "seg0" / "best"]
     singles = [[p.cls_prob for p in predict_probabilities([runs / f"cls{f}" / "best"], seg, images, workers=0,
-                                                          device="cpu")] for f in range(FOLDS)]
+                                                          runtime=Runtime.resolve("cpu"))] for f in range(FOLDS)]
     assert not np.allclose(singles[0], singles[1]), "the two fold classifiers should differ"
     ensemble = [cascade.predict(path).probability for path in images]
     assert ensemble == pytest.approx(np.mean(singles, axis=0), abs=1e-6)

@@ -19,6 +19,7 @@ from cascade.data.synth import SynthSummary, generate
 from cascade.errors import CascadeError, ModelError
 from cascade.modeldir import MANIFEST, read_model_dir
 from cascade.pipeline import Cascade, predict_probabilities
+from cascade.runtime import Runtime
 from cascade.stages.checkpoint import sha256_file
 from cascade.thresholds.rule import Thresholds
 from conftest import CLS_CONFIG, OPEN, PREP, SEG_CONFIG, assert_refused_when_damaged, make_model_dir, tiny_stage
@@ -89,7 +90,7 @@ def test_rewriting_a_model_folder_replaces_it_but_never_other_data(model_dir: Pa
 def test_real_siim_dicom_gives_native_mask_whose_rle_decodes_back(model_dir: Path, shared_data: Path) -> None:
     path = sorted((shared_data / "siim" / "sample-images").glob("*.dcm"))[0]
     (probs,) = predict_probabilities([model_dir / "classifier"], [model_dir / "segmenter"], [path], workers=0,
-                                     device="cpu")
+                                     runtime=Runtime.resolve("cpu"))
     assert probs.seg_prob.shape == (64, 64) and (probs.height, probs.width) == (1024, 1024)
     model = Cascade.from_pretrained(model_dir, device="cpu")
     model.thresholds = Thresholds(cls=0.0, top=0.0, area=0, bottom=float(np.median(probs.seg_prob)), min_component=0)
@@ -120,7 +121,7 @@ def test_path_dataset_and_array_inputs_agree(model_dir: Path, paths: list[Path])
 
 def _count_segmenter_images(model: Cascade) -> list[int]:
     seen: list[int] = []
-    for member in model._engine.segmenter.models:
+    for member in model._stages.segmenter.models:
         member.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[0]))
     return seen
 
@@ -172,7 +173,7 @@ def test_fold_ensemble_averages_member_probabilities(tmp_path: Path, paths: list
     assert [d.name for d in info.classifiers] == ["classifier", "classifier-1"]
     ensemble = Cascade.from_pretrained(ensemble_dir, device="cpu").predict(paths[0]).probability
     members = [
-        Cascade([tiny_stage(CLS_CONFIG, seed=i)], [tiny_stage(SEG_CONFIG, seed=10)], OPEN, device="cpu")
+        Cascade([tiny_stage(CLS_CONFIG, seed=i)], [tiny_stage(SEG_CONFIG, seed=10)], OPEN, runtime=Runtime.resolve("cpu"))
         .predict(paths[0]).probability
         for i in range(2)
     ]

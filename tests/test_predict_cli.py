@@ -24,6 +24,9 @@ from cascade.thresholds.rule import Thresholds
 from test_pipeline import make_model_dir
 
 SIZE = 96
+MARGIN = 0.2
+"""How far the end-to-end model must beat the all-empty baseline on held-out films (mean Dice; measured 0.85 vs
+0.50, bf16 on this AVX512-BF16 CPU)."""
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +184,8 @@ def test_missing_input_and_bad_arguments_exit_2(model_dir: Path, tmp_path: Path,
 
 @pytest.mark.slow
 def test_end_to_end_synth_train_tune_predict_beats_the_all_empty_baseline(tmp_path: Path) -> None:
-    """tiny cls + seg training, tune, predict on a held-out folder: mean Dice above the all-empty submission."""
+    """tiny cls + seg training, tune, predict on a held-out folder: mean Dice at least MARGIN above the all-empty
+    submission (seeded data, networks and one torch thread: the same score on every run)."""
     import torch
 
     from cascade.thresholds import mean_dice
@@ -209,8 +213,9 @@ def test_end_to_end_synth_train_tune_predict_beats_the_all_empty_baseline(tmp_pa
     assert sorted(submission.image_ids) == sorted(truth.image_ids)
     ids = truth.image_ids
     score = mean_dice((submission.mask(i, SIZE, SIZE) for i in ids), (truth.mask(i, SIZE, SIZE) for i in ids))
-    baseline = 1 - len(truth.positives) / len(ids)
-    assert score > baseline, (score, baseline)
+    baseline = 1 - len(truth.positives) / len(ids)  # the all-empty submission: every negative image scores 1
+    print(f"held-out mean Dice {score:.4f}, all-empty baseline {baseline:.4f}")
+    assert score >= baseline + MARGIN, (score, baseline)
 
 
 def test_max_pixels_refuses_a_bigger_image_and_the_batch_goes_on(

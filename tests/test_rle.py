@@ -125,6 +125,27 @@ def test_round_trip_and_reference_on_random_masks(mask: np.ndarray, set_last: bo
         assert rle_encode(as_numbers) == rle
 
 
+@settings(max_examples=300, deadline=None)
+@given(_masks, st.booleans())
+def test_every_memory_layout_encodes_to_the_c_ordered_string(mask: np.ndarray, as_255: bool) -> None:
+    """rle_encode reads a column-major mask in its own memory order and a row-major one row by row: a Fortran-ordered
+    copy, a transposed view, strided and cropped views of a larger array must all give the C-ordered mask's string."""
+    mask = mask.astype(np.uint8) * 255 if as_255 else mask
+    expected = rle_encode(np.ascontiguousarray(mask))
+    assert expected == _reference_encode(mask)
+    fortran = np.asfortranarray(mask)
+    transposed = np.ascontiguousarray(mask.T).T  # a view whose memory is column-major
+    assert fortran.flags.f_contiguous and transposed.flags.f_contiguous and not transposed.flags.owndata
+    height, width = mask.shape
+    spaced = np.zeros((2 * height, 3 * width), dtype=mask.dtype)
+    spaced[::2, ::3] = mask
+    framed = np.zeros((height + 3, width + 2), dtype=mask.dtype, order="F")
+    framed[1 : 1 + height, 2:] = mask
+    for layout in (fortran, transposed, spaced[::2, ::3], framed[1 : 1 + height, 2:]):
+        assert rle_encode(layout) == expected
+    assert rle_encode(framed) == rle_encode(np.ascontiguousarray(framed)) == _reference_encode(framed)
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.integers(1, 2000), st.integers(1, 2000))
 def test_a_single_run_ending_on_the_last_pixel_of_a_large_image(height: int, width: int) -> None:

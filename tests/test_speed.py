@@ -17,10 +17,11 @@ from cascade.cli.main import main
 from cascade.data.synth import generate
 from cascade.errors import ConfigError, ModelError
 from cascade.modeldir import MANIFEST, read_model_dir
-from cascade.pipeline import AUTO_ONNXRUNTIME, Cascade, predict_probabilities
-from cascade.precision import PrecisionWarning, cpu_supports_bf16, resolve_precision
+from cascade.engines import engine_class
+from cascade.pipeline import Cascade, predict_probabilities
+from cascade.precision import PrecisionWarning, cpu_supports_bf16
+from cascade.runtime import AUTO_ONNXRUNTIME, Runtime
 
-CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +44,12 @@ def test_native_bf16_is_detected_from_the_cpu_flags() -> None:
 
 
 def test_auto_precision_is_bf16_on_cuda_and_native_bf16_cpus_only() -> None:
-    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
-    assert resolve_precision("auto", CPU) == ("bf16" if cpu_supports_bf16() else "fp32")
+    assert engine_class("torch").auto_precision(torch.device("cuda")) == "bf16"
+    assert Runtime.resolve("cpu").precision == ("bf16" if cpu_supports_bf16() else "fp32")
     for explicit in ("fp32", "bf16", "fp16"):
-        assert resolve_precision(explicit, CPU) == explicit
+        assert Runtime.resolve("cpu", explicit, "torch").precision == explicit
     with pytest.raises(ConfigError, match="unknown precision 'int4'"):
-        resolve_precision("int4", CPU)
+        Runtime.resolve("cpu", "int4")
 
 
 AVX2_ONLY = "flags\t: fpu sse avx2 fma avx512f avx512_vnni\n"
@@ -62,10 +63,10 @@ def test_auto_precision_resolves_per_engine_on_each_kind_of_cpu(
     """What ``auto`` picks on a CPU with and without native bf16 (flags faked): torch follows the CPU, ONNX Runtime
     always runs fp32 there, and ``--backend onnxruntime`` with the default precision is never refused."""
     monkeypatch.setattr("cascade.precision._cpuinfo", lambda: flags)
-    assert resolve_precision("auto", CPU) == torch_auto
-    assert resolve_precision("auto", CPU, "torch") == torch_auto
-    assert resolve_precision("auto", CPU, "onnxruntime") == "fp32"
-    assert resolve_precision("auto", torch.device("cuda"), "torch") == "bf16"
+    assert Runtime.resolve("cpu").precision == torch_auto
+    assert Runtime.resolve("cpu", engine="torch").precision == torch_auto
+    assert Runtime.resolve("cpu", engine="onnxruntime").precision == "fp32"
+    assert engine_class("torch").auto_precision(torch.device("cuda")) == "bf16"
     with warnings.catch_warnings():
         warnings.simplefilter("error", PrecisionWarning)  # the folder was tuned at fp32: ONNX Runtime must run fp32
         ort = Cascade.from_pretrained(model_dir, device="cpu", backend="onnxruntime")
@@ -124,8 +125,8 @@ def test_bf16_runs_in_bf16_and_stays_close_to_fp32(model_dir: Path, paths: list[
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PrecisionWarning)
             runs[precision] = list(predict_probabilities([model_dir / "classifier"], [model_dir / "segmenter"], paths,
-                                                         workers=0, device="cpu", precision=precision,
-                                                         backend="torch"))
+                                                         workers=0,
+                                                         runtime=Runtime.resolve("cpu", precision, "torch")))
     fp32 = np.stack([p.seg_prob for p in runs["fp32"]])
     bf16 = np.stack([p.seg_prob for p in runs["bf16"]])
     diff = np.abs(fp32 - bf16).max()

@@ -23,7 +23,7 @@ from cascade.data.labels import read_labels
 from cascade.data.splits import read_split_csv, split_fingerprint, write_split_csv
 from cascade.modeldir import read_model_dir
 from cascade.pipeline import predict_probabilities
-from cascade.precision import resolve_precision
+from cascade.runtime import Runtime
 from cascade.stages.checkpoint import sha256_file
 from cascade.thresholds import Summary, dice, summarize, tune
 
@@ -111,7 +111,7 @@ def test_writes_a_complete_model_folder_that_loads(runs: Path, tuned: tuple[Path
     assert v["fold"] == 0 and v["folds"] == 4 and "out_of_fold" not in v  # the single-pair record is unchanged
     assert v["positives"] == sum(read_labels(runs / "synth" / "train-rle.csv").is_positive(i) for i in ids)
     assert data["preprocessing"]["segmenter"] == {"size": 64, "mean": 0.5, "std": 0.25}
-    assert data["precision"] == v["precision"] == resolve_precision("auto", torch.device("cpu"))  # what auto ran
+    assert data["precision"] == v["precision"] == Runtime.resolve("cpu").precision  # what auto ran
     assert set(data["versions"]) == {"cascade", "torch", "timm", "smp"}
     assert sorted(data["report"]) == sorted(f"report/{name}" for name in REPORT_FILES)
     for name in REPORT_FILES:
@@ -128,7 +128,7 @@ def test_thresholds_are_what_tune_finds_on_the_same_maps(runs: Path, model: Path
     ids, paths = validation(runs)
     labels = read_labels(runs / "synth" / "train-rle.csv")
     probs = list(predict_probabilities([runs / "cls" / "best"], [runs / "seg" / "best"], paths, workers=0,
-                                       device="cpu"))
+                                       runtime=Runtime.resolve("cpu")))
     assert [p.image_id for p in probs] == ids
     maps = [cv2.resize(p.seg_prob, (p.width, p.height), interpolation=cv2.INTER_LINEAR) for p in probs]
     masks = [labels.mask(i, SIZE, SIZE) for i in ids]
@@ -337,7 +337,7 @@ def test_int8_tune_ships_calibrated_graphs_that_predict_runs(runs: Path, model: 
         Cascade.from_pretrained(model, device="cpu", precision="int8")
     with pytest.raises(ConfigError, match="precision int8 runs on ONNX Runtime on the CPU only"):
         Cascade.from_pretrained(out, device="cpu", precision="int8", backend="torch")
-    usual = resolve_precision("auto", torch.device("cpu"))  # torch asked for: the usual auto precision, warned
+    usual = Runtime.resolve("cpu", engine="torch").precision  # torch asked for: the usual auto precision, warned
     with pytest.warns(PrecisionWarning, match=f"tuned at int8 but inference runs at {usual}"):
         assert Cascade.from_pretrained(out, device="cpu", backend="torch").precision == usual
     # the int8 graphs travel with an export

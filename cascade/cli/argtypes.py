@@ -4,6 +4,13 @@ speed options of the commands that run the networks."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+from cascade.runtime import BACKENDS
+
+if TYPE_CHECKING:
+    from cascade.runtime import Runtime
+    from cascade.sharding import Shard
 
 
 def positive_int(text: str) -> int:
@@ -47,7 +54,7 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
         "Runtime, graphs calibrated by 'cascade tune --precision int8' (docs/speed.md)",
     )
     p.add_argument(
-        "--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
+        "--backend", choices=BACKENDS, default="auto",
         help="engine (default auto: ONNX Runtime for fp32 on the CPU when installed, else PyTorch)",
     )
     p.add_argument("--compile", action="store_true", help="torch backend: run the networks through torch.compile")
@@ -57,9 +64,18 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def runtime_from_args(args: argparse.Namespace, shard: Shard | None = None) -> Runtime:
+    """The one reading of ``--device``, ``--precision``, ``--backend``, ``--compile`` and ``--cache-dir``: the
+    resolved :class:`cascade.runtime.Runtime` (under ``torchrun``, ``shard`` gives this process its own GPU)."""
+    from cascade.runtime import Runtime
+
+    device = args.device if shard is None else shard.device(args.device)
+    return Runtime.resolve(device, args.precision, args.backend, args.compile, args.cache_dir)
+
+
 def add_max_pixels_argument(p: argparse.ArgumentParser) -> None:
     """--max-pixels: the pixel budget of one input image, checked from its header before decoding."""
-    from cascade.data.dicom import MAX_PIXELS  # light: pydicom and numpy only
+    from cascade.data.limits import MAX_PIXELS
 
     p.add_argument(
         "--max-pixels", type=positive_int, default=MAX_PIXELS, metavar="N",

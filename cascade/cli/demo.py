@@ -22,11 +22,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cascade.cli.main import main
     from cascade.demo import QUICK, DemoPlan, run_demo
     from cascade.fileio import check_output
 
     check_output(args.out, folder=True)
-    result = run_demo(args.out, QUICK if args.quick else DemoPlan(), progress=not args.quiet)
+    result = run_demo(args.out, QUICK if args.quick else DemoPlan(), command=main, progress=not args.quiet)
     test, gate = result.test, result.gate
     print(
         f"\ndemo finished in {sum(result.seconds.values()):.0f} s: held-out mean Dice {test['mean_dice']:.4f} "

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from cascade.cli.argtypes import add_speed_arguments, non_negative_int, positive_int, probability
+from cascade.cli.argtypes import add_speed_arguments, non_negative_int, positive_int, probability, runtime_from_args
 
 if TYPE_CHECKING:
     from cascade.tuning import TuneOutcome
@@ -84,7 +84,8 @@ def summary_lines(outcome: TuneOutcome) -> list[str]:
     return [
         f"{where}: {v['images']} images, {v['positives']} positive"
         + (f", {v['unreadable_images']} unreadable (left out)" if v["unreadable_images"] else "")
-        + f"; scored at native resolution{', flip TTA' if v['tta'] else ''}, networks at {v['precision']}",
+        + f"; scored at native resolution{', flip TTA' if v['tta'] else ''}, networks at {v['precision']}"
+        + (f" ({outcome.runtime.describe()})" if outcome.runtime else ""),
         f"thresholds{mode}: {th.describe()}",
         f"mean Dice {format_number(v['mean_dice'])} (all-empty baseline {format_number(v['baseline_empty'])}), "
         f"Dice on true positives {format_number(v['dice_positive'])}",
@@ -114,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
     outcome = tune_runs(
         args.cls, args.seg, args.out,
         min_sensitivity=args.min_sensitivity, max_segmented_share=args.max_segmenter_share, tta=args.tta,
-        batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
-        backend=args.backend, compile=args.compile, cache_dir=args.cache_dir, images=args.images,
+        batch_size=args.batch_size, workers=args.workers, runtime=runtime_from_args(args), images=args.images,
         labels=args.labels, grid=grid, progress=not args.quiet,
     )
     for line in outcome.failed:

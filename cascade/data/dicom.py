@@ -24,6 +24,7 @@ import io
 import logging
 import math
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,18 +47,9 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 
+from cascade.data.limits import MAX_PIXELS, MAX_SIDE
 from cascade.errors import ConfigError, DicomError
 from cascade.fileio import path_kind
-
-MAX_SIDE = 16384
-"""Largest accepted image side in pixels; anything bigger is a corrupt header, not a radiograph."""
-
-MAX_PIXELS = 5000 * 5000
-"""Default pixel budget of one image: Rows x Columns x SamplesPerPixel x frames, checked from the header (and
-from the compressed stream's own size fields) before any decoder allocates, so a few-kilobyte compressed "bomb"
-declaring 16384 x 16384 is refused instead of costing gigabytes. 25 million pixels covers the largest real
-radiographs (a 43 x 43 cm detector at 100 um is 4,300 x 4,300; stitched long-leg films about 3,000 x 7,000); the
-memory one decode needs is in docs/robustness.md. ``--max-pixels`` / ``max_pixels=`` change it."""
 
 _SOF_MARKERS = frozenset([*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7])
 """JPEG start-of-frame markers (baseline, extended, progressive, lossless; 0xF7 is JPEG-LS): their segment holds
@@ -91,19 +83,49 @@ class DicomImage:
     copy (patient, study, series, SOP instance). Carried, never logged; None for an array input."""
 
 
+class _Hush:
+    """Python's warnings and the whole ``pydicom`` logger tree silenced while at least one read is in progress.
+
+    Both are process-wide, so concurrent reads (the services decode in threads) share one count: the first read in
+    silences, the last one out restores, and no read's end can let another's messages through. The level is set on
+    ``pydicom`` itself so that its children (``pydicom.pixels.decoders.base`` logs each failing decoder plugin's
+    traceback at ERROR) fall silent too; ``Logger.disabled`` would stop the parent's own records only."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._level = logging.NOTSET
+        self._warnings = warnings.catch_warnings()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                logger = logging.getLogger("pydicom")
+                self._level = logger.level
+                logger.setLevel(logging.CRITICAL + 1)
+                self._warnings = warnings.catch_warnings()
+                self._warnings.__enter__()
+                warnings.simplefilter("ignore")
+            self._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                self._warnings.__exit__(None, None, None)
+                logging.getLogger("pydicom").setLevel(self._level)
+
+
+_HUSH = _Hush()
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence pydicom's warnings and log lines (they quote invalid header values verbatim: a patient name in a UI
-    element would reach the terminal) and numpy's floating-point warnings, for the duration of one read."""
-    logger = logging.getLogger("pydicom")
-    disabled = logger.disabled
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
-        logger.disabled = True
-        try:
-            yield
-        finally:
-            logger.disabled = disabled
+    element would reach the terminal; a failing decoder logs a traceback) and numpy's floating-point warnings, for
+    the duration of one read; safe in concurrent threads (:class:`_Hush`)."""
+    with _HUSH, np.errstate(all="ignore"):
+        yield
 
 
 def hold_dicom_loggers() -> None:
@@ -380,15 +402,24 @@ def _pixels(ds: Dataset, name: str, max_pixels: int) -> np.ndarray:
 
 
 def _check_stream_size(ds: Dataset, name: str, rows: int, cols: int) -> None:
-    """Refuse compressed pixel data whose own size fields (JPEG/JPEG-LS SOF, JPEG 2000 SIZ) disagree with the
-    header: decoders allocate what the stream declares, so a small header must not let a huge stream through."""
+    """Refuse compressed pixel data whose own size fields (JPEG/JPEG-LS SOF, JPEG 2000 SIZ or JP2 ihdr) disagree
+    with the header, or that hides them: decoders allocate what the stream declares, so a small header must not let
+    a huge stream through."""
+    head = b""
+    size: tuple[int, int] | None | object = None
     try:
         fragments = generate_fragments(ds.PixelData)
         next(fragments, b"")  # the Basic Offset Table
-        first = next(fragments, b"")
+        for fragment in fragments:
+            head += fragment
+            size = _stream_size(head)
+            if size is not _UNSAID or len(head) >= _STREAM_HEAD:
+                break
     except Exception:  # a corrupt item structure; the decoder's own check reports it
         return
-    size = _stream_size(bytes(first[:65536]))
+    if size is _UNSAID:
+        raise DicomError(f"{name}: the compressed stream does not declare its size in its first {len(head):,} bytes; "
+                         "refused before decoding")
     if size is not None and size != (rows, cols):
         raise DicomError(
             f"{name}: the compressed stream declares {size[0]} x {size[1]} pixels, the header says {rows} x {cols}; "
@@ -396,11 +427,25 @@ def _check_stream_size(ds: Dataset, name: str, rows: int, cols: int) -> None:
         )
 
 
-def _stream_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) a JPEG-family or JPEG 2000 codestream declares, or None when it does not say in its start."""
-    if data[:4] == b"\xff\x4f\xff\x51" and len(data) >= 24:  # J2K: SOC then SIZ (Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz)
+_STREAM_HEAD = 4 << 20
+"""Bytes of a compressed frame searched for its size fields (JPEG application segments are at most 64 KiB each)."""
+_UNSAID = object()
+"""A JPEG-family or JPEG 2000 stream whose size fields are not in the bytes looked at (yet)."""
+
+
+def _stream_size(data: bytes) -> tuple[int, int] | None | object:
+    """(height, width) a JPEG-family or JPEG 2000 stream declares; None when ``data`` is not such a stream (RLE);
+    ``_UNSAID`` when it is one but its size fields are not within ``data``."""
+    if data[:2] == b"\xff\x4f":  # J2K codestream: SOC, then SIZ at once (Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz)
+        if data[2:4] != b"\xff\x51" or len(data) < 24:
+            return _UNSAID
         x, y, x0, y0 = (int.from_bytes(data[i:i + 4], "big") for i in (8, 12, 16, 20))
         return y - y0, x - x0
+    if data[4:8] == b"jP  ":  # JP2 file format: the image header box holds height then width
+        at = data.find(b"ihdr", 0, 4096)
+        if at < 0 or len(data) < at + 12:
+            return _UNSAID
+        return int.from_bytes(data[at + 4:at + 8], "big"), int.from_bytes(data[at + 8:at + 12], "big")
     if data[:2] != b"\xff\xd8":
         return None
     i = 2
@@ -414,7 +459,7 @@ def _stream_size(data: bytes) -> tuple[int, int] | None:
             i += 2
         else:
             i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return None
+    return _UNSAID
 
 
 def _check_decoder(ds: Dataset, name: str) -> UID:

@@ -75,15 +75,32 @@ def _syntax_problem(text: str) -> str:
 
 
 def rle_encode(mask: np.ndarray) -> str:
-    """Encode a 2-D mask (bool, 0/1 or 0/255) in the challenge's RLE; ``-1`` when it is empty."""
+    """Encode a 2-D mask (bool, 0/1 or 0/255) in the challenge's RLE; ``-1`` when it is empty.
+
+    The mask is read in the order its memory holds: a column-major one (Fortran order, or a transposed view) is
+    already in the RLE's order, so its foreground indices come out sorted; a row-major one (or any other view) is
+    read row by row and its indices are sorted into column-major order. Either way only the band of rows (or
+    columns) holding foreground is scanned past the first cheap ``any`` pass.
+    """
     m = np.asarray(mask)
     if m.ndim != 2:
         raise LabelError(f"cannot encode a mask of shape {m.shape}: a 2-D height x width array is required")
+    m = m if m.dtype == bool else m > 0  # an elementwise result keeps the input's memory order
     height, width = m.shape
-    rows, cols = np.divmod(np.flatnonzero(m if m.dtype == bool else m > 0), width)
-    if rows.size == 0:
-        return EMPTY
-    flat = np.sort(cols * height + rows)
+    columns = m.T
+    if columns.flags.c_contiguous:  # column-major memory: row c of the transpose is column c of the mask
+        band = np.flatnonzero(columns.any(axis=1))
+        if band.size == 0:
+            return EMPTY
+        first, last = int(band[0]), int(band[-1]) + 1
+        flat = np.flatnonzero(columns[first:last]) + first * height
+    else:
+        band = np.flatnonzero(m.any(axis=1))
+        if band.size == 0:
+            return EMPTY
+        first, last = int(band[0]), int(band[-1]) + 1
+        rows, cols = np.divmod(np.flatnonzero(m[first:last]), width)
+        flat = np.sort(cols * height + (rows + first))
     breaks = np.flatnonzero(np.diff(flat) != 1) + 1
     starts = flat[np.concatenate(([0], breaks))]
     ends = flat[np.concatenate((breaks - 1, [flat.size - 1]))] + 1

@@ -3,8 +3,12 @@ the DICOM node.
 
 A binary Segmentation (highdicom) with one segment, "Pneumothorax" (SNOMED CT 36118008, category 49755003
 "Morphologically abnormal structure"), at the source image's native Rows x Columns, referencing the source's
-study, series and SOP instance, and copying its patient and study modules (so a PACS files it with the image).
-The algorithm is identified as ``cascade`` with the package version (family: artificial intelligence).
+study, series and SOP instance, and copying its required patient and study attributes (so a PACS files it with the
+image; :func:`cascade.outputs.dicom_common.study_header`) and nothing else of the patient, study or equipment.
+The algorithm is identified as ``cascade`` with the package version (family: artificial intelligence) and, as its
+parameters, the model folder's name and digest (:func:`cascade.outputs.dicom_common.model_parameters`), the same that
+the SR and the Secondary Capture carry. The SR of the same image references this SEG by its SOP Instance UID
+(:func:`cascade.outputs.dicom_sr.report` takes the SEG dataset).
 
 Only positive predictions get a SEG: a negative has nothing to segment, and an empty SEG would look like a finding
 in a PACS list. The source header travels with the :class:`~cascade.pipeline.Prediction` (read once with the
@@ -15,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,14 +26,23 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydicom.dataset import Dataset
 
-from cascade import __version__
 from cascade.errors import CascadeError
-from cascade.fileio import atomic_path
+from cascade.outputs.dicom_common import (
+    MANUFACTURER,
+    MANUFACTURER_MODEL_NAME,
+    identity,
+    model_parameters,
+    save,
+    study_header,
+    to_bytes,
+)
 
 if TYPE_CHECKING:
     from cascade.pipeline import Prediction
 
 SEGMENT_LABEL = "Pneumothorax"
+SEGMENT_NUMBER = 1
+"""The one segment of every SEG (what the SR's reference names)."""
 SERIES_NUMBER = 9901
 """Series number of every SEG series cascade writes (a PACS shows it beside the source series)."""
 SERIES_DESCRIPTION = "cascade pneumothorax segmentation"
@@ -53,11 +65,13 @@ def segmentation(prediction: Prediction) -> Dataset:
         raise CascadeError(
             f"{prediction.source}: mask is {prediction.mask.shape}, the source header says {rows} x {cols}"
         )
+    model = identity(prediction)
     algorithm = hd.AlgorithmIdentificationSequence(
-        name="cascade", version=__version__, family=codes.cid7162.ArtificialIntelligence
+        name="cascade", version=model.version, family=codes.cid7162.ArtificialIntelligence,
+        parameters=model_parameters(model) or None,
     )
     segment = hd.seg.SegmentDescription(
-        segment_number=1,
+        segment_number=SEGMENT_NUMBER,
         segment_label=SEGMENT_LABEL,
         segmented_property_category=hd.sr.CodedConcept("49755003", "SCT", "Morphologically abnormal structure"),
         segmented_property_type=hd.sr.CodedConcept("36118008", "SCT", "Pneumothorax"),
@@ -69,7 +83,7 @@ def segmentation(prediction: Prediction) -> Dataset:
         warnings.simplefilter("ignore")
         try:
             seg = hd.seg.Segmentation(
-                source_images=[_valid_copy(source)],
+                source_images=[_source_for_seg(source)],
                 pixel_array=prediction.mask.astype(np.uint8)[np.newaxis],
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
                 segment_descriptions=[segment],
@@ -77,9 +91,9 @@ def segmentation(prediction: Prediction) -> Dataset:
                 series_number=SERIES_NUMBER,
                 sop_instance_uid=hd.UID(),
                 instance_number=1,
-                manufacturer="cascade",
-                manufacturer_model_name="cascade pneumothorax cascade",
-                software_versions=__version__,
+                manufacturer=MANUFACTURER,
+                manufacturer_model_name=MANUFACTURER_MODEL_NAME,
+                software_versions=model.version,
                 device_serial_number="none",
                 series_description=SERIES_DESCRIPTION,
             )
@@ -93,32 +107,34 @@ def segmentation(prediction: Prediction) -> Dataset:
     return seg
 
 
-def _valid_copy(source: Dataset) -> Dataset:
-    """The source header less optional patient attributes whose values break their VR (they would be copied into
-    the SEG and make it invalid): SIIM's PatientAge ``"38"`` instead of ``"038Y"`` is the case seen."""
-    header = copy.deepcopy(source)
-    age = str(header.get("PatientAge", ""))
-    if age and not _AGE.fullmatch(age):
-        del header.PatientAge
+def _source_for_seg(source: Dataset) -> Dataset:
+    """What highdicom is given of the source: its identity and required patient and study attributes
+    (:func:`~cascade.outputs.dicom_common.study_header`) and the image attributes a SEG derives from it
+    (:data:`IMAGE`). Nothing else reaches the SEG — no patient comments, no acquisition equipment or institution."""
+    header = study_header(source)
+    for keyword in IMAGE:
+        if keyword in source:
+            header[keyword] = copy.deepcopy(source[keyword])
     return header
 
 
-_AGE = re.compile(r"\d{3}[DWMY]")
+IMAGE = (
+    "Rows", "Columns", "Modality", "PixelSpacing", "ImagerPixelSpacing", "PatientOrientation", "NumberOfFrames",
+    "FrameOfReferenceUID", "PositionReferenceIndicator", "ImageOrientationPatient", "ImagePositionPatient",
+    "SliceThickness", "SpacingBetweenSlices", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+    "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    "LossyImageCompression", "LossyImageCompressionMethod", "LossyImageCompressionRatio",
+)
+"""Source image attributes highdicom derives a SEG's geometry, frame of reference and lossy-compression history
+from (checked on CR/CT/MR/US/SC samples: with only these, the SEG differs from one built from the whole header in
+the optional patient and study attributes and the acquisition equipment only)."""
 
 
 def write_segmentation(prediction: Prediction, path: str | os.PathLike[str]) -> Path:
     """Write the DICOM SEG of a positive prediction to ``path`` atomically; return the path."""
-    dataset = segmentation(prediction)
-    target = Path(path)
-    with atomic_path(target) as tmp:
-        dataset.save_as(tmp, enforce_file_format=True)
-    return target
+    return save(segmentation(prediction), path)
 
 
 def segmentation_bytes(prediction: Prediction) -> bytes:
     """The DICOM SEG of a positive prediction as a Part 10 byte stream (for HTTP answers and C-STORE)."""
-    from io import BytesIO
-
-    buffer = BytesIO()
-    segmentation(prediction).save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return to_bytes(segmentation(prediction))

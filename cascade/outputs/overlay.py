@@ -1,5 +1,6 @@
 """PNG overlay of a prediction: the radiograph in grey, the mask outlined in red, the classifier probability written
-in the corner. The one drawing used by ``cascade predict --overlays`` and the web service's ``?format=png``."""
+in the corner. The one drawing used by ``cascade predict --overlays``, the web service's ``?format=png`` and the DICOM
+Secondary Capture."""
 
 from __future__ import annotations
 
@@ -21,6 +22,17 @@ def overlay_png(grey: np.ndarray, pred: Prediction) -> bytes:
     (:attr:`~cascade.pipeline.Prediction.image`, or ``to_uint8(read_dicom(...).pixels)``)."""
     import cv2
 
+    ok, encoded = cv2.imencode(".png", draw_overlay(grey, pred))
+    if not ok:
+        raise OSError(f"{pred.source}: PNG encoding failed")
+    return encoded.tobytes()
+
+
+def draw_overlay(grey: np.ndarray, pred: Prediction) -> np.ndarray:
+    """The overlay drawing itself, uint8 BGR (OpenCV's order) at the radiograph's size: what the PNG and the DICOM
+    Secondary Capture (:mod:`cascade.outputs.secondary_capture`) hold."""
+    import cv2
+
     if grey.dtype != np.uint8 or grey.ndim != 2:
         raise TypeError(f"an overlay is drawn on a 2-D uint8 image, got {grey.dtype} {grey.shape}")
     image = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
@@ -38,10 +50,7 @@ def overlay_png(grey: np.ndarray, pred: Prediction) -> bytes:
         max(1, round(2 * scale)),
         cv2.LINE_AA,
     )
-    ok, encoded = cv2.imencode(".png", image)
-    if not ok:
-        raise OSError(f"{pred.source}: PNG encoding failed")
-    return encoded.tobytes()
+    return image
 
 
 def write_overlay(path: str | os.PathLike[str], pred: Prediction) -> Path:

@@ -6,6 +6,9 @@ and, when a writer asks for it (``needs_image``), the decoded grey levels (``Pre
 decodes a source again. The submission CSV is :class:`SubmissionWriter` (``--out``); the per-image files are the
 :data:`OUTPUTS` registry, by name, each offered by ``cascade predict`` as ``--<name> DIR``. Heavy libraries are
 imported inside ``write``, so reading the registry (``cascade predict --help``) stays light.
+
+Writers of one run that refer to each other's files are linked before the first image (:func:`link_writers`): the
+DICOM SR of an image references the DICOM SEG written for it in the same run (docs/dicom-results.md).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cascade.errors import CascadeError
 
@@ -37,6 +40,9 @@ class Writer(Protocol):
     def close(self) -> None:
         """After the last image (a writer of one file for all images writes it here)."""
         ...
+
+    # A writer may also define ``link(writers)``: called once with all the run's writers, in the order they are
+    # handed each image, before the first (:func:`link_writers`).
 
 
 class SubmissionWriter:
@@ -62,16 +68,19 @@ class SubmissionWriter:
 
 
 class PerImageWriter:
-    """``DIR/<ImageId><suffix>`` per positive image, drawn by :meth:`write_file` (a subclass sets both)."""
+    """``DIR/<ImageId><suffix>`` per positive image — or per analysed image, positive or negative, when
+    ``positives_only`` is False — drawn by :meth:`write_file` (a subclass sets ``suffix`` and it). A failed image
+    never gets one."""
 
     needs_image = False
     suffix = ""
+    positives_only = True
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
 
     def write(self, pred: Prediction) -> bool:
-        if not pred.positive:
+        if not pred.ok or (self.positives_only and not pred.positive):
             return False
         self.write_file(self.folder / f"{pred.image_id}{self.suffix}", pred)
         return True
@@ -96,14 +105,65 @@ class OverlayWriter(PerImageWriter):
 
 
 class DicomSegWriter(PerImageWriter):
-    """``DIR/<ImageId>.dcm`` per positive image: :func:`cascade.outputs.dicom_seg.write_segmentation`."""
+    """``DIR/<ImageId>.dcm`` per positive image: :func:`cascade.outputs.dicom_seg.segmentation`. The SEG last
+    written stays at hand (:meth:`written_for`) for the SR of the same image."""
 
     suffix = ".dcm"
 
-    def write_file(self, path: Path, pred: Prediction) -> None:
-        from cascade.outputs.dicom_seg import write_segmentation
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        super().__init__(folder)
+        self._last: tuple[Prediction, Any] | None = None
 
-        write_segmentation(pred, path)
+    def write_file(self, path: Path, pred: Prediction) -> None:
+        from cascade.outputs.dicom_common import save
+        from cascade.outputs.dicom_seg import segmentation
+
+        self._last = None
+        dataset = segmentation(pred)
+        save(dataset, path)
+        self._last = (pred, dataset)
+
+    def written_for(self, pred: Prediction) -> Any:
+        """The SEG dataset written for ``pred`` (this very prediction, just now), else None."""
+        return self._last[1] if self._last is not None and self._last[0] is pred else None
+
+
+class DicomSrWriter(PerImageWriter):
+    """``DIR/<ImageId>.sr.dcm`` per analysed image, positive or negative: :func:`cascade.outputs.dicom_sr.report`,
+    referencing the SEG a :class:`DicomSegWriter` of the same run wrote for the image (none when it wrote none)."""
+
+    suffix = ".sr.dcm"
+    positives_only = False
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        super().__init__(folder)
+        self.segmentations: DicomSegWriter | None = None
+
+    def link(self, writers: Mapping[str, Writer]) -> None:
+        order = list(writers.values())
+        segs = [w for w in order if isinstance(w, DicomSegWriter)]
+        if len(segs) > 1 or (segs and order.index(segs[0]) > order.index(self)):
+            raise ValueError("an SR writer takes at most one SEG writer, handed each image before it")
+        self.segmentations = segs[0] if segs else None
+
+    def write_file(self, path: Path, pred: Prediction) -> None:
+        from cascade.outputs.dicom_common import save
+        from cascade.outputs.dicom_sr import report
+
+        seg = self.segmentations.written_for(pred) if self.segmentations is not None else None
+        save(report(pred, seg), path)
+
+
+class SecondaryCaptureWriter(PerImageWriter):
+    """``DIR/<ImageId>.sc.dcm`` per positive image: :func:`cascade.outputs.secondary_capture.secondary_capture`."""
+
+    needs_image = True
+    suffix = ".sc.dcm"
+
+    def write_file(self, path: Path, pred: Prediction) -> None:
+        from cascade.outputs.secondary_capture import write_secondary_capture
+
+        write_secondary_capture(pred, path)
 
 
 @dataclass(frozen=True)
@@ -127,6 +187,23 @@ OUTPUTS: dict[str, Output] = {
             "also write a DICOM SEG per positive image, DIR/<ImageId>.dcm, referencing its source (a PACS files it "
             "with the image); DIR must lie outside the inputs and the model folder",
             summary="{count} DICOM SEG written to {folder}",
+        ),
+        Output(
+            "dicom-sr",
+            DicomSrWriter,
+            "also write a DICOM SR (Comprehensive, TID 1500) per analysed image, positive or negative, "
+            "DIR/<ImageId>.sr.dcm: pneumothorax present/absent, probability, area, model version and digest; it "
+            "references its source and the SEG written in the same run (--dicom-seg); DIR must lie outside the "
+            "inputs and the model folder",
+            summary="{count} DICOM SR written to {folder}",
+        ),
+        Output(
+            "secondary-capture",
+            SecondaryCaptureWriter,
+            "also write a DICOM Secondary Capture per positive image, DIR/<ImageId>.sc.dcm: the radiograph with the "
+            "outline and an 'AI RESULT ... NOT FOR DIAGNOSIS' banner burned in, for viewers without DICOM SEG "
+            "support; DIR must lie outside the inputs and the model folder",
+            summary="{count} Secondary Capture written to {folder}",
         ),
     )
 }
@@ -157,8 +234,18 @@ def write_image(pred: Prediction, writers: Mapping[str, Writer]) -> Written:
     return Written(light, tuple(wrote), tuple(failures))
 
 
+def link_writers(writers: Mapping[str, Writer]) -> None:
+    """Let each writer that refers to another's files (``link``) see the run's writers, once, before any image."""
+    for writer in writers.values():
+        link = getattr(writer, "link", None)
+        if link is not None:
+            link(writers)
+
+
 def write_all(predictions: Iterable[Prediction], writers: Mapping[str, Writer]) -> list[Written]:
-    """Every prediction through every writer, in order, then each writer closed."""
+    """The writers linked (:func:`link_writers`), every prediction through every writer, in order, then each
+    writer closed."""
+    link_writers(writers)
     written = [write_image(pred, writers) for pred in predictions]
     for writer in writers.values():
         writer.close()
