@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cascade.cli.argtypes import add_speed_arguments, non_negative_int, positive_int
+from cascade.cli.argtypes import (
+    add_max_pixels_argument,
+    add_speed_arguments,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 DESCRIPTION = """\
 Run a DICOM node: a Storage SCP that accepts CR, DX (for presentation and for processing) and Secondary Capture
@@ -16,7 +22,13 @@ EncodedPixels, received, finished, seg, error); a positive also gets its DICOM S
 to a PACS (retried with back-off; unsent SEGs wait in DIR/outbox/ for the next start). Images received earlier but
 not yet analysed (a kill, a crash) are analysed first at start; an image already in findings.csv is never analysed
 twice. SIGTERM or Ctrl-C stops listening, analyses everything acknowledged and exits 0. Logs show one line per
-image (a hash of its SOP Instance UID, the decision, ms from receipt to finding), never a header value."""
+image (a hash of its SOP Instance UID, the decision, ms from receipt to finding), never a header value.
+
+Against hostile or broken peers: an image whose header declares more than --max-pixels is refused at once with
+C-STORE status 0xC001 (Cannot understand; Error Comment says why), never stored or decoded; associations addressed
+to another called AE title than --ae-title are refused, as are those beyond --max-associations-per-peer from one
+peer address or --max-associations in all (A-ASSOCIATE-RJ, transient: the peer may retry); an association idle for
+--idle-timeout seconds is aborted."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +56,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--retry-max", type=float, default=60.0, metavar="S",
         help="longest wait between attempts to reach the --forward destination (default 60 s)",
     )
+    p.add_argument(
+        "--idle-timeout", type=positive_float, default=60.0, metavar="S",
+        help="abort an association that sends nothing for S seconds (default 60)",
+    )
+    p.add_argument(
+        "--max-associations", type=positive_int, default=16, metavar="N",
+        help="most associations open at once, all peers together (default 16)",
+    )
+    p.add_argument(
+        "--max-associations-per-peer", type=positive_int, default=4, metavar="N",
+        help="most associations open at once from one peer IP address (default 4): one sender cannot hold them all",
+    )
+    add_max_pixels_argument(p)
     add_speed_arguments(p)
     p.set_defaults(func=run)
 
@@ -74,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
             args.model_dir, device=args.device, precision=args.precision, backend=args.backend, compile=args.compile,
             cache_dir=args.cache_dir,
         )
+    model.max_pixels = args.max_pixels
     node = Node(
         model,
         args.out,
@@ -85,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         queue_size=args.queue_size,
         retry_max=args.retry_max,
+        idle_timeout=args.idle_timeout,
+        max_associations=args.max_associations,
+        max_per_peer=args.max_associations_per_peer,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

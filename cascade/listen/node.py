@@ -13,6 +13,13 @@ Order of work for one image, chosen so that a kill at any point loses nothing an
 3. at start, a line cut short is dropped, leftover incoming files are analysed first (skipped when their finding
    is already written) and outbox SEGs whose finding is written are sent.
 
+Hostile peers: an image whose header declares more pixels than the model's budget (:attr:`Cascade.max_pixels`,
+``--max-pixels``) is refused in the C-STORE handler before it is stored (:data:`OVER_BUDGET`): a few-KB compressed
+file can declare gigabytes. Associations are only accepted when addressed to this node's AE title; one peer
+address holds at most ``max_per_peer`` at once (the next is refused with A-ASSOCIATE-RJ, transient, local limit
+exceeded) and all peers together ``max_associations``; an association idle for ``idle_timeout`` seconds is aborted,
+a connection that sends no association request within :data:`REQUEST_WAIT` seconds is closed.
+
 Logs hold one line per image: the first 12 hex digits of the sha256 of its SOP Instance UID, the decision and the
 milliseconds from receipt to finding; never a UID, a patient identifier or any other header value. pynetdicom's
 own logger is held at WARNING (at DEBUG it prints whole datasets), pydicom's and highdicom's at ERROR (their
@@ -21,6 +28,7 @@ warnings and INFO lines quote header values and UIDs).
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import queue
@@ -31,6 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydicom import Dataset, dcmread
+
+from cascade.data.dicom import check_max_pixels, quiet
 from cascade.errors import CascadeError, ConfigError
 from cascade.fileio import durable_write_bytes
 from cascade.listen.findings import Finding, FindingsLog
@@ -38,6 +49,8 @@ from cascade.listen.forward import Destination, Forwarder, uid_hash
 from cascade.listen.spool import Spool, valid_uid
 
 if TYPE_CHECKING:
+    from pynetdicom.association import Association
+
     from cascade.pipeline import Cascade, Prediction
 
 log = logging.getLogger("cascade.listen")
@@ -51,17 +64,39 @@ IMAGE_STORAGE = {
 """The SOP classes the node accepts (with Verification); any other is refused at association."""
 
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+OVER_BUDGET = 0xC001
+"""C-STORE status of an image over the pixel budget: a failure in PS3.4 B.2.3's "Cannot understand" range
+(0xC000-0xCFFF, the low byte this node's own). Not "Refused: Out of Resources" (0xA7xx), which tells the sender
+to try again later, nor "Data Set does not match SOP Class" (0xA9xx): the dataset is a valid image the node will
+not decode."""
+BUDGET_COMMENT = "image over the node's pixel budget (--max-pixels)"
+"""The Error Comment (0000,0902) sent with :data:`OVER_BUDGET`."""
 QUEUE_WAIT = 30.0
 """Seconds a C-STORE waits for room in the queue before it is refused with Out of Resources (0xA700)."""
+REQUEST_WAIT = 10.0
+"""Seconds a new connection may take to send its association request (pynetdicom's ``acse_timeout``; also the
+wait for a release): a connection that sends nothing is closed then, not held."""
+LIMIT_REJECT = (0x02, 0x03, 0x02)
+"""A-ASSOCIATE-RJ result, source, reason: rejected transient, by the presentation service provider, local limit
+exceeded (PS3.8 9.3.4): what pynetdicom answers when ``max_associations`` are open, the peer may retry later."""
+REJECT_REASONS = {
+    (0x01, 0x03): "its calling AE title is not in --accept-from",
+    (0x01, 0x07): "it was addressed to another AE title than this node's",
+    (0x03, 0x02): "too many associations at once (--max-associations)",
+}
 
 
 def accepted_transfer_syntaxes() -> list[str]:
-    """Every transfer syntax pynetdicom knows whose pixels an installed decoder can read, uncompressed first."""
+    """Every transfer syntax pynetdicom knows whose pixels an installed decoder can read, uncompressed first;
+    not Deflated."""
     from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
     from pynetdicom import ALL_TRANSFER_SYNTAXES
 
     syntaxes = []
     for syntax in ALL_TRANSFER_SYNTAXES:
+        if syntax == DeflatedExplicitVRLittleEndian:  # inflated whole, unbounded: the reader refuses it too
+            continue
         try:
             if get_decoder(syntax).is_available:
                 syntaxes.append(syntax)
@@ -93,12 +128,18 @@ class Node:
         batch_size: int = 8,
         queue_size: int = 64,
         retry_max: float = 60.0,
+        idle_timeout: float = 60.0,
+        max_associations: int = 16,
+        max_per_peer: int = 4,
     ) -> None:
         from cascade.pipeline import check_batch_size  # imported already: the model is a Cascade
 
         check_batch_size(batch_size)
-        if queue_size < 1 or retry_max <= 0:
-            raise ConfigError("queue size must be at least 1, the retry limit positive")
+        if queue_size < 1 or retry_max <= 0 or idle_timeout <= 0:
+            raise ConfigError("queue size must be at least 1, the retry limit and idle timeout positive")
+        if not 1 <= max_per_peer <= max_associations:
+            raise ConfigError("associations per peer must be at least 1 and at most the associations in all")
+        check_max_pixels(model.max_pixels)
         self.model = model
         self.out = Path(out)
         self.ae_title, self.host, self.port = ae_title, host, port
@@ -106,6 +147,9 @@ class Node:
         self.accept_from = list(accept_from)
         self.batch_size = batch_size
         self.retry_max = retry_max
+        self.idle_timeout = idle_timeout
+        self.max_associations, self.max_per_peer = max_associations, max_per_peer
+        self._admitted: list[Association] = []
         self._queue: queue.Queue[_Received] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
         self._pending: set[str] = set()
@@ -153,7 +197,11 @@ class Node:
             self._forwarder.start(waiting)
         self._worker = threading.Thread(target=self._work, args=(leftovers,), name="cascade-model", daemon=True)
         self._worker.start()
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)]
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
         try:
             self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         except OSError as err:
@@ -162,8 +210,8 @@ class Node:
         self._ae = ae
 
     def _application_entity(self):  # noqa: ANN202 (a pynetdicom AE)
-        """The AE: the image storage classes in every transfer syntax a decoder reads, Verification, and the
-        calling AE titles allowed."""
+        """The AE: the image storage classes in every transfer syntax a decoder reads, Verification, the calling
+        AE titles allowed, its own AE title required as the called one, the association limit and timeouts."""
         from pynetdicom import AE
         from pynetdicom.sop_class import Verification
 
@@ -172,6 +220,10 @@ class Node:
             ae.require_calling_aet = self.accept_from
         except ValueError as err:
             raise ConfigError(f"AE title: {err}") from None
+        ae.require_called_aet = True
+        ae.maximum_associations = self.max_associations
+        ae.network_timeout = self.idle_timeout
+        ae.acse_timeout = REQUEST_WAIT
         syntaxes = accepted_transfer_syntaxes()
         for sop_class in IMAGE_STORAGE:
             ae.add_supported_context(sop_class, syntaxes)
@@ -191,18 +243,41 @@ class Node:
 
     # receiving (association threads)
 
-    def _on_store(self, event) -> int:  # noqa: ANN001 (a pynetdicom Event)
+    def _on_requested(self, event) -> None:  # noqa: ANN001 (a pynetdicom Event)
+        """Refuse an association from a peer address that holds ``max_per_peer`` already (A-ASSOCIATE-RJ sent and
+        the association ended, as pynetdicom does for its own limit): one sender cannot take every association."""
+        assoc = event.assoc
+        peer = assoc.requestor.address
+        with self._lock:
+            self._admitted = [a for a in self._admitted if a.is_alive() and not (a.is_released or a.is_aborted
+                                                                                  or a.is_rejected)]
+            held = sum(a.requestor.address == peer for a in self._admitted)
+            if held < self.max_per_peer:
+                self._admitted.append(assoc)
+                return
+        log.warning("refused an association from %s: it holds %d already (--max-associations-per-peer)", peer, held)
+        assoc.acse.send_reject(*LIMIT_REJECT)
+        assoc.kill()
+
+    def _on_store(self, event) -> int | Dataset:  # noqa: ANN001 (a pynetdicom Event)
         uid = str(event.request.AffectedSOPInstanceUID or "")
         if not valid_uid(uid):
             log.warning("refused an image whose SOP Instance UID is not a valid UID")
             return CANNOT_UNDERSTAND
+        data = event.encoded_dataset()
+        if _declared_pixels(data) > self.model.max_pixels:
+            log.warning("%s refused: over the pixel budget of %s pixels (--max-pixels); not stored", uid_hash(uid),
+                        f"{self.model.max_pixels:,}")
+            status = Dataset()
+            status.Status, status.ErrorComment = OVER_BUDGET, BUDGET_COMMENT
+            return status
         with self._lock:
             if uid in self.findings or uid in self._pending:
                 log.info("%s received again; already analysed or waiting, not stored twice", uid_hash(uid))
                 return SUCCESS
             self._pending.add(uid)
         try:
-            path = self.incoming.put(uid, event.encoded_dataset())
+            path = self.incoming.put(uid, data)
         except Exception as err:  # disk full, permissions: the sender keeps the image and may retry
             self._forget(uid)
             log.error("%s not stored (%s): answered Out of Resources", uid_hash(uid), type(err).__name__)
@@ -217,8 +292,10 @@ class Node:
         return SUCCESS
 
     def _on_rejected(self, event) -> None:  # noqa: ANN001
-        log.warning("refused an association from calling AE %r (not in --accept-from, or too many at once)",
-                    event.assoc.requestor.ae_title)
+        answer = event.assoc.acceptor.primitive
+        reason = REJECT_REASONS.get((answer.result_source, answer.diagnostic), "refused")
+        log.warning("refused an association from calling AE %r at %s: %s", event.assoc.requestor.ae_title,
+                    event.assoc.requestor.address, reason)
 
     def _forget(self, uid: str) -> None:
         with self._lock:
@@ -303,6 +380,18 @@ class Node:
             decision += f", no SEG ({error})"
         ms = (finding.finished - item.received) * 1000
         log.info("%s %s %.0f ms", uid_hash(item.uid), decision, ms)
+
+
+def _declared_pixels(data: bytes) -> int:
+    """Rows x Columns x SamplesPerPixel x NumberOfFrames as the dataset's header declares them, read without the
+    pixel data; 0 when the header cannot say (the worker then records why the image cannot be read)."""
+    try:
+        with quiet():
+            ds = dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+            return math.prod(int(ds.get(k) or d) for k, d in
+                             (("Rows", 0), ("Columns", 0), ("SamplesPerPixel", 1), ("NumberOfFrames", 1)))
+    except Exception:  # pydicom fails on a corrupt header in many ways
+        return 0
 
 
 def _reason(message: str, source: str, uid: str) -> str:
