@@ -15,6 +15,10 @@ class DicomError(CascadeError):
     """A DICOM file that cannot be read as a single-frame greyscale radiograph."""
 
 
+class PixelBudgetError(DicomError):
+    """An image that would decode to more pixels than the budget (``--max-pixels``), refused before decoding."""
+
+
 class LabelError(CascadeError):
     """A label CSV or RLE string that does not follow the challenge's format."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -27,9 +28,12 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 from fastapi.testclient import TestClient  # noqa: E402
 
 import cascade.serve.app as serve_app  # noqa: E402
+from cascade import __version__  # noqa: E402
 from cascade.cli.main import main  # noqa: E402
 from cascade.data.rle import rle_decode  # noqa: E402
+from cascade.modeldir import read_model_dir  # noqa: E402
 from cascade.pipeline import Cascade, Prediction, native_map, predict_probabilities  # noqa: E402
+from cascade.runtime import Runtime  # noqa: E402
 from cascade.serve import create_app  # noqa: E402
 from cascade.thresholds.rule import Thresholds  # noqa: E402
 from conftest import make_model_dir  # noqa: E402
@@ -81,7 +85,7 @@ def client(model_dir: Path) -> Iterator[TestClient]:
 def seg_maps(model_dir: Path, samples: list[Path]) -> dict[str, np.ndarray]:
     """Each sample's segmenter map at its native size, one image per forward (where the rule is applied)."""
     probs = predict_probabilities([model_dir / "classifier"], [model_dir / "segmenter"], samples, batch_size=1,
-                                  workers=0, device="cpu")
+                                  workers=0, runtime=Runtime.resolve("cpu"))
     return {p.image_id: native_map(p) for p in probs}
 
 
@@ -107,9 +111,12 @@ def assert_same(answer: dict, pred: Prediction) -> None:
 
 
 def test_json_answers_equal_cascade_predict_on_every_sample(
-    client: TestClient, samples: list[Path], reference: dict[str, Prediction], caplog: pytest.LogCaptureFixture
+    client: TestClient, model_dir: Path, samples: list[Path], reference: dict[str, Prediction],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     info = client.get("/v1/model").json()
+    digest = info["weights_sha256"]
+    assert digest == read_model_dir(model_dir).weights_sha256 and info["version"] == __version__
     assert info["thresholds"] == THRESHOLDS.to_dict()
     assert info["stages"]["classifier"]["input_size"] == 64 and info["stages"]["segmenter"]["members"][0]["sha256"]
     decisions = set()
@@ -120,7 +127,7 @@ def test_json_answers_equal_cascade_predict_on_every_sample(
             answer = response.json()
             assert_same(answer, reference[path.stem])
             assert answer["thresholds"] == THRESHOLDS.to_dict()
-            assert answer["model"] == {"name": "model", "weights_sha256": info["weights_sha256"]}
+            assert answer["model"] == {"name": "model", "version": __version__, "weights_sha256": digest}
             timing = answer["timing_ms"]
             assert set(timing) == {"decode", "queue", "classifier", "segmenter", "total"}
             assert timing["total"] >= timing["decode"] + timing["classifier"] > 0
@@ -186,6 +193,47 @@ def test_seg_and_png_answers(client: TestClient, samples: list[Path], reference:
     assert red.sum() > 100 and outline[red].mean() > 0.99, "the red outline follows the predicted mask"
 
 
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The ``Error`` lines dicom3tools' validator prints for ``path`` (none when it is not installed)."""
+    if not shutil.which("dciodvfy"):
+        return []
+    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False)
+    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_sr_and_secondary_capture_answers(
+    client: TestClient, samples: list[Path], reference: dict[str, Prediction], tmp_path: Path
+) -> None:
+    """?format=sr answers the SR of a positive (naming its SEG) and of a negative; ?format=sc the Secondary Capture
+    of a positive and 204 for a negative; each names the model's version and digest."""
+    digest = client.get("/v1/model").json()["weights_sha256"]
+    positive = next(p for p in samples if p.stem == POSITIVE)
+    negative = next(p for p in samples if not reference[p.stem].positive)
+    for source, present in ((positive, "Present"), (negative, "Absent")):
+        response = client.post("/v1/predict?format=sr", content=source.read_bytes(), headers=DICOM)
+        assert response.status_code == 200 and response.headers["content-type"] == "application/dicom"
+        assert "cascade-sr.dcm" in response.headers["content-disposition"]
+        path = tmp_path / f"sr-{present}.dcm"
+        path.write_bytes(response.content)
+        sr = pydicom.dcmread(path)
+        src = pydicom.dcmread(source, stop_before_pixels=True)
+        assert sr.Modality == "SR" and sr.StudyInstanceUID == src.StudyInstanceUID
+        values = {str(element.value) for element in sr.iterall() if element.VR in ("CS", "LO", "UI", "UT", "SH")}
+        assert present in values and f"weights_sha256: {digest}" in values and sr.SoftwareVersions == __version__
+        assert ("1.2.840.10008.5.1.4.1.1.66.4" in values) == (present == "Present"), "a positive's SR names its SEG"
+        assert not dciodvfy_errors(path)
+    response = client.post("/v1/predict?format=sc", content=positive.read_bytes(), headers=DICOM)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/dicom"
+    path = tmp_path / "sc.dcm"
+    path.write_bytes(response.content)
+    sc = pydicom.dcmread(path)
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.BurnedInAnnotation == "YES"
+    assert sc.Columns == 1024 and sc.Rows > 1024 and digest in str(sc.DerivationDescription)
+    assert not dciodvfy_errors(path)
+    response = client.post("/v1/predict?format=sc", content=negative.read_bytes(), headers=DICOM)
+    assert response.status_code == 204 and not response.content and response.headers["x-cascade-positive"] == "false"
+
+
 def truncated(data: bytes) -> bytes:
     return data[: len(data) // 2]
 
@@ -228,6 +276,8 @@ def test_bad_query_and_routes(client: TestClient, samples: list[Path]) -> None:
     assert response.status_code == 400 and "format" in response.json()["error"]
     assert client.get("/v1/nothing").json() == {"error": "Not Found"}
     assert client.get("/v1/predict").status_code == 405
+    stow = client.post("/dicomweb/studies", content=b"", headers={"content-type": "multipart/related; boundary=b"})
+    assert stow.status_code == 404 and "--results-dir" in stow.json()["error"], "STOW-RS is off without a folder"
 
 
 def post_stream(client: TestClient, headers: list[tuple[bytes, bytes]]) -> tuple[int, str, int]:
@@ -431,11 +481,23 @@ def live_server(model_dir: Path) -> Iterator[str]:
     assert not thread.is_alive(), "the server thread did not stop"
 
 
+def screenshot(driver: object, folder: Path, name: str) -> None:
+    """Save a screenshot of the page as ``folder/name`` and, when ``$CASCADE_SCREENSHOTS`` names a folder, there."""
+    targets = [folder / name]
+    if os.environ.get("CASCADE_SCREENSHOTS"):
+        targets.append(Path(os.environ["CASCADE_SCREENSHOTS"]) / name)
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(target)) and target.stat().st_size > 5_000  # type: ignore[attr-defined]
+
+
 def test_page_in_a_real_browser_shows_the_apis_answer(
     live_server: str, samples: list[Path], reference: dict[str, Prediction], tmp_path: Path
 ) -> None:
-    """Headless Chromium opens the page, uploads a real SIIM positive, waits for the overlay; the probability shown
-    is the API's; nothing is fetched from anywhere but the service; the SOP Instance UID shows only on request."""
+    """Headless Chromium opens the page: before any upload no result panel, image or download link shows; then it
+    uploads a real SIIM positive and waits for the overlay: the probability shown is the API's, the SEG, SR and
+    Secondary Capture links show; nothing is fetched from anywhere but the service; the SOP Instance UID shows only
+    on request. Both states are screenshotted (also into ``$CASCADE_SCREENSHOTS`` when set, for the docs)."""
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         pytest.skip("chromium / chromedriver are absent (Debian: chromium chromium-driver; .ci/run installs them)")
     import httpx
@@ -456,6 +518,11 @@ def test_page_in_a_real_browser_shows_the_apis_answer(
     try:
         driver.set_page_load_timeout(30)
         driver.get(live_server + "/")
+        assert driver.find_element(By.ID, "drop").is_displayed()
+        hidden = ("result", "overlay", "download-seg", "download-sr", "download-sc", "download-png")
+        assert not any(driver.find_element(By.ID, name).is_displayed() for name in hidden), "empty page, no result"
+        assert not [a for a in driver.find_elements(By.TAG_NAME, "a") if a.is_displayed() and "DICOM" in a.text]
+        screenshot(driver, tmp_path, "serve-page-empty.png")
         driver.find_element(By.ID, "file").send_keys(str(source))
         WebDriverWait(driver, 60).until(
             lambda d: d.execute_script("const i = document.getElementById('overlay');"
@@ -470,13 +537,14 @@ def test_page_in_a_real_browser_shows_the_apis_answer(
         assert driver.find_element(By.ID, "decision").text == "pneumothorax"
         assert driver.execute_script("return document.getElementById('overlay').naturalWidth") == 1024
         assert "total" in driver.find_element(By.ID, "timing").text
-        shot = tmp_path / "page.png"
-        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        for name in ("download-seg", "download-sr", "download-sc"):
+            link = driver.find_element(By.ID, name)
+            assert link.is_displayed() and link.get_attribute("class") == "" and "DICOM" in link.text
+        screenshot(driver, tmp_path, "serve-page.png")
         uid = driver.find_element(By.ID, "uid")
         assert not uid.is_displayed() and POSITIVE not in driver.find_element(By.TAG_NAME, "body").text
         driver.find_element(By.ID, "show-uid").click()
         assert uid.is_displayed() and uid.text == POSITIVE
-        assert driver.find_element(By.ID, "download-seg").get_attribute("class") == ""
         assert driver.find_element(By.ID, "download-rle").get_attribute("href").startswith("blob:")
         resources = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
         assert resources and all(r.startswith((live_server, "blob:")) for r in resources), resources

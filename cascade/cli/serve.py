@@ -5,15 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cascade.cli.argtypes import add_speed_arguments, positive_int
+from cascade.cli.argtypes import add_max_pixels_argument, add_speed_arguments, positive_int
 
 DESCRIPTION = """\
-Serve a model folder over HTTP: a page at / (drop a DICOM, see the outlined mask, download RLE, PNG or DICOM SEG),
-the REST API POST /v1/predict (JSON, ?format=seg or ?format=png), GET /v1/model, GET /healthz, GET /metrics
-(Prometheus) and the API's OpenAPI page at /docs. The model is loaded once and kept warm; requests that arrive
-within --batch-window-ms share one forward pass (up to --max-batch images). Binds to loopback by default; any other
-address needs --token-file, and every /v1 and /metrics request must then send 'Authorization: Bearer TOKEN'.
-Uploads are processed in memory; the log has one line per request and never a patient identifier."""
+Serve a model folder over HTTP: a page at / (drop a DICOM, see the outlined mask, download RLE, PNG, DICOM SEG,
+SR or Secondary Capture), the REST API POST /v1/predict (JSON, ?format=seg, sr, sc or png), GET /v1/model,
+GET /healthz, GET /metrics (Prometheus) and the API's OpenAPI page at /docs. With --results-dir, STOW-RS at
+POST /dicomweb/studies: each instance is predicted and its DICOM SR (and a positive's SEG) written there. The model
+is loaded once and kept warm; requests that arrive within --batch-window-ms share one forward pass (up to
+--max-batch images). Binds to loopback by default; any other
+address needs --token-file, and every /v1, /dicomweb and /metrics request must then send 'Authorization: Bearer TOKEN'.
+Uploads are processed in memory, and memory is bounded: at most --max-in-flight predictions at once (more get 503),
+each upload within --max-upload-mb, each image within --max-pixels (checked from its header, before decoding), at
+most --decode-threads decodes at once (docs/robustness.md sizes it). The log has one line per request and never a
+patient identifier; --audit-log keeps a record of every instance received and result sent (fsync'd JSON lines,
+the SOP Instance UID only as its sha256)."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +38,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=positive_int, default=8, metavar="N",
                    help="most images per forward pass (default 8; 1 turns micro-batching off)")
     p.add_argument("--decode-threads", type=positive_int, default=None, metavar="N",
-                   help="threads decoding uploads and encoding answers (default: cores, at most 4)")
+                   help="threads decoding uploads and encoding answers (default: cores, at most 4): the most "
+                   "images decoded at once")
+    p.add_argument("--max-in-flight", type=positive_int, default=32, metavar="N",
+                   help="most predictions in progress at once, from upload to answer (default 32; keep it at least "
+                   "--max-batch); more get 503 before their body is read")
+    add_max_pixels_argument(p)
+    p.add_argument("--results-dir", metavar="DIR",
+                   help="turn STOW-RS (POST /dicomweb/studies) on: each instance's DICOM SR, and a positive's SEG, "
+                   "is written to DIR/<StudyInstanceUID>/ (the folder must exist)")
+    p.add_argument("--audit-log", metavar="FILE",
+                   help="append one JSON line per instance received and per result sent to FILE (created 0600)")
     add_speed_arguments(p)
     p.set_defaults(func=run)
 
@@ -65,7 +81,6 @@ def run(args: argparse.Namespace) -> int:
     token = read_token(args.token_file) if args.token_file else None
     read_model_dir(args.model_dir)  # a bad model folder or device stops here with one line, before anything listens
     resolve_device(args.device)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     failed: list[str] = []
 
     def stop(reason: str) -> None:
@@ -84,8 +99,13 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile,
         cache_dir=args.cache_dir,
         decode_threads=args.decode_threads,
+        max_pixels=args.max_pixels,
+        max_in_flight=args.max_in_flight,
+        results_dir=args.results_dir,
+        audit_log=args.audit_log,
         on_load_failure=stop,
     )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, access_log=False, log_config=None, timeout_graceful_shutdown=10
     )

@@ -48,7 +48,7 @@ from pydicom.uid import (
 )
 
 from cascade.data.limits import MAX_PIXELS, MAX_SIDE
-from cascade.errors import ConfigError, DicomError
+from cascade.errors import ConfigError, DicomError, PixelBudgetError
 from cascade.fileio import path_kind
 
 _SOF_MARKERS = frozenset([*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7])
@@ -352,11 +352,7 @@ def _pixels(ds: Dataset, name: str, max_pixels: int) -> np.ndarray:
     rows, cols = _header_int(ds, "Rows", name), _header_int(ds, "Columns", name)
     if not (0 < rows <= MAX_SIDE and 0 < cols <= MAX_SIDE):
         raise DicomError(f"{name}: absurd image size {rows} x {cols} (each side must be 1..{MAX_SIDE})")
-    if rows * cols * samples * frames > max_pixels:
-        raise DicomError(
-            f"{name}: image of {rows} x {cols} pixels is over the pixel budget of {max_pixels:,} pixels "
-            "(--max-pixels); refused before decoding"
-        )
+    check_pixel_budget(ds, name, max_pixels)
     allocated = _header_int(ds, "BitsAllocated", name)
     stored = _header_int(ds, "BitsStored", name, default=allocated)
     signed = _header_int(ds, "PixelRepresentation", name, default=0)
@@ -366,9 +362,7 @@ def _pixels(ds: Dataset, name: str, max_pixels: int) -> np.ndarray:
             f"PixelRepresentation {signed})"
         )
     syntax = _check_decoder(ds, name)
-    if syntax.is_encapsulated:
-        _check_stream_size(ds, name, rows, cols)
-    else:
+    if not syntax.is_encapsulated:
         expected = rows * cols * allocated // 8
         if len(ds.PixelData) < expected:
             raise DicomError(
@@ -401,6 +395,22 @@ def _pixels(ds: Dataset, name: str, max_pixels: int) -> np.ndarray:
     return pixels
 
 
+def check_pixel_budget(ds: Dataset, name: str, max_pixels: int) -> None:
+    """Raise ``DicomError`` when ``ds`` would decode to more than ``max_pixels`` pixels, from its header (Rows x
+    Columns x SamplesPerPixel x NumberOfFrames) and, for compressed pixel data, from the stream's own size fields;
+    nothing is decoded. What every reader calls first (``read_dicom``; the DICOM node before it stores an image)."""
+    rows, cols = _header_int(ds, "Rows", name), _header_int(ds, "Columns", name)
+    samples = _header_int(ds, "SamplesPerPixel", name, default=1)
+    frames = _header_int(ds, "NumberOfFrames", name, default=1)
+    if rows * cols * samples * frames > max_pixels:
+        raise PixelBudgetError(
+            f"{name}: image of {rows} x {cols} pixels is over the pixel budget of {max_pixels:,} pixels "
+            "(--max-pixels); refused before decoding"
+        )
+    if "PixelData" in ds and ds["PixelData"].is_undefined_length:
+        _check_stream_size(ds, name, rows, cols)
+
+
 def _check_stream_size(ds: Dataset, name: str, rows: int, cols: int) -> None:
     """Refuse compressed pixel data whose own size fields (JPEG/JPEG-LS SOF, JPEG 2000 SIZ or JP2 ihdr) disagree
     with the header, or that hides them: decoders allocate what the stream declares, so a small header must not let
@@ -417,11 +427,13 @@ def _check_stream_size(ds: Dataset, name: str, rows: int, cols: int) -> None:
                 break
     except Exception:  # a corrupt item structure; the decoder's own check reports it
         return
-    if size is _UNSAID:
-        raise DicomError(f"{name}: the compressed stream does not declare its size in its first {len(head):,} bytes; "
-                         "refused before decoding")
-    if size is not None and size != (rows, cols):
+    if size is _UNSAID:  # not over a budget as far as anyone can tell, but not to be trusted to a decoder
         raise DicomError(
+            f"{name}: the compressed stream does not declare its size in its first {len(head):,} bytes; "
+            "refused before decoding"
+        )
+    if size is not None and size != (rows, cols):
+        raise PixelBudgetError(
             f"{name}: the compressed stream declares {size[0]} x {size[1]} pixels, the header says {rows} x {cols}; "
             "refused before decoding"
         )

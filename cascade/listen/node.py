@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING
 
 from pydicom import Dataset, dcmread
 
-from cascade.data.dicom import check_max_pixels, quiet
-from cascade.errors import CascadeError, ConfigError
+from cascade.data.dicom import check_max_pixels, check_pixel_budget, quiet
+from cascade.errors import CascadeError, ConfigError, DicomError, PixelBudgetError
 from cascade.fileio import durable_write_bytes
 from cascade.listen.findings import Finding, FindingsLog
 from cascade.listen.forward import Destination, Forwarder, uid_hash
@@ -265,7 +265,7 @@ class Node:
             log.warning("refused an image whose SOP Instance UID is not a valid UID")
             return CANNOT_UNDERSTAND
         data = event.encoded_dataset()
-        if _declared_pixels(data) > self.model.max_pixels:
+        if _over_budget(data, self.model.max_pixels):
             log.warning("%s refused: over the pixel budget of %s pixels (--max-pixels); not stored", uid_hash(uid),
                         f"{self.model.max_pixels:,}")
             status = Dataset()
@@ -382,16 +382,22 @@ class Node:
         log.info("%s %s %.0f ms", uid_hash(item.uid), decision, ms)
 
 
-def _declared_pixels(data: bytes) -> int:
-    """Rows x Columns x SamplesPerPixel x NumberOfFrames as the dataset's header declares them, read without the
-    pixel data; 0 when the header cannot say (the worker then records why the image cannot be read)."""
+def _over_budget(data: bytes, max_pixels: int) -> bool:
+    """Whether the dataset would decode to more than ``max_pixels`` pixels (its header, and a compressed stream's
+    own size fields: :func:`cascade.data.dicom.check_pixel_budget`); nothing is decoded. False when the header
+    cannot say (the worker then records why the image cannot be read)."""
     try:
         with quiet():
-            ds = dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-            return math.prod(int(ds.get(k) or d) for k, d in
-                             (("Rows", 0), ("Columns", 0), ("SamplesPerPixel", 1), ("NumberOfFrames", 1)))
+            ds = dcmread(io.BytesIO(data), force=True)
     except Exception:  # pydicom fails on a corrupt header in many ways
-        return 0
+        return False
+    try:
+        check_pixel_budget(ds, "<C-STORE>", max_pixels)
+    except PixelBudgetError:
+        return True
+    except DicomError:  # a header the worker will report on
+        return False
+    return False
 
 
 def _reason(message: str, source: str, uid: str) -> str:

@@ -12,6 +12,8 @@ from starlette.requests import ClientDisconnect, Request
 DICOM = "application/dicom"
 MULTIPART = "multipart/form-data"
 FILE_FIELD = "file"
+MAX_BOUNDARY = 70
+"""Longest multipart boundary RFC 2046 §5.1.1 allows."""
 
 
 class HTTPProblem(Exception):
@@ -25,16 +27,30 @@ class HTTPProblem(Exception):
 
 async def read_upload(request: Request, limit: int) -> bytes:
     """The DICOM bytes of the request; ``HTTPProblem`` 415 (content type), 413 (over ``limit`` bytes) or 400."""
-    from python_multipart.multipart import parse_options_header
-
-    media, options = parse_options_header(request.headers.get("content-type", ""))
-    media_type = media.decode("latin-1").lower()
+    media_type, options = content_type(request)
     if media_type not in (DICOM, MULTIPART):
         raise HTTPProblem(
             415,
             f"content type {media_type or '(none)'} is not accepted: send the file as {DICOM} "
             f"or as the '{FILE_FIELD}' field of {MULTIPART}",
         )
+    body = await read_body(request, limit)
+    data = _multipart_file(body, options.get(b"boundary", b"")) if media_type == MULTIPART else body
+    if not data:
+        raise HTTPProblem(400, "empty upload: the body holds no DICOM file")
+    return data
+
+
+def content_type(request: Request) -> tuple[str, dict[bytes, bytes]]:
+    """The request's media type (lower case, ``""`` when absent) and its parameters."""
+    from python_multipart.multipart import parse_options_header
+
+    media, options = parse_options_header(request.headers.get("content-type", ""))
+    return media.decode("latin-1").lower(), options
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 from its declared length or as soon as it passes ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -50,25 +66,24 @@ async def read_upload(request: Request, limit: int) -> bytes:
     except ClientDisconnect:
         raise HTTPProblem(400, "the client disconnected before the upload was complete") from None
     request.state.bytes_in = len(body)
-    data = _multipart_file(bytes(body), options.get(b"boundary", b"")) if media_type == MULTIPART else bytes(body)
-    if not data:
-        raise HTTPProblem(400, "empty upload: the body holds no DICOM file")
-    return data
+    return bytes(body)
 
 
 def _multipart_file(body: bytes, boundary: bytes) -> bytes:
     """The content of the ``file`` field (or of the only part that carries a filename) of a multipart body."""
-    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import MultipartParser
 
     if not boundary:
         raise HTTPProblem(400, f"{MULTIPART} without a boundary parameter")
+    if len(boundary) > MAX_BOUNDARY:
+        raise HTTPProblem(400, f"{MULTIPART} boundary of {len(boundary)} characters (at most {MAX_BOUNDARY})")
     parts = _Parts()
     try:
         parser = MultipartParser(boundary, parts.callbacks())
         parser.write(body)
         parser.finalize()
-    except MultipartParseError:
+    except FormParserError:  # every error python-multipart raises on a malformed body
         raise HTTPProblem(400, f"malformed {MULTIPART} body") from None
     named = [data for name, has_filename, data in parts.done if name == FILE_FIELD]
     with_filename = [data for name, has_filename, data in parts.done if has_filename]

@@ -1,4 +1,5 @@
-// cascade page: sends the chosen DICOM to /v1/predict (JSON and PNG overlay; SEG on demand) and shows the answer.
+// cascade page: sends the chosen DICOM to /v1/predict (JSON and PNG overlay; SEG, SR and SC on demand) and shows
+// the answer.
 // Nothing is stored: the file stays in this page's memory, the token in this tab's sessionStorage.
 "use strict";
 
@@ -53,7 +54,8 @@ function show(answer, png) {
   const t = answer.timing_ms;
   $("timing").textContent = [ms("decode", t.decode), ms("classifier", t.classifier), ms("segmenter", t.segmenter),
     ms("total", t.total)].join(" · ") + " (batch\u00a0of\u00a0" + answer.batch_size + ")";
-  $("model").textContent = answer.model.name + " (weights " + answer.model.weights_sha256.slice(0, 12) + "…)";
+  $("model").textContent = answer.model.name + ", cascade " + answer.model.version + " (weights "
+    + answer.model.weights_sha256.slice(0, 12) + "…)";
   $("uid").textContent = answer.image_id;
   $("uid").hidden = true;
   $("show-uid").hidden = false;
@@ -61,8 +63,10 @@ function show(answer, png) {
   $("download-rle").href = objectUrl(new Blob([csv], { type: "text/csv" }));
   const pngUrl = objectUrl(png);
   $("download-png").href = pngUrl;
-  $("download-seg").className = answer.positive ? "" : "disabled";
-  $("download-seg").title = answer.positive ? "" : "negative image: nothing to segment";
+  for (const [id, why] of [["download-seg", "nothing to segment"], ["download-sc", "no outline to draw"]]) {
+    $(id).className = answer.positive ? "" : "disabled";
+    $(id).title = answer.positive ? "" : "negative image: " + why;
+  }
   $("overlay").src = pngUrl;
   $("result").hidden = false;
 }
@@ -83,15 +87,18 @@ async function analyse(file) {
   }
 }
 
-async function downloadSeg(event) {
+const FILES = { seg: "cascade-seg.dcm", sr: "cascade-sr.dcm", sc: "cascade-sc.dcm" };
+
+async function download(event) {
   event.preventDefault();
-  if (!current || $("download-seg").className === "disabled") return;
+  const format = event.currentTarget.dataset.format;
+  if (!current || event.currentTarget.className === "disabled") return;
   try {
-    const response = await post("seg");
-    if (response.status === 204) { status("Negative image: no DICOM SEG."); return; }
+    const response = await post(format);
+    if (response.status === 204) { status("Negative image: no " + event.currentTarget.textContent + "."); return; }
     const link = document.createElement("a");
     link.href = objectUrl(await response.blob());
-    link.download = "cascade-seg.dcm";
+    link.download = FILES[format];
     document.body.appendChild(link);
     link.click();
     link.remove();
@@ -110,7 +117,7 @@ drop.addEventListener("drop", (e) => {
   analyse(e.dataTransfer.files[0]);
 });
 $("show-uid").addEventListener("click", () => { $("uid").hidden = false; $("show-uid").hidden = true; });
-$("download-seg").addEventListener("click", downloadSeg);
+for (const id of ["download-seg", "download-sr", "download-sc"]) $(id).addEventListener("click", download);
 $("retry").addEventListener("click", () => {
   sessionStorage.setItem("cascade-token", $("token").value.trim());
   $("auth").hidden = true;
