@@ -38,6 +38,8 @@ from cascade.serve import create_app  # noqa: E402
 from cascade.thresholds.rule import Thresholds  # noqa: E402
 from conftest import make_model_dir  # noqa: E402
 
+CPU = Runtime.resolve("cpu")
+
 THRESHOLDS = Thresholds(cls=0.504, top=0.0, area=0.0, bottom=0.68, min_component=0.0)
 """With the tiny networks of ``make_model_dir``: 6 of the 11 SIIM samples pass the gate, masks cover 1-20%."""
 POSITIVE = "1.2.276.0.7230010.3.1.4.8323329.4904.1517875185.355709"
@@ -60,7 +62,7 @@ def samples(shared_data: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def reference(model_dir: Path, samples: list[Path]) -> dict[str, Prediction]:
     """``Cascade.predict`` on each file: what every answer of the service must equal."""
-    model = Cascade.from_pretrained(model_dir, device="cpu")
+    model = Cascade.from_pretrained(model_dir, runtime=CPU)
     return {path.stem: model.predict(path) for path in samples}
 
 
@@ -75,7 +77,7 @@ def wait_ready(get, timeout: float = 60.0) -> None:  # noqa: ANN001 - a client's
 
 @pytest.fixture(scope="module")
 def client(model_dir: Path) -> Iterator[TestClient]:
-    app = create_app(model_dir, device="cpu", max_upload_mb=LIMIT_MB, batch_window_ms=50, max_batch=8)
+    app = create_app(model_dir, runtime=CPU, max_upload_mb=LIMIT_MB, batch_window_ms=50, max_batch=8)
     with TestClient(app) as test_client:
         wait_ready(test_client.get)
         yield test_client
@@ -318,16 +320,16 @@ def test_declared_2gb_content_length_is_refused_before_reading(client: TestClien
 
 
 def test_the_service_runs_the_engine_it_was_given_and_says_which(client: TestClient, model_dir: Path) -> None:
-    default = Cascade.from_pretrained(model_dir, device="cpu")
-    assert client.get("/v1/model").json()["runtime"] == {
-        "device": "cpu", "precision": default.precision, "backend": default.backend}
-    with TestClient(create_app(model_dir, device="cpu", precision="fp32", backend="torch")) as forced:
+    default = Cascade.from_pretrained(model_dir, runtime=CPU)
+    assert client.get("/v1/model").json()["runtime"] == default.runtime.as_dict()
+    with TestClient(create_app(model_dir, runtime=Runtime.resolve("cpu", "fp32", "torch"))) as forced:
         wait_ready(forced.get)
-        assert forced.get("/v1/model").json()["runtime"] == {"device": "cpu", "precision": "fp32", "backend": "torch"}
+        assert forced.get("/v1/model").json()["runtime"] == {
+            "device": "cpu", "precision": "fp32", "backend": "torch", "engine": "torch", "compile": False}
 
 
 def test_token_is_required_when_configured(model_dir: Path, samples: list[Path]) -> None:
-    app = create_app(model_dir, device="cpu", token=TOKEN)
+    app = create_app(model_dir, runtime=CPU, token=TOKEN)
     with TestClient(app) as client:
         wait_ready(client.get)
         data = samples[0].read_bytes()
@@ -350,7 +352,7 @@ def test_503_while_the_model_loads(model_dir: Path, samples: list[Path], monkeyp
         return real_load(state)
 
     monkeypatch.setattr(serve_app, "_load", slow_load)
-    with TestClient(create_app(model_dir, device="cpu")) as client:
+    with TestClient(create_app(model_dir, runtime=CPU)) as client:
         assert client.get("/healthz").status_code == 503
         assert "loading" in client.get("/v1/model").json()["error"]
         response = client.post("/v1/predict", content=samples[0].read_bytes(), headers=DICOM)
@@ -365,7 +367,7 @@ def test_model_that_fails_to_load_says_why(model_dir: Path, tmp_path: Path) -> N
     shutil.copytree(model_dir, broken)
     (broken / "segmenter" / "model.safetensors").write_bytes(b"changed")
     reasons: list[str] = []
-    with TestClient(create_app(broken, device="cpu", on_load_failure=reasons.append)) as client:
+    with TestClient(create_app(broken, runtime=CPU, on_load_failure=reasons.append)) as client:
         deadline = time.monotonic() + 30
         while not reasons and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -467,7 +469,7 @@ def live_server(model_dir: Path) -> Iterator[str]:
     import uvicorn
 
     port = free_port()
-    app = create_app(model_dir, device="cpu")
+    app = create_app(model_dir, runtime=CPU)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

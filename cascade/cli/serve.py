@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cascade.cli.argtypes import add_max_pixels_argument, add_speed_arguments, positive_int
+from cascade.cli.argtypes import add_max_pixels_argument, add_speed_arguments, positive_int, runtime_from_args
 
 DESCRIPTION = """\
 Serve a model folder over HTTP: a page at / (drop a DICOM, see the outlined mask, download RLE, PNG, DICOM SEG,
@@ -65,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from cascade.devices import resolve_device
     from cascade.errors import ConfigError
     from cascade.modeldir import read_model_dir
     from cascade.serve import create_app
@@ -79,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_upload_mb <= 0 or args.batch_window_ms < 0:
         raise ConfigError("--max-upload-mb must be more than 0 and --batch-window-ms 0 or more")
     token = read_token(args.token_file) if args.token_file else None
-    read_model_dir(args.model_dir)  # a bad model folder or device stops here with one line, before anything listens
-    resolve_device(args.device)
+    read_model_dir(args.model_dir)  # a bad model folder or runtime stops here with one line, before anything listens
+    runtime = runtime_from_args(args)
     failed: list[str] = []
 
     def stop(reason: str) -> None:
@@ -89,15 +88,11 @@ def run(args: argparse.Namespace) -> int:
 
     app = create_app(
         args.model_dir,
-        device=args.device,
+        runtime=runtime,
         max_upload_mb=args.max_upload_mb,
         token=token,
         batch_window_ms=args.batch_window_ms,
         max_batch=args.max_batch,
-        precision=args.precision,
-        backend=args.backend,
-        compile=args.compile,
-        cache_dir=args.cache_dir,
         decode_threads=args.decode_threads,
         max_pixels=args.max_pixels,
         max_in_flight=args.max_in_flight,

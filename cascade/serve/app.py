@@ -45,6 +45,7 @@ from cascade import __version__
 from cascade.audit import AuditLog, instance_hash
 from cascade.data.dicom import MAX_PIXELS, check_max_pixels
 from cascade.errors import CascadeError, ConfigError
+from cascade.runtime import Runtime
 from cascade.serve.auth import authorized
 from cascade.serve.batching import Answer, MicroBatcher
 from cascade.serve.metrics import Metrics
@@ -85,7 +86,8 @@ class _State:
     """What the app holds between requests."""
 
     model_dir: Path
-    device: str
+    runtime: Runtime
+    """How the networks run (resolved once; int8 graphs of the folder applied at load)."""
     limit: int
     token: str | None
     max_pixels: int
@@ -93,8 +95,6 @@ class _State:
     results_dir: Path | None = None
     """Where STOW-RS writes each instance's results (None: STOW-RS is off)."""
     audit: AuditLog | None = None
-    speed: dict[str, Any] = field(default_factory=dict)
-    """precision, backend, compile, cache_dir: how the networks run (``Cascade.from_pretrained``'s arguments)."""
     metrics: Metrics = field(default_factory=Metrics)
     model: Any = None
     info: dict[str, Any] | None = None
@@ -105,7 +105,7 @@ class _State:
 def create_app(
     model_dir: str | os.PathLike[str],
     *,
-    device: str = "auto",
+    runtime: Runtime | None = None,
     max_upload_mb: float = 64,
     token: str | None = None,
     batch_window_ms: float = 5,
@@ -114,10 +114,6 @@ def create_app(
     max_pixels: int = MAX_PIXELS,
     max_in_flight: int = 32,
     on_load_failure: Callable[[str], None] | None = None,
-    precision: str = "auto",
-    backend: str = "auto",
-    compile: bool = False,
-    cache_dir: str | os.PathLike[str] | None = None,
     results_dir: str | os.PathLike[str] | None = None,
     audit_log: str | os.PathLike[str] | None = None,
 ) -> FastAPI:
@@ -125,9 +121,9 @@ def create_app(
 
     ``token``: when given, ``/v1/*``, ``/dicomweb/*`` and ``/metrics`` need ``Authorization: Bearer <token>``.
     ``max_batch=1`` turns micro-batching off. ``max_pixels``: the pixel budget of an upload (checked from its header
-    before decoding; over it: 400). ``max_in_flight``: predictions in progress at once (more: 503). ``precision``,
-    ``backend``, ``compile`` and ``cache_dir`` choose how the networks run, as for
-    :meth:`cascade.Cascade.from_pretrained`; ``GET /v1/model`` says what was chosen. ``on_load_failure`` is called
+    before decoding; over it: 400). ``max_in_flight``: predictions in progress at once (more: 503). ``runtime``
+    (:class:`cascade.runtime.Runtime`, default all ``auto``) is how the networks run; ``GET /v1/model`` says what
+    was chosen. ``on_load_failure`` is called
     with the reason if the model cannot be loaded (the command line stops the server then; otherwise ``/healthz``
     keeps answering 503 with the reason).
     ``results_dir``: turns STOW-RS on, writing each instance's SR and SEG there. ``audit_log``: the JSON-lines file
@@ -137,10 +133,9 @@ def create_app(
         raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
     if batch_window_ms < 0 or max_upload_mb <= 0 or max_in_flight < 1:
         raise ConfigError("batch_window_ms must be 0 or more, max_upload_mb more than 0 and max_in_flight at least 1")
-    speed = {"precision": precision, "backend": backend, "compile": compile, "cache_dir": cache_dir}
     limit = int(max_upload_mb * 1024 * 1024)
-    state = _State(Path(model_dir), device, limit, token, check_max_pixels(max_pixels), max_in_flight,
-                   Path(results_dir) if results_dir is not None else None, speed=speed)
+    state = _State(Path(model_dir), runtime or Runtime.resolve(), limit, token, check_max_pixels(max_pixels),
+                   max_in_flight, Path(results_dir) if results_dir is not None else None)
     if state.results_dir is not None and not state.results_dir.is_dir():
         raise ConfigError(f"{state.results_dir}: the results folder does not exist")
     state.audit = AuditLog(audit_log) if audit_log is not None else None
@@ -159,8 +154,7 @@ def create_app(
             return
         batcher.start(state.model)
         state.metrics.ready.set(1)
-        log.info("ready: %s on %s, %s on %s", state.info["name"], state.model.device, state.model.precision,
-                 state.model.backend)
+        log.info("ready: %s, %s", state.info["name"], state.model.runtime.describe())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -362,9 +356,9 @@ def _load(state: _State) -> tuple[Any, dict[str, Any]]:
     from cascade.pipeline import Cascade
 
     info = model_info(state.model_dir)
-    model = Cascade.from_pretrained(state.model_dir, device=state.device, **state.speed)
+    model = Cascade.from_pretrained(state.model_dir, runtime=state.runtime)
     model.warm_up()
-    info["runtime"] = {"device": str(model.device), "precision": model.precision, "backend": model.backend}
+    info["runtime"] = model.runtime.as_dict()
     return model, info
 
 
