@@ -179,3 +179,12 @@ def test_torch_compile_gives_the_eager_answers(model_dir: Path, paths: list[Path
     compiled = Cascade.from_pretrained(model_dir, device="cpu", backend="torch", compile=True)
     for a, b in zip(eager.predict_many(paths, workers=0), compiled.predict_many(paths, workers=0)):
         assert a.probability == pytest.approx(b.probability, abs=1e-4) and a.positive == b.positive
+
+
+def test_cascade_cpuinfo_names_the_cpu_whose_decisions_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``$CASCADE_CPUINFO`` (how .ci/run runs the suite as if on an AVX2-only CPU) is read instead of /proc/cpuinfo."""
+    for flags, native in ((AVX2_ONLY, False), (NATIVE_BF16, True)):
+        (tmp_path / "cpuinfo").write_text(flags)
+        monkeypatch.setenv("CASCADE_CPUINFO", str(tmp_path / "cpuinfo"))
+        assert cpu_supports_bf16() is native
+        assert Runtime.resolve("cpu").precision == ("bf16" if native else "fp32")
