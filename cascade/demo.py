@@ -258,6 +258,9 @@ def write_report(
         f"classifier ROC AUC {format_number(validation.get('classifier_auc'))}; "
         f"the gate sent {100 * validation.get('segmented_share', float('nan')):.0f}% of the validation images "
         "to the segmenter.",
+        *(["", f"**{validation['gate_open']}** (`cascade tune`'s gate-open rule: classifier AUC below 0.6, or the "
+           "best gate keeping under 5% of the validation negatives from the segmenter)."]
+          if validation.get("gate_open") else []),
         "",
         "## What the classifier gate does (held-out test set)",
         "",

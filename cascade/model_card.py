@@ -83,6 +83,7 @@ def render(manifest: Mapping[str, Any], configs: Mapping[str, Sequence[Mapping[s
             f"classifier ROC AUC {format_number(v.get('classifier_auc'))}",
             f"- the gate sent {100 * v.get('segmented_share', float('nan')):.1f}% of the validation images to the "
             "segmenter",
+            *([f"- **{v['gate_open']}**"] if v.get("gate_open") else []),
             *[f"- warning: {w}" for w in v.get("warnings", [])],
         ]
     else:

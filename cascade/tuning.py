@@ -307,6 +307,7 @@ def validation_metrics(
         "min_sensitivity": result.min_sensitivity,
         "max_segmented_share": result.max_segmented_share,
         "skipped_negatives": json_float(result.skipped_negatives),
+        "gate_open": result.gate_statement,
         "standard_error": json_float(result.standard_error),
         "warnings": result.warnings(),
         "resolution": RESOLUTION,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from cascade.errors import CascadeError, ConfigError
 from cascade.thresholds.rule import FIELDS
-from cascade.thresholds.search import Grid, ThresholdSearch, best_point, evaluate_thresholds, tune
+from cascade.thresholds.search import Grid, ThresholdSearch, best_point, evaluate_thresholds, gate_verdict, tune
 
 LEVELS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)  # probability values that sit on grid thresholds (ties)
 PX = 1024 * 1024 / 256  # one pixel of a 16 x 16 map, in pixels at 1024²
@@ -65,7 +65,7 @@ def cases(draw):
 @given(cases())
 def test_search_equals_brute_force(case) -> None:
     cls, segs, masks, grid = case
-    result = tune(cls, segs, masks, grid=grid, progress=False)
+    result = tune(cls, segs, masks, grid=grid, open_gate=False, progress=False)  # the plain search
     scores, tp, fp = brute_force(cls, segs, masks, grid)
     np.testing.assert_allclose(result.scores, scores, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(result.tp, tp)
@@ -203,7 +203,7 @@ def test_warnings_name_a_small_fold_with_its_uncertainty_and_a_near_chance_class
     assert f"±{expected:.4f}" in small[0]
     assert not any("near chance" in w for w in result.warnings())
     shuffled = tune(np.random.default_rng(1).permutation(np.linspace(0, 1, 24)), segs, masks, grid=SMALL_GRID,
-                    progress=False)
+                    open_gate=False, progress=False)
     assert shuffled.classifier_auc < 0.6
     assert any("near chance" in w for w in shuffled.warnings())
     big_cls, big_segs, big_masks = _synthetic(n=60)
@@ -269,3 +269,93 @@ def test_max_segmented_share_is_met_at_the_best_allowed_score() -> None:
     assert fast.score <= free.score
     with pytest.raises(CascadeError, match="no searched gate sends at most 0.01 of the images"):
         tune(cls, segs, masks, grid=Grid(cls=(0.0,)), max_segmented_share=0.01, progress=False)
+
+
+def _card(result) -> str:
+    """MODEL_CARD.md as ``cascade tune`` writes it for this search result (validation metrics of a fold-0 pair)."""
+    from types import SimpleNamespace
+
+    from cascade import model_card
+    from cascade.tuning import validation_metrics
+
+    run = SimpleNamespace(fold=0, folds=5, fingerprint="0" * 64)
+    metrics = validation_metrics(result, pairs=[(run, run)], images_per_fold=[len(result.cls_probs)], tta=False,
+                                 failed=0)
+    manifest = {"metrics": metrics, "thresholds": result.thresholds.to_dict(), "tta": {"hflip": False},
+                "preprocessing": {"classifier": {"size": 64}, "segmenter": {"size": 64}}}
+    return model_card.render(manifest, {"classifier": [{"stage": "cls"}], "segmenter": [{"stage": "seg"}]})
+
+
+def test_a_random_classifier_opens_the_gate_and_the_report_and_model_card_say_so() -> None:
+    cls, segs, masks = _synthetic(n=60)
+    segs[~masks.any(axis=(1, 2)), 10:20, 10:20] = 0.9  # confident false positives: skipping at random scores higher
+    random_cls = np.random.default_rng(0).random(len(cls))  # a classifier that learned nothing
+    gated = tune(random_cls, segs, masks, grid=SMALL_GRID, open_gate=False, progress=False)
+    assert gated.thresholds.cls > 0 and gated.score > gated.scores[0].max()  # the plain search keeps a random gate
+    result = tune(random_cls, segs, masks, grid=SMALL_GRID, progress=False)
+    assert result.classifier_auc < 0.6
+    assert result.thresholds.cls == 0.0 and result.segmented_share == 1.0 and result.skipped_negatives == 0.0
+    assert result.score == pytest.approx(result.scores[0].max(), abs=1e-12)  # the best point with the gate open
+    reference = evaluate_thresholds(random_cls, segs, masks, result.thresholds)
+    assert result.summary.confusion == reference.confusion and result.score == pytest.approx(reference.mean_dice)
+    statement = result.gate_statement
+    assert statement.startswith(f"gate open: the classifier does not separate the classes "
+                                f"(AUC {result.classifier_auc:.3f}, below 0.6); ")
+    assert statement.endswith("the segmenter runs on every image")
+    assert f"the best gate, cls {gated.thresholds.cls:g}, scored mean Dice {gated.score:.4f}" in statement
+    assert not any("near chance" in w for w in result.warnings())  # the statement replaces the warning
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["gate_open"]["statement"] == statement and data["gate_open"]["applied"] is True
+    assert data["thresholds"]["cls"] == 0.0
+    assert f"- **{statement}**" in _card(result)
+
+
+def test_a_separating_classifier_keeps_its_gate_and_no_statement() -> None:
+    cls, segs, masks = _synthetic(n=60)
+    negatives = ~masks.any(axis=(1, 2))
+    segs[negatives, 10:20, 10:20] = 0.9  # the segmenter draws a confident lesion on every negative: only a gate helps
+    result = tune(cls, segs, masks, grid=SMALL_GRID, progress=False)
+    assert result.classifier_auc > 0.8 and result.skipped_negatives >= 0.05
+    assert result.thresholds.cls > 0 and result.gate_open is None and result.gate_statement is None
+    assert result.to_dict()["gate_open"] is None
+    card = _card(result)
+    assert "gate open" not in card and "does not separate" not in card
+
+
+def test_a_requested_segmenter_share_keeps_a_random_gate_and_says_why() -> None:
+    cls, segs, masks = _synthetic(n=60)
+    random_cls = np.random.default_rng(7).random(len(cls))
+    result = tune(random_cls, segs, masks, grid=SMALL_GRID, max_segmented_share=0.8, progress=False)
+    assert result.segmented_share <= 0.8 and result.thresholds.cls > 0
+    assert result.gate_open is not None and result.gate_open["applied"] is False
+    assert result.gate_statement.startswith("the classifier does not separate the classes (AUC ")
+    assert "kept only because --max-segmenter-share 0.8 asks for one" in result.gate_statement
+
+
+def test_the_gate_open_rule() -> None:
+    assert gate_verdict(0.59, 0.5).startswith("the classifier does not separate the classes (AUC 0.590")
+    assert gate_verdict(0.9, 0.049).startswith("the gate does not pay: the best one keeps only 4.9% of the")
+    assert gate_verdict(0.6, 0.05) is None and gate_verdict(0.95, 0.6) is None
+    cls, segs, masks = _synthetic(n=60)  # a perfect segmenter: the classifier separates, but no gate is needed
+    result = tune(cls, segs, masks, grid=SMALL_GRID, progress=False)
+    assert result.classifier_auc > 0.8 and result.thresholds.cls == 0.0 and result.gate_open["applied"]
+    assert result.gate_statement == (
+        f"gate open: the gate does not pay: the best one keeps only 0.0% of the validation negatives from the "
+        f"segmenter, under 5% (classifier AUC {result.classifier_auc:.3f}); cls is 0: the segmenter runs on every "
+        "image"
+    )
+    assert gate_verdict(float("nan"), 0.5) is None and gate_verdict(0.5, float("nan")) is None  # one class only
+
+
+def test_a_random_gate_doing_the_work_of_an_empty_answer_is_kept_and_the_statement_says_why() -> None:
+    cls, segs, masks = _synthetic(n=60)
+    negatives = ~masks.any(axis=(1, 2))
+    segs[:] = 0.0
+    segs[negatives, 10:20, 10:20] = 0.9  # a segmenter that misses every lesion and draws on every negative
+    result = tune(np.random.default_rng(0).random(len(cls)), segs, masks, grid=SMALL_GRID, progress=False)
+    assert result.classifier_auc < 0.6 and result.thresholds.cls > 0
+    g = result.gate_open
+    assert g is not None and g["applied"] is False and g["open_cost"] > g["noise"] > 0
+    assert result.score == pytest.approx(g["gated_score"]) and result.score > result.scores[0].max()
+    assert result.gate_statement.startswith("the classifier does not separate the classes (AUC ")
+    assert f"is kept only because opening it would cost {g['open_cost']:.4f} mean Dice" in result.gate_statement

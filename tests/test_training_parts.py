@@ -165,6 +165,41 @@ def test_pretrained_fills_a_segmenter_encoder_and_rejects_a_wrong_file(tmp_path:
         load_pretrained(model, config, str(tmp_path / "absent.safetensors"))
 
 
+@pytest.mark.parametrize("encoder", ["resnet18", "tu-resnet18"])
+@pytest.mark.parametrize("naming", ["smp", "timm"])
+def test_a_local_imagenet_style_file_fills_smp_and_timm_encoders_through_pretrained_path(
+    tmp_path: Path, encoder: str, naming: str
+) -> None:
+    """``--pretrained PATH`` (what ``start_weights`` calls for a new run) with the two namings of a downloaded
+    ImageNet ResNet: smp's encoder file (torchvision names, ``conv1``/``layer1.0.conv1``, no ``fc``: what
+    ``--pretrained imagenet`` fetches for ``resnet34``) and a timm checkpoint (the same names plus its 1000-class
+    ``fc`` head), into an smp encoder (``resnet18``) and a timm one wrapped by smp (``tu-resnet18``, tensors under
+    ``model.``); the RGB first convolution is summed to our one channel, every other tensor copied exactly."""
+    import segmentation_models_pytorch as smp
+    import timm
+    from safetensors.torch import save_file
+
+    from cascade.stages.training import start_weights
+
+    torch.manual_seed(1)
+    if naming == "smp":
+        source = smp.encoders.get_encoder("resnet18", in_channels=3, weights=None).state_dict()
+    else:
+        source = timm.create_model("resnet18", pretrained=False, num_classes=1000).state_dict()
+        assert "fc.weight" in source
+    path = tmp_path / f"resnet18-{naming}.safetensors"
+    save_file({k: v.contiguous() for k, v in source.items()}, str(path))
+    config = cfg.resolve("seg", CONFIGS / "tiny-seg.yaml", {"network": {"encoder": encoder}})
+    model = build_model({"stage": "seg", "in_chans": 1, **config["network"]})
+    start_weights(model, config, str(path), report=False, warn=False)
+    loaded = {k.removeprefix("model."): v for k, v in model.encoder.state_dict().items()}
+    assert set(loaded) <= set(source)  # the names met; nothing of the encoder is left as built
+    assert torch.equal(loaded["conv1.weight"], source["conv1.weight"].sum(1, keepdim=True))
+    for name, value in loaded.items():
+        if name != "conv1.weight":
+            assert torch.equal(value, source[name]), name
+
+
 def test_pretrained_hub_name_fails_at_once_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = cfg.resolve("cls", CONFIGS / "tiny-cls.yaml")

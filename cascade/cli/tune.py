@@ -17,8 +17,9 @@ Predict the validation fold shared by a classifier run and a segmenter run (trai
 metric, at each image's native size), and write MODEL_DIR: cascade.json, MODEL_CARD.md, the stage folders and
 report/ (tune.json, frontier and operating-point tables, PNG plots). Images and labels default to where the runs
 recorded them. Several runs per --cls/--seg (one per fold) make an out-of-fold tuned fold ensemble
-(docs/fold-ensembles.md). Warnings name a validation fold too small to trust, a classifier near chance and a best
-point on the edge of a searched range (--grid widens it)."""
+(docs/fold-ensembles.md). A gate that does not pay (classifier AUC below 0.6, or the best gate keeping under 5% of
+the validation negatives from the segmenter) is opened: cls 0, and a "gate open" line says why. Warnings name a
+validation fold too small to trust and a best point on the edge of a searched range (--grid widens it)."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -95,6 +96,7 @@ def summary_lines(outcome: TuneOutcome) -> list[str]:
         f"the gate sends {100 * v['segmented_share']:.1f}% of images to the segmenter and keeps "
         f"{format_number(100 * v['skipped_negatives'] if v['skipped_negatives'] is not None else None, 1)}% of the "
         "negatives from it (report/frontier.png: Dice against segmenter share)",
+        *([v["gate_open"]] if v.get("gate_open") else []),
         f"model folder {outcome.model_dir}{members}, report in {outcome.report_dir} ({outcome.seconds:.1f} s)",
     ]
 

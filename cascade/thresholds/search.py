@@ -49,7 +49,10 @@ MIN_TRUSTED_IMAGES = 50
 MIN_TRUSTED_POSITIVES = 10
 """Below either count ``tune`` warns that its validation fold is too small to trust."""
 NEAR_CHANCE_AUC = 0.6
-"""Below this classifier ROC AUC ``tune`` warns that the gate cannot separate the classes."""
+"""Below this classifier ROC AUC the gate cannot separate the classes: ``tune`` opens it (see :func:`gate_verdict`)."""
+MIN_SKIPPED_NEGATIVES = 0.05
+"""A best gate that keeps less than this share of the validation negatives from the segmenter does not pay for its
+classifier pass: ``tune`` opens it (see :func:`gate_verdict`)."""
 NATURAL_LOWER_ENDS = ("cls", "area", "min_component")
 """Thresholds whose lowest searched value (0) is a natural bound: best there means "off", not "search lower"."""
 SENSITIVITY_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
@@ -146,6 +149,29 @@ def best_point(scores: np.ndarray, allowed: np.ndarray | None = None) -> tuple[i
     return (cls, *(int(i) for i in np.unravel_index(rest, scores.shape[1:])))
 
 
+def gate_verdict(auc: float, skipped_negatives: float) -> str | None:
+    """Why the classifier gate does not pay (None when it does, or when it cannot be judged).
+
+    **The gate-open rule**: with both classes among the validation images, the gate is open when the classifier's
+    ROC AUC is below :data:`NEAR_CHANCE_AUC` (0.6: it cannot separate the classes, so any gate skips images at
+    random), or when the best gate the search found keeps less than :data:`MIN_SKIPPED_NEGATIVES` (5%) of the
+    validation negatives from the segmenter (it decides nothing worth its classifier pass). ``tune`` then sets
+    ``cls`` to 0 (:meth:`ThresholdSearch.result`) — unless opening it costs more validation Dice than the fold's
+    noise (1.96 standard errors of the paired per-image difference), ``--max-segmenter-share`` asks for a gate, or
+    the grid has no ``cls`` 0; the statement then says why the gate is kept.
+    """
+    if not (math.isfinite(auc) and math.isfinite(skipped_negatives)):
+        return None
+    if auc < NEAR_CHANCE_AUC:
+        return f"the classifier does not separate the classes (AUC {auc:.3f}, below {NEAR_CHANCE_AUC:g})"
+    if skipped_negatives < MIN_SKIPPED_NEGATIVES:
+        return (
+            f"the gate does not pay: the best one keeps only {100 * skipped_negatives:.1f}% of the validation "
+            f"negatives from the segmenter, under {100 * MIN_SKIPPED_NEGATIVES:g}% (classifier AUC {auc:.3f})"
+        )
+    return None
+
+
 @dataclass
 class TuneResult:
     """The outcome of a search; arrays are indexed (cls, top, area, bottom, min_component) like ``grid``."""
@@ -167,6 +193,27 @@ class TuneResult:
     max_segmented_share: float | None = None
     per_image_dice: np.ndarray | None = field(default=None, repr=False)
     """Each validation image's Dice at the chosen point (for the score's uncertainty)."""
+    gate_open: dict[str, Any] | None = None
+    """Set when the gate-open rule (:func:`gate_verdict`) fired: ``reason``, ``applied`` (``cls`` set to 0; false
+    when ``max_segmented_share`` asked for a gate or the grid has no ``cls`` 0), and the best gated point it replaced
+    (``gated_cls``, ``gated_score``, ``gated_skipped_negatives``), what opening costs (``open_cost``, ``noise``);
+    ``kept_because`` when not applied. ``statement`` (in ``to_dict``) is the line reports print."""
+
+    @property
+    def gate_statement(self) -> str | None:
+        """The one line ``tune``'s printout, ``tune.json``, ``MODEL_CARD.md`` and the demo report give (None when the
+        gate pays)."""
+        g = self.gate_open
+        if g is None:
+            return None
+        if not g["applied"]:
+            return f"{g['reason']}; the gate (cls {g['gated_cls']:g}) is kept only because {g['kept_because']}"
+        tail = (
+            "cls is 0" if g["gated_cls"] == 0 else
+            f"cls is set to 0 (the best gate, cls {g['gated_cls']:g}, scored mean Dice {g['gated_score']:.4f} "
+            f"on the validation images, {self.score:.4f} open)"
+        )
+        return f"gate open: {g['reason']}; {tail}: the segmenter runs on every image"
 
     @property
     def standard_error(self) -> float:
@@ -188,7 +235,7 @@ class TuneResult:
                 f"{self.score:.4f} is uncertain by about ±{1.96 * self.standard_error:.4f} (95%)"
             )
         auc = self.classifier_auc
-        if math.isfinite(auc) and auc < NEAR_CHANCE_AUC:
+        if self.gate_open is None and math.isfinite(auc) and auc < NEAR_CHANCE_AUC:
             out.append(
                 f"the classifier's ROC AUC is {auc:.3f}, near chance: the gate can only skip images at random; "
                 "train the classifier longer or from the segmenter (--init-from)"
@@ -320,6 +367,7 @@ class TuneResult:
             "segmented_share": self.segmented_share,
             "skipped_negatives": json_float(self.skipped_negatives),
             "frontier": self.frontier(),
+            "gate_open": None if self.gate_open is None else {**self.gate_open, "statement": self.gate_statement},
             "grid": self.grid.to_dict(),
             "grid_points": self.grid.size,
         }
@@ -403,10 +451,16 @@ class ThresholdSearch:
             inter[b] = keep @ hits
 
     def result(
-        self, min_sensitivity: float | None = None, max_segmented_share: float | None = None
+        self, min_sensitivity: float | None = None, max_segmented_share: float | None = None, *,
+        open_gate: bool = True,
     ) -> TuneResult:
         """The best thresholds, optionally subject to image-level sensitivity >= ``min_sensitivity`` and to the
-        classifier gate sending at most ``max_segmented_share`` of the images to the segmenter."""
+        classifier gate sending at most ``max_segmented_share`` of the images to the segmenter.
+
+        With ``open_gate`` (the default, what ``cascade tune`` does) a gate that does not pay (:func:`gate_verdict`)
+        is opened: the best point with ``cls`` 0 (the grid's first value) is returned instead, subject to the same
+        ``min_sensitivity``, and ``TuneResult.gate_open`` says why. ``open_gate=False`` is the plain search.
+        """
         n = len(self)
         if n == 0:
             raise CascadeError("threshold search: no images were given")
@@ -466,9 +520,16 @@ class ThresholdSearch:
                 + (f" with at most {max_segmented_share:g} of the images segmented)" if max_segmented_share is not
                    None else ")")
             )
+        def per_image_at(index: tuple[int, ...]) -> np.ndarray:
+            c, t, a, b, m = index
+            return np.where(cls_pass[:, c] & top_pass[:, t, a], dices[:, b, m], empty)
+
+        gate_open = None
+        if open_gate:
+            gate_open, best = self._open_gate(best, scores, allowed, cls, positive, max_segmented_share, per_image_at)
         c, t, a, b, m = best
         gate = cls_pass[:, c] & top_pass[:, t, a]
-        per_image = np.where(gate, dices[:, b, m], empty)
+        per_image = per_image_at(best)
         summary = summarize(per_image, gate & masked[:, b, m], positive)
         return TuneResult(
             thresholds=g.point(best),
@@ -487,7 +548,48 @@ class ThresholdSearch:
             min_sensitivity=min_sensitivity,
             max_segmented_share=max_segmented_share,
             per_image_dice=per_image,
+            gate_open=gate_open,
         )
+
+    def _open_gate(
+        self, best: tuple[int, ...], scores: np.ndarray, allowed: np.ndarray | None, cls: np.ndarray,
+        positive: np.ndarray, max_segmented_share: float | None, per_image_at: Any,
+    ) -> tuple[dict[str, Any] | None, tuple[int, ...]]:
+        """The gate-open rule applied to the best point: (what ``TuneResult.gate_open`` holds, the point to use).
+
+        A gate the verdict condemns is still kept when opening it costs more mean Dice than the validation fold's
+        noise (1.96 standard errors of the paired per-image difference): then the gate is doing the work of an
+        all-empty answer the segmenter cannot give alone, and the statement says so."""
+        gated_cls = self.grid.cls[best[0]]
+        negatives = ~positive
+        skipped = float(np.mean(cls[negatives] < gated_cls)) if negatives.any() else math.nan
+        reason = gate_verdict(roc_auc(cls, positive), skipped)
+        if reason is None:
+            return None, best
+        kept_because = None
+        opened = best_point(scores[:1], None if allowed is None else allowed[:1])
+        cost = noise = 0.0
+        if opened is not None:
+            difference = per_image_at(best) - per_image_at(opened)
+            cost = float(difference.mean())
+            noise = 1.96 * float(difference.std(ddof=1) / math.sqrt(difference.size)) if difference.size > 1 else 0.0
+        if max_segmented_share is not None:
+            kept_because = f"--max-segmenter-share {max_segmented_share:g} asks for one"
+        elif self.grid.cls[0] != 0:
+            kept_because = f"the searched cls values start at {self.grid.cls[0]:g}, not 0 (--grid)"
+        elif opened is None:  # cannot happen: opening the gate only adds true positives
+            kept_because = "no point with the gate open meets --min-sensitivity"
+        elif cost > noise:
+            kept_because = (
+                f"opening it would cost {cost:.4f} mean Dice on the validation images, more than their noise "
+                f"(±{noise:.4f}): the segmenter alone draws too many false positives"
+            )
+        record = {"reason": reason, "applied": kept_because is None, "gated_cls": gated_cls,
+                  "gated_score": float(scores[best]), "gated_skipped_negatives": json_float(skipped),
+                  "open_cost": cost, "noise": noise}
+        if kept_because is not None:
+            return {**record, "kept_because": kept_because}, best
+        return record, opened
 
 
 def _progress(items: Iterable[Any], total: int, enabled: bool, desc: str) -> Iterable[Any]:
@@ -511,13 +613,15 @@ def tune(
     grid: Grid | None = None,
     min_sensitivity: float | None = None,
     max_segmented_share: float | None = None,
+    open_gate: bool = True,
     progress: bool = True,
 ) -> TuneResult:
     """Search the thresholds that maximise mean Dice (exactly, over ``grid``; default :class:`Grid`).
 
     ``seg_probs`` and ``masks`` are arrays [N, H, W] or iterables of H x W arrays (consumed once, one image at a
     time, so a generator keeps memory flat); ``cls_probs`` has N entries. With ``min_sensitivity`` the best point
-    among those whose image-level sensitivity is at least that value is returned.
+    among those whose image-level sensitivity is at least that value is returned. ``open_gate``: see
+    :meth:`ThresholdSearch.result`.
     """
     search = ThresholdSearch(grid)
     cls, pairs = _paired(cls_probs, seg_probs, masks)
@@ -528,7 +632,7 @@ def tune(
         if isinstance(err, CascadeError) or "zip()" not in str(err):
             raise
         raise CascadeError(f"threshold search: cls_probs, seg_probs and masks differ in length ({err})") from None
-    return search.result(min_sensitivity, max_segmented_share)
+    return search.result(min_sensitivity, max_segmented_share, open_gate=open_gate)
 
 
 def evaluate_thresholds(
