@@ -1,6 +1,6 @@
-"""Helpers for the `cascade listen` tests: a mixed-decision tiny model on the real SIIM samples, a pynetdicom SCU,
-the node as a subprocess, and Orthanc started from the README's own configuration. Everything binds loopback and
-every wait is bounded."""
+"""Helpers for the `cascade listen` tests: a pynetdicom SCU, the node as a subprocess, and Orthanc (with its
+DICOMweb plugin) started from the README's own configuration. Everything binds loopback and every wait is
+bounded."""
 
 from __future__ import annotations
 
@@ -176,6 +176,9 @@ class Orthanc:
         )
         config["DicomModalities"]["cascade"][2] = node_port
         assert config["RemoteAccessAllowed"] is False
+        plugin = Path(config["Plugins"][0])
+        if not plugin.exists():
+            pytest.skip(f"{plugin} is absent (.ci/run installs orthanc-dicomweb with apt)")
         self.config = folder / "orthanc.json"
         self.config.write_text(json.dumps(config), encoding="utf-8")
         self.proc: subprocess.Popen | None = None
@@ -208,6 +211,28 @@ class Orthanc:
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as answer:
             return json.load(answer)
+
+    @property
+    def stow_url(self) -> str:
+        """The DICOMweb plugin's STOW-RS endpoint (the README's ``DicomWeb`` root)."""
+        return f"http://127.0.0.1:{self.http_port}/dicom-web/studies"
+
+    def study_modalities(self, study_uid: str) -> list[str]:
+        """The Modality of each series of the study (REST /studies/{id}/series), sorted; [] when Orthanc lacks it."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/tools/lookup", data=study_uid.encode(),
+                                         method="POST")
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            found = [r["ID"] for r in json.load(answer) if r["Type"] == "Study"]
+        if not found:
+            return []
+        return sorted(s["MainDicomTags"].get("Modality", "") for s in self.get(f"/studies/{found[0]}/series"))
+
+    def count(self, modality: str) -> int:
+        """How many instances of ``modality`` Orthanc holds (REST /tools/find)."""
+        query = json.dumps({"Level": "Instance", "Query": {"Modality": modality}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/tools/find", data=query, method="POST")
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return len(json.load(answer))
 
     def instances(self) -> list[dict[str, Any]]:
         """Every instance: its simplified tags plus ``_study`` (Orthanc's study id, what the viewer groups by)."""

@@ -1,4 +1,4 @@
-"""The library does not import its command line: only cascade/cli/ (and, for now, cascade/listen/) may."""
+"""The library does not import its command line: only cascade/cli/ may."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cascade"
-ALLOWED = ("cli", "listen")
-# TODO(issue 25): remove "listen" once cascade/listen no longer imports cascade.cli (it is switched to Runtime).
+ALLOWED = ("cli",)
 
 
 def _imports(path: Path) -> list[str]:

@@ -1,6 +1,7 @@
-"""`cascade listen` with real components on loopback: pynetdicom's SCU, dcmtk's storescu/echoscu and Orthanc send
-the real SIIM sample DICOMs to the node, which must answer exactly what `Cascade.predict_many` answers, write a SEG
-for every positive, forward it into the source's study, and lose nothing and repeat nothing across faults.
+"""`cascade listen` with real components on loopback: pynetdicom's SCU and dcmtk's storescu/echoscu send the real
+SIIM sample DICOMs to the node, which must answer exactly what `Cascade.predict_many` answers, write an SR for every
+analysed image and a SEG for every positive, and lose nothing and repeat nothing across faults (Orthanc as the
+PACS: tests/test_pacs.py).
 
 The tiny random model's classifier threshold is set between the 5th and 6th highest probabilities of the 11 samples,
 so some real images come out positive and some negative.
@@ -8,6 +9,7 @@ so some real images come out positive and some negative.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -20,21 +22,11 @@ import pydicom
 import pytest
 
 from cascade.errors import ConfigError
-from cascade.listen import COLUMNS, Destination, Node
+from cascade.listen import COLUMNS, COLUMNS_V1, Destination, Node
 from cascade.pipeline import Cascade, Prediction
 from cascade.thresholds.rule import Thresholds
 from conftest import make_model_dir
-from listen_helpers import (
-    NodeProcess,
-    Orthanc,
-    copies,
-    findings,
-    free_port,
-    require,
-    store,
-    wait_findings,
-    wait_for,
-)
+from listen_helpers import NodeProcess, copies, findings, require, store, wait_findings, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +71,9 @@ def check_findings(out: Path, rows: list[dict[str, str]], expected: dict[str, Pr
         assert row["priority"] == ("HIGH" if pred.positive else "ROUTINE")
         assert row["EncodedPixels"] == pred.rle
         assert row["received"] <= row["finished"]
+        assert row["StudyInstanceUID"] == pred.header.StudyInstanceUID
+        sr = pydicom.dcmread(out / row["sr"])
+        assert sr.Modality == "SR" and sr.StudyInstanceUID == pred.header.StudyInstanceUID
         if pred.positive:
             seg = pydicom.dcmread(out / row["seg"])
             assert seg.Modality == "SEG" and seg.StudyInstanceUID == pred.header.StudyInstanceUID
@@ -245,7 +240,26 @@ def test_a_foreign_findings_file_is_refused_untouched(model_dir: Path, tmp_path:
     for bad in ("ORTHANC@host", "@h:1", "A@h:0", "WAY-TOO-LONG-AE-TITLE@h:1"):
         with pytest.raises(ConfigError):
             Destination.parse(bad)
-    assert COLUMNS[:5] == ("ImageId", "probability", "positive", "priority", "EncodedPixels")
+    assert COLUMNS[:5] == ("ImageId", "StudyInstanceUID", "probability", "positive", "priority")
+
+
+def test_a_first_version_findings_file_is_upgraded_atomically(model_dir: Path, samples: list[Path],
+                                                              tmp_path: Path) -> None:
+    """A findings.csv of the first version (no study, SR or model columns) keeps its findings under the new
+    columns; its images are not analysed again, new ones are."""
+    old = ",".join(COLUMNS_V1) + "\n" + f"{samples[0].stem},0.9,1,HIGH,1 2,2025-01-01T00:00:00.000+00:00," \
+        f"2025-01-01T00:00:01.000+00:00,seg/{samples[0].name},\n" + "1.2.3,0.1,0,ROU"  # a cut last line
+    (tmp_path / "findings.csv").write_text(old)
+    node = start_node(model_dir, tmp_path)
+    try:
+        assert store(node.address[1], samples[:2]) == [0, 0]
+        rows = wait_findings(tmp_path, 2)
+    finally:
+        node.stop()
+    assert (tmp_path / "findings.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
+    assert [r["ImageId"] for r in rows] == [samples[0].stem, samples[1].stem]  # the first kept, not analysed again
+    assert rows[0]["probability"] == "0.9" and rows[0]["study_priority"] == "HIGH" and rows[0]["sr"] == ""
+    assert rows[1]["sr"] and rows[1]["StudyInstanceUID"]
 
 
 def test_dcmtk_storescu_and_echoscu_against_the_cli(
@@ -311,67 +325,22 @@ def test_kill_then_restart_then_sigterm_mid_queue_give_one_finding_each(
     assert not list((out / "incoming").iterdir())
 
 
-def test_orthanc_routes_to_the_node_and_receives_each_seg_in_its_study_despite_outages(
-    model_dir: Path, samples: list[Path], expected: dict[str, Prediction], tmp_path: Path
-) -> None:
-    """The README's Orthanc configuration, for real: storescu → Orthanc → (Lua route) → node → SEG → Orthanc.
-    Then Orthanc goes down twice: SEGs made meanwhile wait in the outbox and reach it once it is back, first with
-    the node running (back-off), then across a node restart."""
-    storescu = require("storescu")
-    positives = [p for p in samples if expected[p.stem].positive]
-    negatives = [p for p in samples if not expected[p.stem].positive]
-    routed, while_down = positives[:1] + negatives[:2], positives[1:2] + negatives[2:3]
-    across_restart = positives[2:] + negatives[3:]
-    out, node_port = tmp_path / "node", free_port()
-    orthanc = Orthanc(tmp_path, node_port)
-    forward = Destination("ORTHANC", "127.0.0.1", orthanc.dicom_port)
+def test_the_worklist_puts_high_first_and_promotes_a_routine_study_past_the_cap(tmp_path: Path) -> None:
+    from cascade.listen import Worklist
 
-    def start() -> Node:
-        node = Node(Cascade.from_pretrained(model_dir, device="cpu"), out, port=node_port, forward=forward,
-                    accept_from=["ORTHANC", "SCU"], retry_max=1.0)
-        node.start()
-        return node
-
-    node = start()
-    try:
-        orthanc.start()
-        folder = tmp_path / "routed"
-        folder.mkdir()
-        for path in routed:
-            (folder / path.name).write_bytes(path.read_bytes())
-        sent = subprocess.run([storescu, "-xy", "-aet", "STORESCU", "-aec", "ORTHANC", "127.0.0.1",
-                               str(orthanc.dicom_port), "+sd", str(folder)], capture_output=True, text=True,
-                              timeout=60)
-        assert sent.returncode == 0, sent.stderr
-        wait_findings(out, len(routed))
-        segs = wait_for(lambda: s if len(s := orthanc.segs_by_source()) == 1 else None, 60, "the SEG in Orthanc")
-        images = {t["SOPInstanceUID"]: t for t in orthanc.instances() if t.get("Modality") != "SEG"}
-        assert set(images) == {p.stem for p in routed}
-        assert set(segs) == {positives[0].stem}
-        assert segs[positives[0].stem]["_study"] == images[positives[0].stem]["_study"]  # filed in its study
-
-        orthanc.stop()
-        store(node.address[1], while_down)
-        wait_findings(out, len(routed) + len(while_down))
-        assert (out / "outbox" / positives[1].name).exists()
-        orthanc.start()
-        wait_for(lambda: not (out / "outbox" / positives[1].name).exists(), 30, "the outbox to be sent")
-
-        orthanc.stop()
-        store(node.address[1], across_restart)
-        wait_findings(out, len(samples))
-        node.stop()
-        assert sorted(p.name for p in (out / "outbox").iterdir()) == sorted(p.name for p in positives[2:])
-        orthanc.start()
-        node = start()
-        wait_for(lambda: not list((out / "outbox").iterdir()), 30, "the outbox to be sent after the restart")
-        segs = orthanc.segs_by_source()
-    finally:
-        if node is not None:
-            node.stop()
-        orthanc.stop()
-    assert set(segs) == {p.stem for p in positives}
-    for path in positives:
-        assert segs[path.stem]["StudyInstanceUID"] == expected[path.stem].header.StudyInstanceUID
-    check_findings(out, findings(out), expected)
-
+    worklist = Worklist(tmp_path / "worklist.csv", max_routine_wait=30)
+    now = 1_700_000_000.0
+    worklist.add("1.1", now - 40 * 60, positive=False, failed=False)  # routine, waited 40 min: promoted
+    worklist.add("1.2", now - 5 * 60, positive=False, failed=False)
+    worklist.add("1.2", now - 2 * 60, positive=True, failed=False)  # one positive image: the study is HIGH
+    worklist.add("1.3", now - 20 * 60, positive=False, failed=True)  # routine, within the cap
+    worklist.write(now)
+    rows = list(csv.DictReader(open(tmp_path / "worklist.csv", encoding="utf-8")))
+    assert [(r["StudyInstanceUID"], r["priority"], r["promoted"]) for r in rows] == [
+        ("1.1", "HIGH", "yes"), ("1.2", "HIGH", "no"), ("1.3", "ROUTINE", "no")]
+    assert rows[1]["images"] == "2" and rows[1]["positives"] == "1" and rows[2]["failed"] == "1"
+    assert rows[0]["waited_minutes"] == "40.0"
+    assert not list(tmp_path.glob(".*.tmp"))
+    uncapped = Worklist(tmp_path / "w2.csv", max_routine_wait=None)
+    uncapped.add("1.1", now - 600 * 60, positive=False, failed=False)
+    assert [e.promoted for e in uncapped.entries(now)] == [False]

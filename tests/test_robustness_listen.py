@@ -2,7 +2,9 @@
 decompression bomb sent by dcmtk's storescu is refused at C-STORE time; a peer holding its share of associations
 idle neither starves other callers nor keeps them past the idle timeout; an association addressed to another AE
 title is refused; a soak of good, duplicate, corrupt and over-budget images leaves the node's memory and open files
-where they were, and its answers right.
+where they were, and its answers right. The results it sends: a full disk under ``sr/`` loses nothing and leaves
+nothing half-written; destinations that hang up mid-transfer (STOW-RS and DIMSE) leave every result in its outbox;
+STOW-RS answers are read instance by instance.
 
 One `cascade listen` subprocess (its memory and file descriptors read from /proc) serves the bomb, the called-AE
 and the soak cases, in that order; the association limits use a node in the test process with a short idle
@@ -250,3 +252,150 @@ def test_soak_of_good_duplicate_corrupt_and_over_budget_images_leaves_memory_and
     assert send(node.port, [last])[0].Status == 0
     row = {r["ImageId"]: r for r in wait_findings(out, len(rows) + 1)}[str(last.SOPInstanceUID)]
     assert math.isclose(float(row["probability"]), expected[samples[1].stem].probability, abs_tol=1e-6)
+
+
+# the results the node sends (SR, SEG, Secondary Capture): a full disk, peers that hang up, STOW-RS refusals
+
+
+def test_a_full_disk_under_sr_loses_nothing_and_leaves_no_half_written_result(
+    model_dir: Path, samples: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """fsync fails with ENOSPC for files in the SR folder (a full disk shows there first): the image is still
+    acknowledged (incoming/ is elsewhere), gets no finding and no result under a final name, stays in incoming/,
+    and is analysed once the disk has room (the next start)."""
+    import errno
+    import os
+
+    import cascade.fileio
+
+    sr_dir = tmp_path / "sr"
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(sr_dir)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(cascade.fileio.os, "fsync", fsync)
+    node = Node(Cascade.from_pretrained(model_dir, device="cpu"), tmp_path, port=0, secondary_capture=True)
+    node.start()
+    try:
+        assert [s.Status for s in send(node.address[1], [pydicom.dcmread(samples[0])], called="CASCADE")] == [0]
+        wait_for(lambda: "No space left on device" in caplog.text, 30, "the error to be logged")
+    finally:
+        node.stop()
+    assert "cannot record results (OSError: No space left on device)" in caplog.text
+    assert findings(tmp_path) == []
+    assert (tmp_path / "incoming" / samples[0].name).exists()
+    assert not list(sr_dir.iterdir()), "a result (or its temporary file) was left in sr/"
+    monkeypatch.undo()
+    node = Node(Cascade.from_pretrained(model_dir, device="cpu"), tmp_path, port=0, secondary_capture=True)
+    node.start()
+    try:
+        row = wait_findings(tmp_path, 1)[0]
+    finally:
+        node.stop()
+    assert row["ImageId"] == samples[0].stem and (tmp_path / row["sr"]).is_file()
+    assert not list((tmp_path / "incoming").iterdir())
+    if row["positive"] == "1":
+        assert pydicom.dcmread(tmp_path / row["sc"]).BurnedInAnnotation == "YES"
+
+
+def test_peers_that_hang_up_mid_transfer_keep_every_result_in_the_outbox(
+    model_dir: Path, samples: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A STOW-RS peer that closes the connection after reading part of the request, and a DICOM peer that
+    aborts the association in the middle of a C-STORE: each failure is logged clearly and every result stays in
+    its outbox, whole, for the next round."""
+    import socket
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import ComprehensiveSRStorage, SegmentationStorage
+
+    from cascade.listen import Destination
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def hang_up() -> None:  # reads the headers and a few KB of the body, then closes
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(4096)
+    threading.Thread(target=hang_up, daemon=True).start()
+
+    def abort(event) -> int:  # noqa: ANN001
+        event.assoc.abort()
+        return 0
+
+    peer = AE(ae_title="BROKEN")
+    for sop_class in (ComprehensiveSRStorage, SegmentationStorage):
+        peer.add_supported_context(sop_class)
+    server = peer.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, abort)])
+    node = Node(Cascade.from_pretrained(model_dir, device="cpu"), tmp_path, port=0, retry_max=1.0,
+                forward=Destination("BROKEN", "127.0.0.1", server.server_address[1]),
+                forward_stow=f"http://127.0.0.1:{listener.getsockname()[1]}/dicom-web/studies")
+    node.start()
+    try:
+        assert [s.Status for s in send(node.address[1], [pydicom.dcmread(samples[0])], called="CASCADE")] == [0]
+        wait_findings(tmp_path, 1)
+        wait_for(lambda: "no answer to STOW-RS" in caplog.text and "no answer to C-STORE" in caplog.text, 30,
+                 "both failures to be logged")
+    finally:
+        node.stop()
+        server.shutdown()
+        stop.set()
+        listener.close()
+    row = findings(tmp_path)[0]
+    for box in ("outbox", "outbox-stow"):
+        kept = tmp_path / box / "sr" / samples[0].name
+        assert kept.read_bytes() == (tmp_path / row["sr"]).read_bytes()  # whole, the result itself
+    assert not list(tmp_path.glob("**/.*.tmp"))
+    assert "kept in" in caplog.text
+
+
+def test_stow_rs_answers_are_read_instance_by_instance(tmp_path: Path) -> None:
+    """A 202 answer: the instance in ReferencedSOPSequence leaves the outbox; one failed with 0xC000 (cannot
+    understand) is dropped, not retried; one failed with 0xA700 (out of resources) stays for the next round."""
+    import httpx
+
+    from cascade.listen import Outbox
+    from cascade.listen.forward import DROPPED, STORED, StowSender
+
+    outbox = Outbox(tmp_path / "outbox-stow")
+    items, uids = [], []
+    for _ in range(3):
+        ds = Dataset()
+        ds.SOPInstanceUID = generate_uid()
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
+        ds.ensure_file_meta()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        source = generate_uid()
+        path = tmp_path / f"{source}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        outbox.link(("sr", source), path)
+        items.append(("sr", source))
+        uids.append(str(ds.SOPInstanceUID))
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        assert request.headers["content-type"].startswith('multipart/related; type="application/dicom"')
+        failed = [{"00081155": {"vr": "UI", "Value": [uids[1]]}, "00081197": {"vr": "US", "Value": [0xC000]}},
+                  {"00081155": {"vr": "UI", "Value": [uids[2]]}, "00081197": {"vr": "US", "Value": [0xA700]}}]
+        body = {"00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": [uids[0]]}}]},
+                "00081198": {"vr": "SQ", "Value": failed}}
+        return httpx.Response(202, json=body)
+
+    sender = StowSender("http://pacs.invalid/dicom-web/studies",
+                        lambda: httpx.Client(transport=httpx.MockTransport(answer)))
+    answered, problem = sender.send([(item, outbox.path(item)) for item in items], threading.Event())
+    assert answered == [(items[0], STORED, 202), (items[1], DROPPED, 0xC000), (items[2], None, 0xA700)]
+    assert problem == "STOW-RS answered HTTP 202; 1 instance(s) not confirmed"

@@ -1,4 +1,5 @@
-"""`cascade listen`: a DICOM node (Storage SCP) that triages the radiographs sent to it and answers with DICOM SEG."""
+"""`cascade listen`: a DICOM node (Storage SCP) that triages the radiographs sent to it and answers with DICOM SR
+and SEG (by DIMSE and/or STOW-RS). The node itself is :class:`cascade.listen.Node`; this module reads arguments."""
 
 from __future__ import annotations
 
@@ -11,16 +12,21 @@ from cascade.cli.argtypes import (
     non_negative_int,
     positive_float,
     positive_int,
+    runtime_from_args,
 )
 
 DESCRIPTION = """\
 Run a DICOM node: a Storage SCP that accepts CR, DX (for presentation and for processing) and Secondary Capture
 images plus Verification (C-ECHO), and refuses every other SOP class at association. Each received image is
 written to DIR/incoming/ before it is acknowledged, analysed by the cascade (one model worker batching what is
-queued), and recorded as one line of DIR/findings.csv (ImageId, probability, positive, priority HIGH/ROUTINE,
-EncodedPixels, received, finished, seg, error); a positive also gets its DICOM SEG in DIR/seg/, sent with --forward
-to a PACS (retried with back-off; unsent SEGs wait in DIR/outbox/ for the next start). Images received earlier but
-not yet analysed (a kill, a crash) are analysed first at start; an image already in findings.csv is never analysed
+queued), and recorded as one line of DIR/findings.csv (ImageId, StudyInstanceUID, probability, positive,
+priority, study_priority, EncodedPixels, received, finished, seg, sr, sc, model, error). Every analysed image gets
+a DICOM SR in DIR/sr/, a positive its DICOM SEG in DIR/seg/ (and with --secondary-capture an overlay picture in
+DIR/sc/); --forward sends them by C-STORE, --forward-stow by STOW-RS (retried with back-off; what is unconfirmed
+waits in DIR/outbox/ or DIR/outbox-stow/ for the next start). DIR/worklist.csv lists the studies in reading order
+(HIGH: a positive image, or a ROUTINE study waiting longer than --max-routine-wait). DIR/audit.jsonl records every
+received instance and every result sent (hashes of UIDs, never a header value). Images received earlier but not
+yet analysed (a kill, a crash) are analysed first at start; an image already in findings.csv is never analysed
 twice. SIGTERM or Ctrl-C stops listening, analyses everything acknowledged and exits 0. Logs show one line per
 image (a hash of its SOP Instance UID, the decision, ms from receipt to finding), never a header value.
 
@@ -33,7 +39,8 @@ peer address or --max-associations in all (A-ASSOCIATE-RJ, transient: the peer m
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "listen", help="run a DICOM node that triages received images and sends SEGs back", description=DESCRIPTION
+        "listen", help="run a DICOM node that triages received images and sends SRs and SEGs back",
+        description=DESCRIPTION
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="model folder written by 'cascade tune'")
     p.add_argument("--ae-title", default="CASCADE", metavar="AET", help="this node's AE title (default CASCADE)")
@@ -41,8 +48,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--port", type=non_negative_int, default=11112, help="port to listen on (default 11112; 0: any free port)"
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for findings.csv, seg/, incoming/, outbox/")
-    p.add_argument("--forward", metavar="AET@HOST:PORT", help="C-STORE each SEG to this AE (e.g. the PACS)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for findings.csv, worklist.csv, audit.jsonl, sr/, seg/, sc/, incoming/, outbox*/")
+    p.add_argument("--forward", metavar="AET@HOST:PORT",
+                   help="C-STORE each result (SR, SEG, SC) to this AE (e.g. the PACS)")
+    p.add_argument("--forward-stow", metavar="URL",
+                   help="send each result by STOW-RS to this URL (e.g. http://127.0.0.1:8042/dicom-web/studies)")
+    p.add_argument("--secondary-capture", action="store_true",
+                   help="also make a Secondary Capture (the outline burned into the image) of each positive")
+    p.add_argument(
+        "--max-routine-wait", type=float, default=60.0, metavar="MINUTES",
+        help="promote a ROUTINE study to HIGH in worklist.csv once it has waited this long (default 60; 0: never)",
+    )
     p.add_argument(
         "--accept-from", metavar="AET,…", help="accept associations only from these calling AE titles (default: any)"
     )
@@ -79,9 +96,10 @@ def run(args: argparse.Namespace) -> int:
     import threading
     import warnings
 
-    from cascade.listen import Destination, Node
+    from cascade.errors import ConfigError
+    from cascade.listen import Destination, Node, parse_stow_url
     from cascade.pipeline import Cascade
-    from cascade.precision import PrecisionWarning
+    from cascade.predicting import caught_warnings
 
     # pydicom and highdicom warn by quoting header values (patient names among them): never shown here
     warnings.simplefilter("ignore")
@@ -92,13 +110,12 @@ def run(args: argparse.Namespace) -> int:
     log.setLevel(logging.INFO)
     log.propagate = False  # other libraries' INFO lines stay off: highdicom's name the UIDs it copies
     forward = Destination.parse(args.forward) if args.forward else None
+    stow = parse_stow_url(args.forward_stow) if args.forward_stow else None
+    if not args.max_routine_wait >= 0:
+        raise ConfigError("--max-routine-wait must be 0 (never promote) or positive minutes")
     accept_from = [t.strip() for t in (args.accept_from or "").split(",") if t.strip()]
-    with warnings.catch_warnings(record=True) as load_warnings:  # a precision mismatch names only the folder
-        warnings.simplefilter("always", PrecisionWarning)
-        model = Cascade.from_pretrained(
-            args.model_dir, device=args.device, precision=args.precision, backend=args.backend, compile=args.compile,
-            cache_dir=args.cache_dir,
-        )
+    with caught_warnings() as load_warnings:  # cascade's own (a precision mismatch names only the folder)
+        model = Cascade.from_pretrained(args.model_dir, runtime=runtime_from_args(args))
     model.max_pixels = args.max_pixels
     node = Node(
         model,
@@ -107,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         forward=forward,
+        forward_stow=stow,
+        secondary_capture=args.secondary_capture,
+        max_routine_wait=args.max_routine_wait or None,
         accept_from=accept_from,
         batch_size=args.batch_size,
         queue_size=args.queue_size,
@@ -127,16 +147,22 @@ def run(args: argparse.Namespace) -> int:
     if model.synthetic_model:
         print("cascade listen: warning: this model was trained on synthetic films (cascade synth) only; its findings "
               "on real radiographs mean nothing (see MODEL_CARD.md)", file=sys.stderr)
-    for caught in load_warnings:
-        print(f"cascade listen: warning: {caught.message}", file=sys.stderr)
-    print(f"cascade listen: {args.ae_title} listening on {host}:{port} (device {model.device}, {model.precision} on "
-          f"{model.backend}, "
-          f"{len(node.findings)} finding(s) so far in {args.out}; forward: {forward or 'off'})",
+    for line in load_warnings:
+        print(f"cascade listen: warning: {line}", file=sys.stderr)
+    destinations = ", ".join(str(d) for d in (forward, stow and _shown(stow)) if d) or "off"
+    print(f"cascade listen: {args.ae_title} listening on {host}:{port} ({model.runtime.describe()}, "
+          f"{len(node.findings)} finding(s) so far in {args.out}; forward: {destinations})",
           file=sys.stderr, flush=True)
     while not stop.wait(0.5):
         pass
     print("cascade listen: stopping: no new associations; analysing what was received", file=sys.stderr, flush=True)
     node.stop()
     print(f"cascade listen: stopped; {len(node.findings)} finding(s) in {args.out}, "
-          f"{node.outbox_waiting} SEG(s) waiting to be sent", file=sys.stderr, flush=True)
+          f"{node.outbox_waiting} result(s) waiting to be sent", file=sys.stderr, flush=True)
     return 0
+
+
+def _shown(url: str) -> str:
+    from cascade.listen.forward import shown_url
+
+    return f"STOW-RS {shown_url(url)}"
