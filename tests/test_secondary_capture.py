@@ -4,6 +4,8 @@ not for diagnosis" banner, on a real SIIM film, read back with pydicom and check
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,6 +16,8 @@ import pydicom
 import pytest
 
 from cascade import __version__
+from cascade.data.labels import read_labels
+from cascade.data.rle import rle_encode
 from cascade.errors import CascadeError
 from cascade.outputs.overlay import draw_overlay
 from cascade.outputs.secondary_capture import BANNER, render, secondary_capture, write_secondary_capture
@@ -91,3 +95,27 @@ def test_no_capture_for_a_negative_an_image_not_kept_or_an_array(source: Path, t
         secondary_capture(opened.predict(source))
     with pytest.raises(CascadeError, match="DICOM source"):
         secondary_capture(opened.predict(np.full((64, 64), 0.5, dtype=np.float32)))
+
+
+def test_capture_of_a_real_annotation_outlines_exactly_that_region(
+    positive: Prediction, shared_data: Path, tmp_path: Path
+) -> None:
+    """The SC of a film whose mask is the challenge's own annotation of it: red lies only along that region's edge.
+    With ``$CASCADE_SCREENSHOTS`` set it is saved as what a PACS viewer shows (docs/secondary-capture.png)."""
+    labels = read_labels(shared_data / "siim" / "train-rle-sample.csv")
+    film = next(p for p in sorted((shared_data / "siim" / "sample-images").glob("*.dcm")) if labels.is_positive(p.stem))
+    model = Cascade.from_pretrained(make_model_dir(tmp_path / "model"), device="cpu", precision="fp32")
+    (pred,) = model.predict_many([film], workers=0, keep_image=True)
+    truth = labels.mask(film.stem, 1024, 1024)
+    pred = dataclasses.replace(pred, mask=truth, positive=True, rle=rle_encode(truth))
+    pixels = pydicom.dcmread(write_secondary_capture(pred, tmp_path / "sc.dcm")).pixel_array
+    film_part = pixels[pixels.shape[0] - 1024:]
+    red = (film_part[..., 0] > 200) & (film_part[..., 1] < 80) & (film_part[..., 2] < 80)
+    edge = cv2.dilate(truth.astype(np.uint8), np.ones((9, 9), np.uint8)) - cv2.erode(truth.astype(np.uint8),
+                                                                                    np.ones((9, 9), np.uint8))
+    red[:60, :260] = False  # the probability label's corner
+    assert red.sum() > 100 and edge[red].mean() > 0.95, "the outline follows the annotation"
+    if os.environ.get("CASCADE_SCREENSHOTS"):
+        picture = cv2.resize(cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), (512, 512 * pixels.shape[0] // pixels.shape[1]),
+                             interpolation=cv2.INTER_AREA)
+        assert cv2.imwrite(str(Path(os.environ["CASCADE_SCREENSHOTS"]) / "secondary-capture.png"), picture)
