@@ -15,9 +15,9 @@ import pytest
 
 from cascade import __version__
 from cascade.errors import CascadeError
+from cascade.inference.pipeline import Cascade, Prediction
 from cascade.outputs.overlay import draw_overlay
 from cascade.outputs.secondary_capture import BANNER, render, secondary_capture, write_secondary_capture
-from cascade.pipeline import Cascade, Prediction
 from cascade.thresholds.rule import Thresholds
 from conftest import make_model_dir
 
