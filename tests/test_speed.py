@@ -14,6 +14,7 @@ import torch
 from conftest import OPEN, make_model_dir
 
 from cascade.cli.main import main
+from cascade.common.devices import cpu_supports_bf16
 from cascade.data.synth import generate
 from cascade.errors import ConfigError, ModelError
 from cascade.inference.engines import engine_class

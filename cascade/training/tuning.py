@@ -346,9 +346,6 @@ def tune_runs(
 ) -> TuneOutcome:
     """Tune the thresholds of the classifier run(s) gating the segmenter run(s) and write MODEL_DIR ``out``.
 
-    (Long only by its keyword signature — every ``cascade tune`` flag — and this docstring; the body is one
-    sequence: check the inputs, predict the validation fold, search, write.)
-
     One run per stage tunes on their shared validation fold. Several runs per stage (a fold ensemble) are paired by
     fold (:func:`pair_folds`); each fold's validation images are predicted by its own pair only and all of them
     feed one search; MODEL_DIR gets every run as a member of its stage. ``images`` / ``labels`` override the paths
@@ -362,80 +359,122 @@ def tune_runs(
     carries the int8 graphs.
     """
     start = time.perf_counter()
-    if min_sensitivity is not None and not 0.0 <= min_sensitivity <= 1.0:
-        raise ConfigError(f"--min-sensitivity must lie in [0, 1], got {min_sensitivity}")
-    if max_segmented_share is not None and not 0.0 <= max_segmented_share <= 1.0:
-        raise ConfigError(f"--max-segmenter-share must lie in [0, 1], got {max_segmented_share}")
+    _check_limits(min_sensitivity, max_segmented_share)
     check_batch_size(batch_size)
     target = Path(out)
     check_replaceable(target)
     runtime = runtime or Runtime.resolve()
-    precision = runtime.precision
     pairs = pair_folds([read_run(r, "cls") for r in _as_list(cls_runs)],
                        [read_run(r, "seg") for r in _as_list(seg_runs)])
     images_dir, labels_path = _data_paths(*pairs[0], images, labels)
     fold_paths, truth = validation_images([cls for cls, _ in pairs], images_dir, labels_path)
-    total = sum(len(p) for p in fold_paths)
+    folds = _search_folds(pairs, fold_paths, truth, runtime, ThresholdSearch(grid), batch_size=batch_size,
+                          workers=workers, tta=tta, progress=progress)
+    if len(folds.search) == 0:
+        total = sum(len(p) for p in fold_paths)
+        raise CascadeError(f"{images_dir}: none of the {total} validation images could be read ({folds.failed[0]})")
+    result = folds.search.result(min_sensitivity, max_segmented_share)
+    metrics = validation_metrics(result, pairs=pairs, images_per_fold=folds.per_fold, tta=tta,
+                                 failed=len(folds.failed))
+    metrics["training_data"] = training_data(pairs, Path(labels_path), folds.synthetic)
+    metrics["validation"]["precision"] = runtime.precision
+    metrics["validation"]["runtime"] = runtime.as_dict()
+    context = {"images_dir": str(images_dir), "labels_file": str(labels_path), "unreadable": folds.failed}
+    _write(target, pairs, result, metrics, folds, context, tta=tta, precision=runtime.precision, start=start)
+    return TuneOutcome(target, result, metrics, folds.failed, time.perf_counter() - start, folds.searched, runtime)
 
-    failed: list[str] = []
-    synthetic: list[bool] = []
-    searched: list[str] = []
-    per_fold: list[int] = []
-    int8_graphs: dict[str, list[bytes]] = {"classifier": [], "segmenter": []}
-    search = ThresholdSearch(grid)
+
+def _check_limits(min_sensitivity: float | None, max_segmented_share: float | None) -> None:
+    """The operating-point limits of ``cascade tune`` are shares: each must lie in [0, 1] when given."""
+    if min_sensitivity is not None and not 0.0 <= min_sensitivity <= 1.0:
+        raise ConfigError(f"--min-sensitivity must lie in [0, 1], got {min_sensitivity}")
+    if max_segmented_share is not None and not 0.0 <= max_segmented_share <= 1.0:
+        raise ConfigError(f"--max-segmenter-share must lie in [0, 1], got {max_segmented_share}")
+
+
+@dataclass
+class _Folds:
+    """What predicting the validation folds gave: the search fed with every readable image, and the bookkeeping
+    the metrics, the report and MODEL_DIR need."""
+
+    search: ThresholdSearch
+    failed: list[str] = field(default_factory=list)
+    synthetic: list[bool] = field(default_factory=list)
+    searched: list[str] = field(default_factory=list)
+    per_fold: list[int] = field(default_factory=list)
+    int8_graphs: dict[str, list[bytes]] = field(default_factory=lambda: {"classifier": [], "segmenter": []})
+
+
+def _search_folds(
+    pairs: Sequence[tuple[Run, Run]],
+    fold_paths: Sequence[Sequence[Path]],
+    truth: Labels,
+    runtime: Runtime,
+    search: ThresholdSearch,
+    *,
+    batch_size: int,
+    workers: int | None,
+    tta: bool,
+    progress: bool,
+) -> _Folds:
+    """Predict each fold's validation images with that fold's own pair (quantized first at int8) and stream every
+    readable image into ``search``."""
+    folds = _Folds(search)
     bar = None
     if progress:
         from cascade.common.progress import progress_bar
 
-        bar = progress_bar(total=total, desc="validation fold" if len(pairs) == 1 else "out-of-fold", unit="img")
+        bar = progress_bar(total=sum(len(p) for p in fold_paths),
+                           desc="validation fold" if len(pairs) == 1 else "out-of-fold", unit="img")
     for (cls, seg), paths in zip(pairs, fold_paths):
         before = len(search)
         members = ([load_stage(cls.best)], [load_stage(seg.best)])
         graphs = None
-        if precision == "int8":
+        if runtime.precision == "int8":
             graphs = (int8_members(members[0], paths, runtime.cache_dir),
                       int8_members(members[1], paths, runtime.cache_dir))
-            int8_graphs["classifier"] += graphs[0]
-            int8_graphs["segmenter"] += graphs[1]
+            folds.int8_graphs["classifier"] += graphs[0]
+            folds.int8_graphs["segmenter"] += graphs[1]
         predictions = predict_probabilities(
             *members, paths, batch_size=batch_size, workers=workers, tta=tta, runtime=runtime, int8_graphs=graphs,
         )
-        for image_id, cls_prob, seg_map, mask in _stream(predictions, truth, failed, synthetic, bar):
+        for image_id, cls_prob, seg_map, mask in _stream(predictions, truth, folds.failed, folds.synthetic, bar):
             search.add(cls_prob, seg_map, mask)
-            searched.append(image_id)
-        per_fold.append(len(search) - before)
+            folds.searched.append(image_id)
+        folds.per_fold.append(len(search) - before)
     if bar is not None:
         bar.close()
-    if len(search) == 0:
-        raise CascadeError(f"{images_dir}: none of the {total} validation images could be read ({failed[0]})")
-    result = search.result(min_sensitivity, max_segmented_share)
-    metrics = validation_metrics(result, pairs=pairs, images_per_fold=per_fold, tta=tta, failed=len(failed))
-    metrics["training_data"] = training_data(pairs, Path(labels_path), synthetic)
-    metrics["validation"]["precision"] = precision
-    metrics["validation"]["runtime"] = runtime.as_dict()
+    return folds
 
+
+def _write(
+    target: Path,
+    pairs: Sequence[tuple[Run, Run]],
+    result: TuneResult,
+    metrics: dict[str, Any],
+    folds: _Folds,
+    context: dict[str, Any],
+    *,
+    tta: bool,
+    precision: str,
+    start: float,
+) -> None:
+    """Write MODEL_DIR ``target``: every pair's ``best/`` as members, the thresholds, and ``report/`` (the tune
+    report's files and ``validation.json``: the metrics, the runs, ``context`` and the seconds taken)."""
     with tempfile.TemporaryDirectory(prefix="cascade-tune-report-") as tmp, pending(Path(tmp)):
         files = write_tune_report(result, tmp)
         runs: dict[str, Any] = (
             {"cls_run": str(pairs[0][0].root), "seg_run": str(pairs[0][1].root)} if len(pairs) == 1
             else {"runs": [{"fold": c.fold, "cls_run": str(c.root), "seg_run": str(s.root), "images": n}
-                           for (c, s), n in zip(pairs, per_fold)]}
+                           for (c, s), n in zip(pairs, folds.per_fold)]}
         )
-        context = {
-            **metrics["validation"],
-            **runs,
-            "images_dir": str(images_dir),
-            "labels_file": str(labels_path),
-            "unreadable": failed,
-            "seconds": time.perf_counter() - start,
-        }
-        atomic_write_json(Path(tmp) / "validation.json", context)
+        validation = {**metrics["validation"], **runs, **context, "seconds": time.perf_counter() - start}
+        atomic_write_json(Path(tmp) / "validation.json", validation)
         write_model_dir(
             target, [c.best for c, _ in pairs], [s.best for _, s in pairs], result.thresholds, metrics=metrics,
             tta=tta, precision=precision, report_files=[*files, Path(tmp) / "validation.json"],
-            int8_graphs=int8_graphs if precision == "int8" else None,
+            int8_graphs=folds.int8_graphs if precision == "int8" else None,
         )
-    return TuneOutcome(target, result, metrics, failed, time.perf_counter() - start, searched, runtime)
 
 
 def _as_list(runs: PathArg | Sequence[PathArg]) -> list[PathArg]:
