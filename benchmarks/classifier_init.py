@@ -32,10 +32,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cascade.data.synth import generate  # noqa: E402
+from cascade.inference.runtime import Runtime  # noqa: E402
 from cascade.stages import config as cfg  # noqa: E402
 from cascade.stages import training  # noqa: E402
-from cascade.runtime import Runtime  # noqa: E402
-from cascade.tuning import tune_runs  # noqa: E402
+from cascade.training.tuning import tune_runs  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -41,12 +41,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cascade.data.synth import generate  # noqa: E402
-from cascade.pipeline import Cascade  # noqa: E402
-from cascade.precision import PrecisionWarning  # noqa: E402
-from cascade.runtime import Runtime  # noqa: E402
+from cascade.inference.pipeline import Cascade  # noqa: E402
+from cascade.inference.precision import PrecisionWarning  # noqa: E402
+from cascade.inference.runtime import Runtime  # noqa: E402
 from cascade.stages.config import resolve  # noqa: E402
 from cascade.stages.training import train  # noqa: E402
-from cascade.tuning import tune_runs  # noqa: E402
+from cascade.training.tuning import tune_runs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import add_json_argument, write_result  # noqa: E402

@@ -57,12 +57,12 @@ from precision_drift import (  # noqa: E402
     truth_masks,
 )
 
+from cascade.common.devices import cpu_supports_bf16  # noqa: E402
 from cascade.data.dicom import read_dicom  # noqa: E402
 from cascade.data.preprocess import prepare_image  # noqa: E402
 from cascade.data.synth import generate  # noqa: E402
-from cascade.pipeline import Cascade  # noqa: E402
-from cascade.precision import cpu_supports_bf16  # noqa: E402
-from cascade.runtime import Runtime  # noqa: E402
+from cascade.inference.pipeline import Cascade  # noqa: E402
+from cascade.inference.runtime import Runtime  # noqa: E402
 from cascade.thresholds.rule import Thresholds  # noqa: E402
 from results import add_json_argument, write_result  # noqa: E402
 

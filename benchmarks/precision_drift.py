@@ -32,13 +32,13 @@ import torch  # noqa: E402
 
 from cascade.data.labels import read_labels  # noqa: E402
 from cascade.data.synth import generate  # noqa: E402
-from cascade.modeldir import read_model_dir  # noqa: E402
-from cascade.pipeline import Cascade, Prediction  # noqa: E402
-from cascade.precision import PrecisionWarning  # noqa: E402
-from cascade.quantize import CALIBRATION_IMAGES, int8_members  # noqa: E402
-from cascade.runtime import Runtime  # noqa: E402
+from cascade.inference.pipeline import Cascade, Prediction  # noqa: E402
+from cascade.inference.precision import PrecisionWarning  # noqa: E402
+from cascade.inference.quantize import CALIBRATION_IMAGES, int8_members  # noqa: E402
+from cascade.inference.runtime import Runtime  # noqa: E402
 from cascade.stages.checkpoint import build_model  # noqa: E402
 from cascade.stages.config import find_config, read_yaml  # noqa: E402
+from cascade.storage.modeldir import read_model_dir  # noqa: E402
 from cascade.thresholds.metrics import dice  # noqa: E402
 from cascade.thresholds.rule import Thresholds  # noqa: E402
 

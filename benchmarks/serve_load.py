@@ -41,10 +41,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cascade.modeldir import write_model_dir  # noqa: E402
-from cascade.pipeline import Cascade  # noqa: E402
-from cascade.runtime import Runtime  # noqa: E402
+from cascade.inference.pipeline import Cascade  # noqa: E402
+from cascade.inference.runtime import Runtime  # noqa: E402
 from cascade.stages.checkpoint import build_model  # noqa: E402
+from cascade.storage.modeldir import write_model_dir  # noqa: E402
 from cascade.thresholds.rule import Thresholds  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

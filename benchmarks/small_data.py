@@ -190,7 +190,7 @@ def plain(work: Path, data: Path, test: Path, seg_run: Path, seed: int, images: 
 
 def one_seed(work: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Synthesize, train both stages, tune and score the held-out set, and the plain baseline, for one seed."""
-    from cascade.demo import gate_comparison
+    from cascade.apps.demo import gate_comparison
 
     data, test = synthesize(work, seed, args)
     labels_sha = file_digest(data / "train-rle.csv")
@@ -226,8 +226,8 @@ def one_seed(work: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
 
 def _best_dice_on_positives(run: Path) -> float:
     """The best/ segmenter's validation Dice on positive images."""
-    from cascade.rundir import best_stage
     from cascade.stages.checkpoint import read_config
+    from cascade.storage.rundir import best_stage
 
     return float(read_config(best_stage(run))["metrics"]["val_dice_pos"])
 

@@ -12,12 +12,12 @@ __version__ = "0.1.0"
 __all__ = ["Cascade", "Prediction", "__version__"]
 
 if TYPE_CHECKING:
-    from cascade.pipeline import Cascade, Prediction
+    from cascade.inference.pipeline import Cascade, Prediction
 
 
 def __getattr__(name: str) -> Any:
     if name in ("Cascade", "Prediction"):
-        from cascade import pipeline
+        from cascade.inference import pipeline
 
         return getattr(pipeline, name)
     raise AttributeError(f"module 'cascade' has no attribute {name!r}")

@@ -136,7 +136,7 @@ def make_model_dir(
     tta: bool = False,
 ) -> Path:
     """A MODEL_DIR of tiny random networks written by the one writer."""
-    from cascade.modeldir import write_model_dir
+    from cascade.storage.modeldir import write_model_dir
 
     cls = [tiny_stage(CLS_CONFIG, seed=i, bias=cls_bias) for i in range(classifiers)]
     return write_model_dir(path, cls, [tiny_stage(SEG_CONFIG, seed=10, bias=seg_bias)], thresholds, tta=tta)
@@ -148,7 +148,7 @@ def assert_refused_when_damaged(model_dir: Path, tmp_path: Path, damage: Any, me
     import shutil
 
     from cascade.errors import ModelError
-    from cascade.pipeline import Cascade
+    from cascade.inference.pipeline import Cascade
 
     copy = tmp_path / "model"
     shutil.copytree(model_dir, copy)

@@ -73,7 +73,7 @@ def store(port: int, datasets: Iterable[Any], calling: str = "SCU", called: str 
     from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
     from pynetdicom import AE
 
-    from cascade.listen import IMAGE_STORAGE
+    from cascade.apps.listen import IMAGE_STORAGE
 
     ae = AE(ae_title=calling)
     for sop_class in IMAGE_STORAGE:

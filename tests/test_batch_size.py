@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from cascade.apps.listen.node import Node
 from cascade.cli.main import main
 from cascade.errors import ConfigError
-from cascade.listen.node import Node
-from cascade.pipeline import check_batch_size
-from cascade.tuning import tune_runs
+from cascade.inference.pipeline import check_batch_size
+from cascade.training.tuning import tune_runs
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.0, True, "8", None])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cascade.devices import resolve_device
+from cascade.common.devices import resolve_device
 from cascade.errors import ConfigError
-from cascade.sharding import Shard
+from cascade.inference.sharding import Shard
 from cascade.stages.config import resolve
 from cascade.stages.training import setup_runtime
 

@@ -16,8 +16,8 @@ import pydicom
 import pytest
 
 from cascade.errors import CascadeError
+from cascade.inference.pipeline import Cascade
 from cascade.outputs.dicom_seg import segmentation, write_segmentation
-from cascade.pipeline import Cascade
 from cascade.thresholds.rule import Thresholds
 from conftest import make_model_dir
 

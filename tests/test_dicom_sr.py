@@ -24,10 +24,10 @@ import pytest
 
 from cascade import __version__
 from cascade.errors import CascadeError
+from cascade.inference.pipeline import Cascade
 from cascade.outputs.dicom_seg import segmentation
 from cascade.outputs.dicom_sr import report
 from cascade.outputs.writers import DicomSrWriter, write_all
-from cascade.pipeline import Cascade
 from cascade.thresholds.rule import Thresholds
 from conftest import CLS_CONFIG, SEG_CONFIG, make_model_dir, tiny_stage
 
@@ -61,7 +61,7 @@ def run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
     """Gate between the two films' classifier probabilities: one positive (segmenter map near 0.5: a random,
     non-empty mask), one negative."""
     from cascade.cli.main import main
-    from cascade.modeldir import write_model_dir
+    from cascade.storage.modeldir import write_model_dir
 
     root = tmp_path_factory.mktemp("dicom-results")
     images = root / "images"

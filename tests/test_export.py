@@ -12,9 +12,9 @@ from cascade.cli.main import main
 from cascade.data.dicom import read_dicom
 from cascade.data.preprocess import prepare_image
 from cascade.errors import ModelError
-from cascade.onnx_export import TOLERANCE, export_onnx
-from cascade.pipeline import predict_probabilities
-from cascade.runtime import Runtime
+from cascade.inference.onnx_export import TOLERANCE, export_onnx
+from cascade.inference.pipeline import predict_probabilities
+from cascade.inference.runtime import Runtime
 from test_pipeline import make_model_dir
 
 ort = pytest.importorskip("onnxruntime", reason="ONNX export needs the optional extra 'onnx'")

@@ -1,7 +1,8 @@
 """Fold ensembles end to end: 2 folds x 2 stages of tiny runs → ``cascade tune`` out-of-fold → a 2+2 member MODEL_DIR.
 
-The checks are independent of cascade.tuning: the validation folds come from the runs' ``split.csv``, each fold's
-images are re-predicted with that fold's own runs, and the thresholds are re-searched with ``cascade.thresholds.tune``.
+The checks are independent of cascade.training.tuning: the validation folds come from the runs' ``split.csv``, each
+fold's images are re-predicted with that fold's own runs, and the thresholds are re-searched with
+``cascade.thresholds.tune``.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from cascade import Cascade
 from cascade.cli.main import main
 from cascade.data.labels import read_labels
 from cascade.data.splits import read_split_csv, split_fingerprint, write_split_csv
-from cascade.modeldir import read_model_dir
-from cascade.pipeline import predict_probabilities
-from cascade.runtime import Runtime
+from cascade.inference.pipeline import predict_probabilities
+from cascade.inference.runtime import Runtime
 from cascade.stages.checkpoint import sha256_file
+from cascade.storage.modeldir import read_model_dir
 from cascade.thresholds import tune
-from cascade.tuning import tune_runs
+from cascade.training.tuning import tune_runs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
 SIZE = 96

@@ -21,9 +21,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from cascade.apps.listen import COLUMNS, COLUMNS_V1, Destination, Node
 from cascade.errors import ConfigError
-from cascade.listen import COLUMNS, COLUMNS_V1, Destination, Node
-from cascade.pipeline import Cascade, Prediction
+from cascade.inference.pipeline import Cascade, Prediction
 from cascade.thresholds.rule import Thresholds
 from conftest import make_model_dir
 from listen_helpers import NodeProcess, copies, findings, require, store, wait_findings, wait_for
@@ -121,7 +121,7 @@ def test_pynetdicom_scu_gets_the_library_answers_segs_and_clean_logs(
     text = caplog.text
     leaked = [v for v in identifiers(samples) if v in text]
     assert not leaked, "a header value reached the log"
-    from cascade.listen import uid_hash
+    from cascade.apps.listen import uid_hash
 
     for uid, pred in expected.items():
         assert f"{uid_hash(uid)} {'positive' if pred.positive else 'negative'} " in text
@@ -326,7 +326,7 @@ def test_kill_then_restart_then_sigterm_mid_queue_give_one_finding_each(
 
 
 def test_the_worklist_puts_high_first_and_promotes_a_routine_study_past_the_cap(tmp_path: Path) -> None:
-    from cascade.listen import Worklist
+    from cascade.apps.listen import Worklist
 
     worklist = Worklist(tmp_path / "worklist.csv", max_routine_wait=30)
     now = 1_700_000_000.0

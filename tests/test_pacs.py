@@ -16,9 +16,9 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from cascade.audit import instance_hash, read_audit
-from cascade.listen import Destination, Node
-from cascade.pipeline import Cascade, Prediction
+from cascade.apps.listen import Destination, Node
+from cascade.inference.pipeline import Cascade, Prediction
+from cascade.storage.audit import instance_hash, read_audit
 from listen_helpers import Orthanc, findings, free_port, require, store, wait_findings, wait_for
 from test_listen import expected, model_dir, samples  # noqa: F401  (module fixtures, shared)
 

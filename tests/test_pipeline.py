@@ -17,10 +17,10 @@ from cascade.data.dicom import read_dicom
 from cascade.data.rle import rle_decode
 from cascade.data.synth import SynthSummary, generate
 from cascade.errors import CascadeError, ModelError
-from cascade.modeldir import MANIFEST, read_model_dir
-from cascade.pipeline import Cascade, predict_probabilities
-from cascade.runtime import Runtime
+from cascade.inference.pipeline import Cascade, predict_probabilities
+from cascade.inference.runtime import Runtime
 from cascade.stages.checkpoint import sha256_file
+from cascade.storage.modeldir import MANIFEST, read_model_dir
 from cascade.thresholds.rule import Thresholds
 from conftest import CLS_CONFIG, OPEN, PREP, SEG_CONFIG, assert_refused_when_damaged, make_model_dir, tiny_stage
 

@@ -16,10 +16,10 @@ from cascade.data.labels import read_labels
 from cascade.data.preprocess import to_uint8
 from cascade.data.rle import rle_decode
 from cascade.data.synth import SynthSummary, generate
-from cascade.modeldir import MANIFEST
+from cascade.inference.pipeline import Cascade, Prediction
 from cascade.outputs.overlay import overlay_png
 from cascade.outputs.writers import OUTPUTS, Output
-from cascade.pipeline import Cascade, Prediction
+from cascade.storage.modeldir import MANIFEST
 from cascade.thresholds.rule import Thresholds
 from test_pipeline import make_model_dir
 

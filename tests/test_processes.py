@@ -6,7 +6,7 @@ import multiprocessing
 import os
 from functools import partial
 
-from cascade.processes import _die_with_parent, worker_init
+from cascade.common.processes import _die_with_parent, worker_init
 
 
 def _run_in_child(init, worker_id: int = 3) -> int:

@@ -1,4 +1,4 @@
-"""int8 graphs (cascade.quantize): the probability a quantized network answers is fp32, neither rounded to 256
+"""int8 graphs (cascade.inference.quantize): the probability a quantized network answers is fp32, neither rounded to 256
 levels nor clipped at the largest value its calibration images reached; graphs say which recipe made them."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import torch
 from conftest import CLS_CONFIG, OPEN, SEG_CONFIG, tiny_stage
 
 from cascade.data.preprocess import Preprocessing
-from cascade.engines.onnxruntime import OnnxRuntimeInt8Engine
-from cascade.engines.torch import TorchEngine
-from cascade.pipeline import Cascade
-from cascade.runtime import Runtime
-from cascade.precision import PrecisionWarning
-from cascade.quantize import RECIPE, RECIPE_KEY, quantized_graph
+from cascade.inference.engines.onnxruntime import OnnxRuntimeInt8Engine
+from cascade.inference.engines.torch import TorchEngine
+from cascade.inference.pipeline import Cascade
+from cascade.inference.precision import PrecisionWarning
+from cascade.inference.quantize import RECIPE, RECIPE_KEY, quantized_graph
+from cascade.inference.runtime import Runtime
 
 
 

@@ -39,8 +39,8 @@ from cascade.cli.main import main
 from cascade.data.labels import read_labels
 from cascade.data.synth import SynthSummary, generate
 from cascade.errors import CascadeError, ConfigError, ImageError
-from cascade.modeldir import MANIFEST
-from cascade.pipeline import Cascade
+from cascade.inference.pipeline import Cascade
+from cascade.storage.modeldir import MANIFEST
 
 CONFIGS = ROOT / "cascade" / "configs"
 
@@ -428,7 +428,7 @@ def test_unsafe_state_pt_error_gives_no_unsafe_advice(
     import torch
 
     from cascade.stages import config as cfg
-    from cascade.rundir import CONFIG_FILE, STATE_FILE
+    from cascade.storage.rundir import CONFIG_FILE, STATE_FILE
 
     run = tmp_path / "run"
     run.mkdir()

@@ -28,10 +28,10 @@ from pydicom import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless, generate_uid
 
+from cascade.apps.listen import IMAGE_STORAGE, Node, uid_hash
+from cascade.apps.listen.node import BUDGET_COMMENT, OVER_BUDGET
 from cascade.data.dicom import MAX_PIXELS
-from cascade.listen import IMAGE_STORAGE, Node, uid_hash
-from cascade.listen.node import BUDGET_COMMENT, OVER_BUDGET
-from cascade.pipeline import Cascade, Prediction
+from cascade.inference.pipeline import Cascade, Prediction
 from conftest import make_model_dir
 from listen_helpers import NodeProcess, findings, require, wait_findings, wait_for
 
@@ -267,7 +267,7 @@ def test_a_full_disk_under_sr_loses_nothing_and_leaves_no_half_written_result(
     import errno
     import os
 
-    import cascade.fileio
+    import cascade.storage.fileio
 
     sr_dir = tmp_path / "sr"
     real_fsync = os.fsync
@@ -277,7 +277,7 @@ def test_a_full_disk_under_sr_loses_nothing_and_leaves_no_half_written_result(
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
-    monkeypatch.setattr(cascade.fileio.os, "fsync", fsync)
+    monkeypatch.setattr(cascade.storage.fileio.os, "fsync", fsync)
     node = Node(Cascade.from_pretrained(model_dir, device="cpu"), tmp_path, port=0, secondary_capture=True)
     node.start()
     try:
@@ -313,7 +313,7 @@ def test_peers_that_hang_up_mid_transfer_keep_every_result_in_the_outbox(
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import ComprehensiveSRStorage, SegmentationStorage
 
-    from cascade.listen import Destination
+    from cascade.apps.listen import Destination
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -366,8 +366,8 @@ def test_stow_rs_answers_are_read_instance_by_instance(tmp_path: Path) -> None:
     understand) is dropped, not retried; one failed with 0xA700 (out of resources) stays for the next round."""
     import httpx
 
-    from cascade.listen import Outbox
-    from cascade.listen.forward import DROPPED, STORED, StowSender
+    from cascade.apps.listen import Outbox
+    from cascade.apps.listen.forward import DROPPED, STORED, StowSender
 
     outbox = Outbox(tmp_path / "outbox-stow")
     items, uids = [], []

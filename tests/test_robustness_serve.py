@@ -38,7 +38,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 from conftest import make_model_dir  # noqa: E402
 from robust_helpers import env, wait_until  # noqa: E402
 
-from cascade.serve.app import METHODS  # noqa: E402
+from cascade.apps.serve.app import METHODS  # noqa: E402
 
 TOKEN = "robust-serve-token-0123456789abcdef"
 BUDGET = 2048 * 2048

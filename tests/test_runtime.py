@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import OPEN, make_model_dir
 
-from cascade.engines import ENGINES, Engine, register_engine
 from cascade.errors import ConfigError
-from cascade.pipeline import Cascade
-from cascade.runtime import Runtime
+from cascade.inference.engines import ENGINES, Engine, register_engine
+from cascade.inference.pipeline import Cascade
+from cascade.inference.runtime import Runtime
 
 
 def test_a_runtime_is_resolved_once_and_describes_itself() -> None:
@@ -41,7 +41,7 @@ def test_from_pretrained_takes_a_runtime_or_the_old_requests_not_both(tmp_path: 
 
 def test_a_new_engine_is_one_registered_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An engine registered by name runs a cascade through ``Runtime.resolve(engine=name)``; a name is taken once."""
-    monkeypatch.setattr("cascade.engines.ENGINES", dict(ENGINES))
+    monkeypatch.setattr("cascade.inference.engines.ENGINES", dict(ENGINES))
 
     @register_engine("half")
     class Half(Engine):  # every probability 0.5: a map per image for a segmenter, one number for a classifier

@@ -19,9 +19,9 @@ from cascade import __version__
 from cascade.data.labels import read_labels
 from cascade.data.rle import rle_encode
 from cascade.errors import CascadeError
+from cascade.inference.pipeline import Cascade, Prediction
 from cascade.outputs.overlay import draw_overlay
 from cascade.outputs.secondary_capture import BANNER, render, secondary_capture, write_secondary_capture
-from cascade.pipeline import Cascade, Prediction
 from cascade.thresholds.rule import Thresholds
 from conftest import make_model_dir
 

@@ -27,14 +27,14 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-import cascade.serve.app as serve_app  # noqa: E402
+import cascade.apps.serve.app as serve_app  # noqa: E402
 from cascade import __version__  # noqa: E402
+from cascade.apps.serve import create_app  # noqa: E402
 from cascade.cli.main import main  # noqa: E402
 from cascade.data.rle import rle_decode  # noqa: E402
-from cascade.modeldir import read_model_dir  # noqa: E402
-from cascade.pipeline import Cascade, Prediction, native_map, predict_probabilities  # noqa: E402
-from cascade.runtime import Runtime  # noqa: E402
-from cascade.serve import create_app  # noqa: E402
+from cascade.inference.pipeline import Cascade, Prediction, native_map, predict_probabilities  # noqa: E402
+from cascade.inference.runtime import Runtime  # noqa: E402
+from cascade.storage.modeldir import read_model_dir  # noqa: E402
 from cascade.thresholds.rule import Thresholds  # noqa: E402
 from conftest import make_model_dir  # noqa: E402
 

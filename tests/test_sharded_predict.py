@@ -12,7 +12,7 @@ import pytest
 from conftest import make_model_dir
 
 from cascade.data.synth import generate
-from cascade.sharding import Shard, gather_in_order
+from cascade.inference.sharding import Shard, gather_in_order
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
 

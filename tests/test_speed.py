@@ -14,13 +14,14 @@ import torch
 from conftest import OPEN, make_model_dir
 
 from cascade.cli.main import main
+from cascade.common.devices import cpu_supports_bf16
 from cascade.data.synth import generate
 from cascade.errors import ConfigError, ModelError
-from cascade.modeldir import MANIFEST, read_model_dir
-from cascade.engines import engine_class
-from cascade.pipeline import Cascade, predict_probabilities
-from cascade.precision import PrecisionWarning, cpu_supports_bf16
-from cascade.runtime import AUTO_ONNXRUNTIME, Runtime
+from cascade.inference.engines import engine_class
+from cascade.inference.pipeline import Cascade, predict_probabilities
+from cascade.inference.precision import PrecisionWarning
+from cascade.inference.runtime import AUTO_ONNXRUNTIME, Runtime
+from cascade.storage.modeldir import MANIFEST, read_model_dir
 
 
 
@@ -62,7 +63,7 @@ def test_auto_precision_resolves_per_engine_on_each_kind_of_cpu(
 ) -> None:
     """What ``auto`` picks on a CPU with and without native bf16 (flags faked): torch follows the CPU, ONNX Runtime
     always runs fp32 there, and ``--backend onnxruntime`` with the default precision is never refused."""
-    monkeypatch.setattr("cascade.precision._cpuinfo", lambda: flags)
+    monkeypatch.setattr("cascade.common.devices._cpuinfo", lambda: flags)
     assert Runtime.resolve("cpu").precision == torch_auto
     assert Runtime.resolve("cpu", engine="torch").precision == torch_auto
     assert Runtime.resolve("cpu", engine="onnxruntime").precision == "fp32"

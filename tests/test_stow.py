@@ -27,10 +27,10 @@ from conftest import make_model_dir  # noqa: E402
 from robust_helpers import env, wait_until  # noqa: E402
 
 from cascade import __version__  # noqa: E402
-from cascade.audit import AuditLog, read_audit  # noqa: E402
 from cascade.cli.main import main  # noqa: E402
-from cascade.modeldir import read_model_dir  # noqa: E402
-from cascade.pipeline import Cascade, Prediction  # noqa: E402
+from cascade.inference.pipeline import Cascade, Prediction  # noqa: E402
+from cascade.storage.audit import AuditLog, read_audit  # noqa: E402
+from cascade.storage.modeldir import read_model_dir  # noqa: E402
 from cascade.thresholds.rule import Thresholds  # noqa: E402
 
 THRESHOLDS = Thresholds(cls=0.504, top=0.0, area=0.0, bottom=0.68, min_component=0.0)

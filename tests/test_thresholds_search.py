@@ -275,8 +275,8 @@ def _card(result) -> str:
     """MODEL_CARD.md as ``cascade tune`` writes it for this search result (validation metrics of a fold-0 pair)."""
     from types import SimpleNamespace
 
-    from cascade import model_card
-    from cascade.tuning import validation_metrics
+    from cascade.storage import model_card
+    from cascade.training.tuning import validation_metrics
 
     run = SimpleNamespace(fold=0, folds=5, fingerprint="0" * 64)
     metrics = validation_metrics(result, pairs=[(run, run)], images_per_fold=[len(result.cls_probs)], tta=False,

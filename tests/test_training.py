@@ -12,9 +12,9 @@ import yaml
 
 from cascade.cli.main import main
 from cascade.data.splits import read_split_csv
-from cascade.rundir import STATE_FILE
 from cascade.stages.checkpoint import load_stage
 from cascade.stages.trainer import Trainer, build_training_model
+from cascade.storage.rundir import STATE_FILE
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
 

@@ -21,10 +21,10 @@ from cascade import Cascade
 from cascade.cli.main import main
 from cascade.data.labels import read_labels
 from cascade.data.splits import read_split_csv, split_fingerprint, write_split_csv
-from cascade.modeldir import read_model_dir
-from cascade.pipeline import predict_probabilities
-from cascade.runtime import Runtime
+from cascade.inference.pipeline import predict_probabilities
+from cascade.inference.runtime import Runtime
 from cascade.stages.checkpoint import sha256_file
+from cascade.storage.modeldir import read_model_dir
 from cascade.thresholds import Summary, dice, summarize, tune
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
@@ -75,7 +75,7 @@ def model(tuned: tuple[Path, str]) -> Path:
 
 
 def validation(runs: Path) -> tuple[list[str], list[Path]]:
-    """The validation fold's ids and paths, found independently of cascade.tuning."""
+    """The validation fold's ids and paths, found independently of cascade.training.tuning."""
     split = read_split_csv(runs / "cls" / "split.csv")
     fold = json.loads((runs / "cls" / "best" / "config.json").read_text())["fold"]
     ids = sorted(i for i, f in split.folds.items() if f == fold)
@@ -302,8 +302,8 @@ def test_int8_tune_ships_calibrated_graphs_that_predict_runs(runs: Path, model: 
     import warnings
 
     from cascade.errors import ConfigError, ModelError
-    from cascade.modeldir import INT8_GRAPH
-    from cascade.precision import PrecisionWarning
+    from cascade.inference.precision import PrecisionWarning
+    from cascade.storage.modeldir import INT8_GRAPH
 
     out = tmp_path / "int8"
     assert tune_cli(runs, out, "--precision", "int8", "--cache-dir", str(tmp_path / "engines")) == 0

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from cascade.runtime import BACKENDS
+from cascade.inference.runtime import BACKENDS
 
 if TYPE_CHECKING:
-    from cascade.runtime import Runtime
-    from cascade.sharding import Shard
+    from cascade.inference.runtime import Runtime
+    from cascade.inference.sharding import Shard
 
 
 def positive_int(text: str) -> int:
@@ -66,8 +66,9 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
 
 def runtime_from_args(args: argparse.Namespace, shard: Shard | None = None) -> Runtime:
     """The one reading of ``--device``, ``--precision``, ``--backend``, ``--compile`` and ``--cache-dir``: the
-    resolved :class:`cascade.runtime.Runtime` (under ``torchrun``, ``shard`` gives this process its own GPU)."""
-    from cascade.runtime import Runtime
+    resolved :class:`cascade.inference.runtime.Runtime` (under ``torchrun``, ``shard`` gives this process its own
+    GPU)."""
+    from cascade.inference.runtime import Runtime
 
     device = args.device if shard is None else shard.device(args.device)
     return Runtime.resolve(device, args.precision, args.backend, args.compile, args.cache_dir)

@@ -22,9 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cascade.apps.demo import QUICK, DemoPlan, run_demo
     from cascade.cli.main import main
-    from cascade.demo import QUICK, DemoPlan, run_demo
-    from cascade.fileio import check_output
+    from cascade.storage.fileio import check_output
 
     check_output(args.out, folder=True)
     result = run_demo(args.out, QUICK if args.quick else DemoPlan(), command=main, progress=not args.quiet)

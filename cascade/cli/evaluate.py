@@ -47,10 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def summary_lines(evaluation: object) -> list[str]:
-    """The lines ``cascade evaluate`` prints for an :class:`~cascade.evaluation.Evaluation`."""
-    from cascade.evaluation import Evaluation
-    from cascade.messages import first_few
+    """The lines ``cascade evaluate`` prints for an :class:`~cascade.training.evaluation.Evaluation`."""
+    from cascade.common.messages import first_few
     from cascade.thresholds.metrics import format_number
+    from cascade.training.evaluation import Evaluation
 
     assert isinstance(evaluation, Evaluation)
     s = evaluation.summary
@@ -77,8 +77,8 @@ def summary_lines(evaluation: object) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cascade.evaluation import score_submission
-    from cascade.fileio import check_output
+    from cascade.storage.fileio import check_output
+    from cascade.training.evaluation import score_submission
 
     if args.report:
         check_output(args.report, folder=True, inputs=[args.submission, args.labels])

@@ -25,13 +25,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cascade.errors import ModelError
-    from cascade.fileio import check_output, input_file, read_json_object
+    from cascade.storage.fileio import check_output, input_file, read_json_object
 
     input_file(args.model_dir, ModelError, "model folder", folder=True)
     check_output(args.out, folder=True, inside=[args.model_dir])
     if Path(args.out).is_dir() and any(Path(args.out).iterdir()):
         raise ModelError(f"{args.out}: exists and is not empty; choose a new --out (export never mixes into a folder)")
-    from cascade.onnx_export import TOLERANCE, describe, export_onnx  # torch: once the output has been checked
+    # torch: imported once the output has been checked
+    from cascade.inference.onnx_export import TOLERANCE, describe, export_onnx
 
     results = export_onnx(args.model_dir, args.out)
     print(describe(results))

@@ -1,5 +1,5 @@
 """`cascade listen`: a DICOM node (Storage SCP) that triages the radiographs sent to it and answers with DICOM SR
-and SEG (by DIMSE and/or STOW-RS). The node itself is :class:`cascade.listen.Node`; this module reads arguments."""
+and SEG (by DIMSE and/or STOW-RS). The node itself is :class:`cascade.apps.listen.Node`; this module reads arguments."""
 
 from __future__ import annotations
 
@@ -96,10 +96,10 @@ def run(args: argparse.Namespace) -> int:
     import threading
     import warnings
 
+    from cascade.apps.listen import Destination, Node, parse_stow_url
     from cascade.errors import ConfigError
-    from cascade.listen import Destination, Node, parse_stow_url
-    from cascade.pipeline import Cascade
-    from cascade.predicting import caught_warnings
+    from cascade.inference.pipeline import Cascade
+    from cascade.inference.predicting import caught_warnings
 
     # pydicom and highdicom warn by quoting header values (patient names among them): never shown here
     warnings.simplefilter("ignore")
@@ -163,6 +163,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _shown(url: str) -> str:
-    from cascade.listen.forward import shown_url
+    from cascade.apps.listen.forward import shown_url
 
     return f"STOW-RS {shown_url(url)}"

@@ -19,7 +19,7 @@ from typing import NoReturn
 
 from cascade import __version__
 from cascade.errors import CascadeError, from_worker
-from cascade.fileio import remove_pending
+from cascade.storage.fileio import remove_pending
 
 SUBCOMMANDS = ("synth", "train", "tune", "predict", "evaluate", "export", "serve", "listen", "demo")
 

@@ -60,8 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cascade.errors import ModelError
-    from cascade.fileio import check_output, input_file
-    from cascade.predicting import collect_inputs
+    from cascade.inference.predicting import collect_inputs
+    from cascade.storage.fileio import check_output, input_file
 
     input_file(args.model_dir, ModelError, "model folder", folder=True)
     check_output(args.out, inputs=args.inputs, inside=[args.model_dir])
@@ -73,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
     files = collect_inputs(args.inputs)
     check_output(args.out, inputs=files.paths)
 
-    from cascade.pipeline import Cascade  # torch: imported once the arguments have been checked
-    from cascade.predicting import caught_warnings, predict_files
-    from cascade.sharding import current_shard
+    from cascade.inference.pipeline import Cascade  # torch: imported once the arguments have been checked
+    from cascade.inference.predicting import caught_warnings, predict_files
+    from cascade.inference.sharding import current_shard
 
     shard = current_shard()
     with caught_warnings() as loading:

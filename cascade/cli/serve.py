@@ -65,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from cascade.apps.serve import create_app
+    from cascade.apps.serve.auth import is_loopback, read_token
     from cascade.errors import ConfigError
-    from cascade.modeldir import read_model_dir
-    from cascade.serve import create_app
-    from cascade.serve.auth import is_loopback, read_token
+    from cascade.storage.modeldir import read_model_dir
 
     if args.token_file is None and not is_loopback(args.host):
         raise ConfigError(

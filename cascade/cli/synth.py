@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cascade.data.synth import generate
-    from cascade.fileio import check_output
+    from cascade.storage.fileio import check_output
 
     check_output(args.out, folder=True, inputs=[args.mask_bank] if args.mask_bank else [])
     summary = generate(

@@ -126,7 +126,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from cascade.errors import LabelError
-    from cascade.fileio import check_output, input_file, path_kind
+    from cascade.storage.fileio import check_output, input_file, path_kind
 
     resume = args.resume is not None
     if resume:
@@ -139,10 +139,10 @@ def run(args: argparse.Namespace) -> int:
     if args.config and path_kind(args.config) != "missing":  # absent: the name of a shipped configuration
         input_file(args.config, ConfigError, "configuration file")
     out = check_output(args.out, folder=True, inputs=[args.images, args.labels])
-    from cascade.rundir import CONFIG_FILE  # torch: imported once the output has been checked
     from cascade.stages import config as cfg
     from cascade.stages import training
     from cascade.stages.specs import stage_spec
+    from cascade.storage.rundir import CONFIG_FILE  # torch: imported once the output has been checked
 
     if resume:
         config = cfg.resume_config(out / CONFIG_FILE, args.stage, args.config, overrides(args))
@@ -159,8 +159,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _fill_from_run(args: argparse.Namespace) -> None:
     """``--resume RUN_DIR``: take the run folder, stage and data from the run; given flags must name the same."""
-    from cascade import rundir
     from cascade.stages.config import read_yaml
+    from cascade.storage import rundir
 
     if args.resume and args.out and Path(args.resume).resolve() != Path(args.out).resolve():
         raise ConfigError(f"--resume {args.resume} and --out {args.out} name different run folders; give one")

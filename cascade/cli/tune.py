@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from cascade.cli.argtypes import add_speed_arguments, non_negative_int, positive_int, probability, runtime_from_args
 
 if TYPE_CHECKING:
-    from cascade.tuning import TuneOutcome
+    from cascade.training.tuning import TuneOutcome
 
 DESCRIPTION = """\
 Predict the validation fold shared by a classifier run and a segmenter run (trained with the same --images,
@@ -103,7 +103,7 @@ def summary_lines(outcome: TuneOutcome) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from cascade.errors import ConfigError
-    from cascade.fileio import check_output, input_file
+    from cascade.storage.fileio import check_output, input_file
 
     for flag, runs in (("--cls", args.cls), ("--seg", args.seg)):
         for run in runs:
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, folder=True, inside=[*args.cls, *args.seg],
                  inputs=[p for p in (args.images, args.labels) if p])
     from cascade.thresholds.search import read_grid
-    from cascade.tuning import tune_runs  # torch: imported once the output has been checked
+    from cascade.training.tuning import tune_runs  # torch: imported once the output has been checked
 
     grid = read_grid(args.grid) if args.grid else None
     outcome = tune_runs(

@@ -27,7 +27,7 @@ import numpy as np
 from cascade.data import dicom
 from cascade.data.preprocess import prepare_image
 from cascade.errors import DicomError
-from cascade.fileio import atomic_path
+from cascade.storage.fileio import atomic_path
 
 FORMAT = "v1"
 
@@ -102,7 +102,7 @@ class PreprocessCache:
 
     def warm(self, sources: Iterable[Source], workers: int = 2, progress: bool = True) -> list[DicomError]:
         """Fill the cache for ``sources`` with ``workers`` threads; returns the errors of unreadable files."""
-        from cascade.progress import progress_bar
+        from cascade.common.progress import progress_bar
 
         items = list(sources)
         errors: list[DicomError] = []

@@ -49,7 +49,7 @@ from pydicom.uid import (
 
 from cascade.data.limits import MAX_PIXELS, MAX_SIDE
 from cascade.errors import ConfigError, DicomError, PixelBudgetError
-from cascade.fileio import path_kind
+from cascade.storage.fileio import path_kind
 
 _SOF_MARKERS = frozenset([*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7])
 """JPEG start-of-frame markers (baseline, extended, progressive, lossless; 0xF7 is JPEG-LS): their segment holds

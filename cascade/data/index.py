@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cascade.data.labels import Labels
 from cascade.errors import CascadeError
-from cascade.fileio import path_kind
+from cascade.storage.fileio import path_kind
 
 SUFFIX = ".dcm"
 UNREADABLE_FOLDERS = "sub-folder(s) could not be read (permission denied?); the images in them are missing"
@@ -57,7 +57,7 @@ class Matched:
 
     def report(self) -> str:
         """One line with the counts, naming the first few images without labels and labels without images."""
-        from cascade.messages import first_few
+        from cascade.common.messages import first_few
 
         unlabelled, imageless = self.images_without_labels, self.labels_without_images
         return (

@@ -19,7 +19,7 @@ import numpy as np
 
 from cascade.data.rle import EMPTY, check_rle, parse_rle, rle_decode
 from cascade.errors import LabelError
-from cascade.fileio import atomic_path, input_file
+from cascade.storage.fileio import atomic_path, input_file
 
 COLUMNS = ("ImageId", "EncodedPixels")
 _BOM = "\ufeff"

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cascade.errors import ConfigError, DicomError, LabelError
-from cascade.fileio import atomic_write_text, input_file
+from cascade.storage.fileio import atomic_write_text, input_file
 
 SPLIT_COLUMNS = ("ImageId", "fold", "positive")
 
@@ -131,8 +131,8 @@ def read_groups(
     The keys are hashes of PatientID: keep them in memory for ``make_folds``, never write them out. ``sizes``, when
     given, receives each readable image's native ``(rows, columns)`` from the same header read.
     """
+    from cascade.common.progress import progress_bar
     from cascade.data.dicom import read_header_facts  # pydicom is only needed here, not to split
-    from cascade.progress import progress_bar
 
     groups: dict[str, str | None] = {}
     keys = progress_bar(paths.items(), desc="patient keys", unit="file", disable=not progress or len(paths) < 100)

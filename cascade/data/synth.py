@@ -34,7 +34,7 @@ from cascade.data.preprocess import resize_mask, to_uint8
 from cascade.data.rle import rle_decode, rle_encode
 from cascade.data.synth_spec import DEFAULT_SIZE, LESION_STYLES, SYNTH_MANUFACTURER
 from cascade.errors import ConfigError
-from cascade.fileio import atomic_path, atomic_write_text
+from cascade.storage.fileio import atomic_path, atomic_write_text
 
 IMAGES_DIR = "dicom-images-train"
 LABELS_NAME = "train-rle.csv"
@@ -497,7 +497,7 @@ def generate(
     per annotation). ``mask_bank`` (a 1024² label CSV such as the challenge's) supplies real mask shapes instead
     of procedural ones. The same arguments always give the same files, byte for byte.
     """
-    from cascade.progress import progress_bar
+    from cascade.common.progress import progress_bar
 
     _check_arguments(images, positive_fraction, size, seed)
     _style(difficulty)

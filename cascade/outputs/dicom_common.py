@@ -8,10 +8,10 @@ Specific Character Set those values are encoded in. Nothing else of the source's
 travels — no comments, no institution, station or device of the acquisition. (The SEG also takes the image attributes
 its geometry derives from: :data:`cascade.outputs.dicom_seg.IMAGE`.)
 
-The model is named by :class:`cascade.modeldir.ModelIdentity` (:attr:`cascade.pipeline.Prediction.model`, from
-:func:`cascade.modeldir.model_identity`): the cascade version, the model folder's name and its weights digest
-(:func:`cascade.modeldir.weights_digest` of the sha256 of every member file, the web service's ``weights_sha256``).
-Every result carries version and digest.
+The model is named by :class:`cascade.storage.modeldir.ModelIdentity`
+(:attr:`cascade.inference.pipeline.Prediction.model`, from :func:`cascade.storage.modeldir.model_identity`): the cascade
+version, the model folder's name and its weights digest (:func:`cascade.storage.modeldir.weights_digest` of the sha256
+of every member file, the web service's ``weights_sha256``). Every result carries version and digest.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 from pydicom.dataset import Dataset
 
 from cascade.errors import CascadeError
-from cascade.fileio import atomic_path
+from cascade.storage.fileio import atomic_path
 
 if TYPE_CHECKING:
-    from cascade.modeldir import ModelIdentity
-    from cascade.pipeline import Prediction
+    from cascade.inference.pipeline import Prediction
+    from cascade.storage.modeldir import ModelIdentity
 
 MANUFACTURER = "cascade"
 """General Equipment Manufacturer of every result: the software that made it (the acquisition's is not copied)."""
@@ -87,7 +87,7 @@ def _valid(keyword: str, value: object) -> object:
 
 def identity(prediction: Prediction) -> ModelIdentity:
     """The model that made ``prediction`` (an unnamed one of this cascade version for a prediction built by hand)."""
-    from cascade.modeldir import ModelIdentity
+    from cascade.storage.modeldir import ModelIdentity
 
     return prediction.model if prediction.model is not None else ModelIdentity()
 

@@ -11,7 +11,7 @@ the SR and the Secondary Capture carry. The SR of the same image references this
 (:func:`cascade.outputs.dicom_sr.report` takes the SEG dataset).
 
 Only positive predictions get a SEG: a negative has nothing to segment, and an empty SEG would look like a finding
-in a PACS list. The source header travels with the :class:`~cascade.pipeline.Prediction` (read once with the
+in a PACS list. The source header travels with the :class:`~cascade.inference.pipeline.Prediction` (read once with the
 pixels), so writing a SEG never re-reads the source file.
 """
 
@@ -38,7 +38,7 @@ from cascade.outputs.dicom_common import (
 )
 
 if TYPE_CHECKING:
-    from cascade.pipeline import Prediction
+    from cascade.inference.pipeline import Prediction
 
 SEGMENT_LABEL = "Pneumothorax"
 SEGMENT_NUMBER = 1

@@ -47,7 +47,7 @@ from cascade.outputs.dicom_common import (
 from cascade.outputs.dicom_seg import SEGMENT_NUMBER
 
 if TYPE_CHECKING:
-    from cascade.pipeline import Prediction
+    from cascade.inference.pipeline import Prediction
 
 SERIES_NUMBER = 9902
 """Series number of every SR series cascade writes (the SEG's is 9901, the Secondary Capture's 9903)."""

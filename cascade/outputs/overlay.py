@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cascade.errors import CascadeError
-from cascade.fileio import atomic_path
+from cascade.storage.fileio import atomic_path
 
 if TYPE_CHECKING:
-    from cascade.pipeline import Prediction
+    from cascade.inference.pipeline import Prediction
 
 
 def overlay_png(grey: np.ndarray, pred: Prediction) -> bytes:
     """The overlay as PNG bytes; ``grey`` is the radiograph as uint8 grey levels at its native size
-    (:attr:`~cascade.pipeline.Prediction.image`, or ``to_uint8(read_dicom(...).pixels)``)."""
+    (:attr:`~cascade.inference.pipeline.Prediction.image`, or ``to_uint8(read_dicom(...).pixels)``)."""
     import cv2
 
     ok, encoded = cv2.imencode(".png", draw_overlay(grey, pred))

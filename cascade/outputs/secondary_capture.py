@@ -1,9 +1,9 @@
 """DICOM Secondary Capture of a positive prediction: the overlay as a picture a PACS viewer shows like any image,
 for viewers that cannot display a DICOM SEG (``cascade predict --secondary-capture``, off unless asked).
 
-The pixels are the radiograph (:attr:`~cascade.pipeline.Prediction.image`, its grey levels at the native size) with
-the overlay of :func:`cascade.outputs.overlay.draw_overlay` burned in — the predicted outline in red, the classifier
-probability in the corner — under a black banner added above the image that says, burned into the pixels too,
+The pixels are the radiograph (:attr:`~cascade.inference.pipeline.Prediction.image`, its grey levels at the native size)
+with the overlay of :func:`cascade.outputs.overlay.draw_overlay` burned in — the predicted outline in red, the
+classifier probability in the corner — under a black banner added above the image that says, burned into the pixels too,
 :data:`BANNER` (``AI RESULT - cascade <version> - NOT FOR DIAGNOSIS``): the banner is added, not drawn over the film,
 so it hides nothing of it. RGB, 8 bits, uncompressed; BurnedInAnnotation ``YES``; image type
 DERIVED\\SECONDARY\\OTHER with the source in the Source Image Sequence and the model (version, folder, digest,
@@ -38,7 +38,7 @@ from cascade.outputs.dicom_common import (
 )
 
 if TYPE_CHECKING:
-    from cascade.pipeline import Prediction
+    from cascade.inference.pipeline import Prediction
 
 SERIES_NUMBER = 9903
 """Series number of every Secondary Capture series cascade writes (SEG 9901, SR 9902)."""

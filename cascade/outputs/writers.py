@@ -1,5 +1,5 @@
 """The outputs of batch prediction behind one interface: a :class:`Writer` is handed each
-:class:`~cascade.pipeline.Prediction` once, in input order, then closed.
+:class:`~cascade.inference.pipeline.Prediction` once, in input order, then closed.
 
 A prediction carries what the reader already knows about its image — the DICOM header (``Prediction.header``)
 and, when a writer asks for it (``needs_image``), the decoded grey levels (``Prediction.image``) — so no writer
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from cascade.errors import CascadeError
 
 if TYPE_CHECKING:
-    from cascade.pipeline import Prediction
+    from cascade.inference.pipeline import Prediction
 
 
 class Writer(Protocol):

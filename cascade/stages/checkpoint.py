@@ -18,8 +18,8 @@ from torch import nn
 
 from cascade.data.preprocess import Preprocessing
 from cascade.errors import CascadeError, ModelError
-from cascade.fileio import atomic_path, atomic_write_json, input_file, path_kind, read_json_object
 from cascade.stages.specs import SPECS, stage_spec
+from cascade.storage.fileio import atomic_path, atomic_write_json, input_file, path_kind, read_json_object
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

@@ -21,14 +21,14 @@ from typing import Any
 
 import yaml
 
-from cascade.data.augment import LEVELS as AUGMENT_LEVELS
+from cascade.common.devices import CHOICES as DEVICE_CHOICES
+from cascade.common.devices import is_device_name
 from cascade.configs import shipped_config
-from cascade.devices import CHOICES as DEVICE_CHOICES
-from cascade.devices import is_device_name
+from cascade.data.augment import LEVELS as AUGMENT_LEVELS
 from cascade.errors import ConfigError
-from cascade.fileio import input_file, path_kind
 from cascade.stages.segmenter import ARCHS
 from cascade.stages.specs import SPECS
+from cascade.storage.fileio import input_file, path_kind
 
 STAGES = tuple(SPECS)
 AMP_MODES = ("auto", "bf16", "fp16", "none")

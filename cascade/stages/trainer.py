@@ -28,10 +28,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from cascade import rundir
+from cascade.common.processes import worker_init
 from cascade.data.augment import seed_augment, seed_worker
 from cascade.data.preprocess import Preprocessing
-from cascade.processes import worker_init
 from cascade.stages.checkpoint import build_model
 from cascade.stages.classifier import Classifier
 from cascade.stages.config import positive_share, to_yaml
@@ -39,6 +38,7 @@ from cascade.stages.losses import ComboLoss, MaskAuxLoss
 from cascade.stages.sampling import PositiveShareSampler
 from cascade.stages.specs import stage_spec
 from cascade.stages.weights import set_backbone_trainable
+from cascade.storage import rundir
 from cascade.thresholds.metrics import json_float
 
 if TYPE_CHECKING:
@@ -426,7 +426,7 @@ class Trainer:
         }
 
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
-        """Continue from ``saved`` (``state.pt`` as :func:`cascade.rundir.load_state` read it)."""
+        """Continue from ``saved`` (``state.pt`` as :func:`cascade.storage.rundir.load_state` read it)."""
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scaler.load_state_dict(saved["scaler"])
@@ -436,7 +436,7 @@ class Trainer:
 
     def save_checkpoint(self, row: dict[str, Any], improved: bool) -> None:
         """Rank 0's RUN_DIR writes after an epoch: the run's fixed files once, then ``last/`` (and ``best/`` when
-        ``improved``), ``metrics.csv`` and ``state.pt`` last (:func:`cascade.rundir.write_epoch`)."""
+        ``improved``), ``metrics.csv`` and ``state.pt`` last (:func:`cascade.storage.rundir.write_epoch`)."""
         run = self.run
         rundir.write_start(self.out, to_yaml(self.config), run.folds, run.positive, run.sources)
         metrics = {
@@ -519,7 +519,7 @@ class Trainer:
 
     def train_epoch(self, loader: DataLoader | Sequence[Any], epoch: int) -> EpochStats:
         """One pass of :meth:`train_step` over ``loader``; the mean loss over every rank and the speed."""
-        from cascade.progress import progress_bar
+        from cascade.common.progress import progress_bar
 
         rt = self.rt
         steps = len(loader)

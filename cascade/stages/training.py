@@ -1,11 +1,11 @@
 """One training run of either stage, on one CPU, one GPU or several GPUs under ``torchrun``: :func:`train`.
 
 A run checks its inputs (labels, images, split, configuration) and only then writes into RUN_DIR
-(:mod:`cascade.rundir`); it then hands the prepared data and network to a :class:`~cascade.stages.trainer.Trainer`,
-which trains with AdamW, a per-step warm-up + cosine learning rate, gradient accumulation and clipping, autocast
-(bf16, or fp16 with a GradScaler), channels_last, optional ``torch.compile`` and an optional EMA of the weights;
-validates once per epoch over the true validation fold; and writes, on rank 0 only and atomically, ``last/`` and
-``best/`` (stage folders), ``metrics.csv`` and ``state.pt``.
+(:mod:`cascade.storage.rundir`); it then hands the prepared data and network to a
+:class:`~cascade.stages.trainer.Trainer`, which trains with AdamW, a per-step warm-up + cosine learning rate, gradient
+accumulation and clipping, autocast (bf16, or fp16 with a GradScaler), channels_last, optional ``torch.compile`` and an
+optional EMA of the weights; validates once per epoch over the true validation fold; and writes, on rank 0 only and
+atomically, ``last/`` and ``best/`` (stage folders), ``metrics.csv`` and ``state.pt``.
 
 ``state.pt`` (weights, optimizer, GradScaler, EMA, epoch, best score, metric history) is all a resumed run needs to
 continue exactly as an uninterrupted one would (bit-identical on CPU with the same worker count; see
@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from cascade import rundir
+from cascade.common.devices import cpu_supports_bf16, resolve_device
 from cascade.data.augment import build_augment
 from cascade.data.cache import PreprocessCache, default_cache_dir
 from cascade.data.datasets import Item, make_items
@@ -35,9 +35,7 @@ from cascade.data.index import match, scan_dicoms
 from cascade.data.labels import Labels, read_labels
 from cascade.data.preprocess import Preprocessing
 from cascade.data.splits import make_folds, read_groups, split_fingerprint
-from cascade.devices import resolve_device
 from cascade.errors import CascadeError, ConfigError, from_worker
-from cascade.precision import cpu_supports_bf16
 from cascade.stages.config import apply_recipe
 from cascade.stages.specs import stage_spec
 from cascade.stages.trainer import (
@@ -49,6 +47,7 @@ from cascade.stages.trainer import (
     seed_everything,
 )
 from cascade.stages.weights import init_from_segmenter, init_source, load_pretrained
+from cascade.storage import rundir
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from cascade.errors import ModelError
-from cascade.fileio import input_file
-from cascade.rundir import best_stage
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, load_weights_only, read_config
 from cascade.stages.specs import SPECS, stage_spec
+from cascade.storage.fileio import input_file
+from cascade.storage.rundir import best_stage
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.")
 

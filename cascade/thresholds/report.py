@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from cascade.fileio import atomic_path, atomic_write_json, atomic_write_text
+from cascade.storage.fileio import atomic_path, atomic_write_json, atomic_write_text
 from cascade.thresholds.metrics import Confusion, Summary, format_number, json_float, sensitivity, specificity
 from cascade.thresholds.rule import FIELDS
 from cascade.thresholds.search import TuneResult

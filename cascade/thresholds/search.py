@@ -595,7 +595,7 @@ class ThresholdSearch:
 def _progress(items: Iterable[Any], total: int, enabled: bool, desc: str) -> Iterable[Any]:
     if not enabled:
         return items
-    from cascade.progress import progress_bar
+    from cascade.common.progress import progress_bar
 
     return progress_bar(items, total=total, desc=desc, unit="img")
 
