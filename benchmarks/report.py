@@ -22,7 +22,7 @@ from typing import Any
 BENCHMARKS = Path(__file__).resolve().parent
 RESULTS = BENCHMARKS / "results"
 PAGE = BENCHMARKS.parent / "docs" / "benchmarks.md"
-NOT_SCRIPTS = {"results", "report"}
+NOT_SCRIPTS = {"results", "report", "plain_baseline"}
 """Modules in benchmarks/ that are not benchmarks."""
 
 

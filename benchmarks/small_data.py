@@ -1,5 +1,7 @@
-"""Does the default recipe learn on realistic small data? One line per seed, through the CLI, with a plain
-PyTorch loop beside it. Training length is measured in **images seen**, so the figures do not depend on the machine.
+"""Does the default recipe learn on realistic small data, per image seen, beside a plain PyTorch loop?
+
+One line per seed, through the CLI. Training length is measured in **images seen**, so the figures do not depend on
+the machine.
 
 For each seed, exactly as the README's workflow runs it (each step a ``python -m cascade`` command, printed):
 
