@@ -6,13 +6,15 @@ it ends, no member of that group may still be alive.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,3 +131,47 @@ def assert_one_line_error(result: Result, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+@dataclass(frozen=True)
+class ServeProcess:
+    """A ``cascade serve`` started by :func:`serve_process`: its address, pid and log."""
+
+    base: str
+    port: int
+    pid: int
+    log: Path
+
+
+@contextlib.contextmanager
+def serve_process(model: Path, folder: Path, *options: object) -> Iterator[ServeProcess]:
+    """``cascade serve MODEL`` on a free loopback port in its own process (fp32 on torch, CPU), with ``options``;
+    yields once ``/healthz`` answers 200 (the log in the failure otherwise); SIGTERM on exit, SIGKILL if it hangs."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = folder / "serve.log"
+    args = ["serve", model, "--port", port, "--device", "cpu", "--backend", "torch", "--precision", "fp32", *options]
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "cascade", *map(str, args)], stdout=subprocess.DEVNULL,
+                                stderr=err, env=env(), start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return proc.poll() is not None or httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        assert wait_until(healthy, 90) and proc.poll() is None, log.read_text()[-3000:]
+        yield ServeProcess(base, port, proc.pid, log)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

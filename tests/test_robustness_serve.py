@@ -8,14 +8,10 @@ from __future__ import annotations
 import io
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +32,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
 from conftest import make_model_dir  # noqa: E402
-from robust_helpers import env, wait_until  # noqa: E402
+from robust_helpers import ServeProcess, serve_process, wait_until  # noqa: E402
 
 from cascade.apps.serve.app import METHODS  # noqa: E402
 
@@ -49,13 +45,7 @@ BURST = MAX_IN_FLIGHT
 MIB = 1024 * 1024
 
 
-@dataclass
-class Server:
-    base: str
-    port: int
-    pid: int
-    log: Path
-
+class Server(ServeProcess):
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.base, headers={"authorization": f"Bearer {TOKEN}"}, timeout=30)
 
@@ -67,34 +57,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = tmp_path_factory.mktemp("robust-serve")
     model = make_model_dir(folder / "model", seg_bias=-10.0)  # empty masks: a full 2048 x 2048 one costs 1 s of RLE
     (folder / "token").write_text(TOKEN)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = folder / "serve.log"
-    args = ["serve", model, "--port", port, "--device", "cpu", "--backend", "torch", "--precision", "fp32",
-            "--token-file", folder / "token", "--max-upload-mb", 8, "--max-pixels", BUDGET, "--decode-threads", 2,
-            "--max-batch", 16, "--batch-window-ms", 300, "--max-in-flight", MAX_IN_FLIGHT]
-    with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "cascade", *map(str, args)], stdout=subprocess.DEVNULL,
-                                stderr=err, env=env(), start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return proc.poll() is not None or httpx.get(f"{base}/healthz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        assert wait_until(healthy, 90) and proc.poll() is None, log.read_text()[-3000:]
-        yield Server(base, port, proc.pid, log)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    with serve_process(model, folder, "--token-file", folder / "token", "--max-upload-mb", 8, "--max-pixels", BUDGET,
+                       "--decode-threads", 2, "--max-batch", 16, "--batch-window-ms", 300,
+                       "--max-in-flight", MAX_IN_FLIGHT) as proc:
+        yield Server(proc.base, proc.port, proc.pid, proc.log)
 
 
 # --- what the server holds -------------------------------------------------------------------------------------

@@ -7,11 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +19,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
 from conftest import make_model_dir  # noqa: E402
-from robust_helpers import env, wait_until  # noqa: E402
+from robust_helpers import serve_process  # noqa: E402
 
 from cascade import __version__  # noqa: E402
 from cascade.cli.main import main  # noqa: E402
@@ -85,34 +80,10 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     folder = tmp_path_factory.mktemp("stow-serve")
     (folder / "token").write_text(TOKEN)
     (folder / "results").mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = ["serve", model_dir, "--port", port, "--device", "cpu", "--backend", "torch", "--precision", "fp32",
-            "--token-file", folder / "token", "--max-upload-mb", LIMIT_MB, "--max-batch", 4,
-            "--results-dir", folder / "results", "--audit-log", folder / "audit.jsonl"]
-    log = folder / "serve.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "cascade", *map(str, args)], stdout=subprocess.DEVNULL,
-                                stderr=err, env=env(), start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return proc.poll() is not None or httpx.get(f"{base}/healthz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        assert wait_until(healthy, 90) and proc.poll() is None, log.read_text()[-3000:]
-        yield Server(base, folder / "results", folder / "audit.jsonl", log)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    with serve_process(model_dir, folder, "--token-file", folder / "token", "--max-upload-mb", LIMIT_MB,
+                       "--max-batch", 4, "--results-dir", folder / "results", "--audit-log",
+                       folder / "audit.jsonl") as proc:
+        yield Server(proc.base, folder / "results", folder / "audit.jsonl", proc.log)
 
 
 def references(answer: dict, key: str) -> list[tuple[str | None, str | None]]:

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from cascade.common.processes import worker_init
 from cascade.data.dicom import MAX_PIXELS, MAX_SIDE, DicomImage, check_max_pixels, read_dicom
-from cascade.data.preprocess import Preprocessing, normalize, prepare_image, to_uint8
+from cascade.data.preprocess import Preprocessing, prepare_image, to_uint8
 from cascade.data.rle import EMPTY, rle_encode
 from cascade.data.synth_spec import is_synthetic
 from cascade.errors import CascadeError, CascadeWarning, ConfigError, ImageError, ModelError

@@ -49,7 +49,6 @@ from pydicom import Dataset, dcmread
 from cascade.apps.listen.findings import HIGH, ROUTINE, Finding, FindingsLog, parse_utc
 from cascade.apps.listen.forward import (
     KINDS,
-    STORED,
     DimseSender,
     Destination,
     Forwarder,
