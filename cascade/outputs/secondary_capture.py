@@ -39,6 +39,7 @@ from cascade.outputs.dicom_common import (
 
 if TYPE_CHECKING:
     from cascade.inference.pipeline import Prediction
+    from cascade.storage.modeldir import ModelIdentity
 
 SERIES_NUMBER = 9903
 """Series number of every Secondary Capture series cascade writes (SEG 9901, SR 9902)."""
@@ -51,9 +52,6 @@ _ORIENTATION = set("APRLHF")
 def secondary_capture(prediction: Prediction) -> Dataset:
     """The Secondary Capture of a positive prediction that kept its image (``predict_many(keep_image=True)``);
     ``CascadeError`` for a negative, a failed image, an array source or a prediction without its image."""
-    import highdicom as hd
-    from pydicom.sequence import Sequence
-
     source = check_source(prediction, "DICOM Secondary Capture")
     if not prediction.positive:
         raise CascadeError(f"{prediction.source}: no DICOM Secondary Capture for a negative image (no outline)")
@@ -62,12 +60,22 @@ def secondary_capture(prediction: Prediction) -> Dataset:
                            "(predict with keep_image=True)")
     model = identity(prediction)
     pixels = render(prediction.image, prediction, BANNER.format(version=model.version))
-    header = study_header(source)
     orientation = source.get("PatientOrientation", "")
+    sc = _sc_image(prediction, pixels, study_header(source), orientation, model.version)
+    _complete(sc, source, orientation, model)
+    return sc
+
+
+def _sc_image(prediction: Prediction, pixels: np.ndarray, header: Dataset, orientation: object,
+              version: str) -> Dataset:
+    """The highdicom SC image of ``pixels`` in the source's study (``header``), new series; any refusal by highdicom
+    becomes one ``CascadeError`` naming the source, since only an odd source header can cause it."""
+    import highdicom as hd
+
     with warnings.catch_warnings():  # highdicom quotes odd header values in its warnings: never shown
         warnings.simplefilter("ignore")
         try:
-            sc = hd.sc.SCImage(
+            return hd.sc.SCImage(
                 pixel_array=pixels,
                 photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
                 bits_allocated=8,
@@ -93,12 +101,19 @@ def secondary_capture(prediction: Prediction) -> Dataset:
                 specific_character_set=header.get("SpecificCharacterSet"),
                 series_description=SERIES_DESCRIPTION,
                 manufacturer_model_name=MANUFACTURER_MODEL_NAME,
-                software_versions=model.version,
+                software_versions=version,
             )
         except (ValueError, TypeError, AttributeError, KeyError) as err:
             raise CascadeError(
                 f"{prediction.source}: cannot build a DICOM Secondary Capture from this source ({type(err).__name__})"
             ) from None
+
+
+def _complete(sc: Dataset, source: Dataset, orientation: object, model: ModelIdentity) -> None:
+    """Set what highdicom leaves out or fills otherwise: the source's orientation, the type 2 attributes present
+    (maybe empty), the burned-in flag, the source image, the model's derivation and a lossy source's mark."""
+    from pydicom.sequence import Sequence
+
     sc.PatientOrientation = orientation
     sc.Laterality = ""  # General Series, type 2C (a chest is not a paired structure): present and empty
     for keyword in ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime"):  # type 2: present, maybe empty
@@ -114,7 +129,6 @@ def secondary_capture(prediction: Prediction) -> Dataset:
     )[:1024]
     if source.get("LossyImageCompression") == "01":
         sc.LossyImageCompression = "01"
-    return sc
 
 
 def render(grey: np.ndarray, prediction: Prediction, banner: str) -> np.ndarray:

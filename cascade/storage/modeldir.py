@@ -222,31 +222,9 @@ def write_model_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     with pending(tmp):
         try:
-            members: dict[str, list[str]] = {}
-            member_configs: dict[str, list[dict[str, Any]]] = {}
-            weights: dict[str, str] = {}
-            preprocessing: dict[str, dict[str, Any]] = {}
-            for stage, sources in (("classifier", classifiers), ("segmenter", segmenters)):
-                names = [member_name(stage, i) for i in range(len(sources))]
-                configs = [_write_member(tmp / name, source, stage) for name, source in zip(names, sources)]
-                preprocessing[stage] = _stage_preprocessing(configs, stage, tmp).to_dict()
-                members[stage] = names
-                member_configs[stage] = configs
-                graphs = list(int8_graphs[stage]) if int8_graphs is not None else []
-                if int8_graphs is not None and len(graphs) != len(names):
-                    raise ModelError(f"{target}: {len(graphs)} int8 {stage} graph(s) for {len(names)} member(s)")
-                for name, graph in zip(names, graphs):
-                    data = graph if isinstance(graph, bytes) else Path(graph).read_bytes()
-                    (tmp / name / INT8_GRAPH).write_bytes(data)
-                for name in names:
-                    for file in (CONFIG, WEIGHTS, *((INT8_GRAPH,) if graphs else ())):
-                        weights[f"{name}/{file}"] = sha256_file(tmp / name / file)
-            reports = []
-            for report in report_files:
-                src = Path(report)
-                (tmp / REPORT_DIR).mkdir(exist_ok=True)
-                shutil.copyfile(src, tmp / REPORT_DIR / src.name)
-                reports.append(f"{REPORT_DIR}/{src.name}")
+            stages = {"classifier": classifiers, "segmenter": segmenters}
+            members, member_configs, weights, preprocessing = _write_stages(tmp, target, stages, int8_graphs)
+            reports = _copy_reports(tmp, report_files)
             manifest = {
                 "schema_version": SCHEMA_VERSION,
                 "thresholds": th.to_dict(),
@@ -268,6 +246,56 @@ def write_model_dir(
     return target
 
 
+def _write_stages(
+    tmp: Path, target: Path, stages: Mapping[str, Sequence[Member]],
+    int8_graphs: Mapping[str, Sequence[str | os.PathLike[str] | bytes]] | None,
+) -> tuple[dict[str, list[str]], dict[str, list[dict[str, Any]]], dict[str, str], dict[str, dict[str, Any]]]:
+    """Write every stage's member folders (and int8 graphs) into ``tmp``: what ``cascade.json`` records of them —
+    member names, configs (for the model card), the sha256 of every file, each stage's preprocessing."""
+    members: dict[str, list[str]] = {}
+    member_configs: dict[str, list[dict[str, Any]]] = {}
+    weights: dict[str, str] = {}
+    preprocessing: dict[str, dict[str, Any]] = {}
+    for stage, sources in stages.items():
+        names = [member_name(stage, i) for i in range(len(sources))]
+        configs = [_write_member(tmp / name, source, stage) for name, source in zip(names, sources)]
+        preprocessing[stage] = _stage_preprocessing(configs, stage, tmp).to_dict()
+        members[stage] = names
+        member_configs[stage] = configs
+        graphs = _write_int8_graphs(tmp, target, stage, names, int8_graphs)
+        for name in names:
+            for file in (CONFIG, WEIGHTS, *((INT8_GRAPH,) if graphs else ())):
+                weights[f"{name}/{file}"] = sha256_file(tmp / name / file)
+    return members, member_configs, weights, preprocessing
+
+
+def _write_int8_graphs(
+    tmp: Path, target: Path, stage: str, names: list[str],
+    int8_graphs: Mapping[str, Sequence[str | os.PathLike[str] | bytes]] | None,
+) -> list[str | os.PathLike[str] | bytes]:
+    """Write ``stage``'s int8 graphs (one per member, in member order) into its member folders; return them (none
+    without ``int8_graphs``), so the caller hashes them with the other files."""
+    graphs = list(int8_graphs[stage]) if int8_graphs is not None else []
+    if int8_graphs is not None and len(graphs) != len(names):
+        raise ModelError(f"{target}: {len(graphs)} int8 {stage} graph(s) for {len(names)} member(s)")
+    for name, graph in zip(names, graphs):
+        data = graph if isinstance(graph, bytes) else Path(graph).read_bytes()
+        (tmp / name / INT8_GRAPH).write_bytes(data)
+    return graphs
+
+
+def _copy_reports(tmp: Path, report_files: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Copy ``report_files`` into ``tmp/report/``; return their paths inside the folder, as ``cascade.json`` lists
+    them."""
+    reports = []
+    for report in report_files:
+        src = Path(report)
+        (tmp / REPORT_DIR).mkdir(exist_ok=True)
+        shutil.copyfile(src, tmp / REPORT_DIR / src.name)
+        reports.append(f"{REPORT_DIR}/{src.name}")
+    return reports
+
+
 def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
     """Read and verify a MODEL_DIR: schema version, every listed file present and inside it, every config's sha256
     and fields; the weights' sha256 is checked as :meth:`ModelDir.load` reads them."""
@@ -276,21 +304,7 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
     if not root.is_dir():
         raise ModelError(f"{root}: not a folder (a model folder holds {MANIFEST}, classifier/ and segmenter/)")
     manifest = read_json_object(path, f"is {root} a model folder written by 'cascade tune'?")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ModelError(
-            f"{path}: schema_version {version!r} is not supported (this cascade {__version__} reads {SCHEMA_VERSION})"
-        )
-    try:
-        thresholds = Thresholds.from_dict(_get(manifest, "thresholds", dict, path), where=str(path))
-    except CascadeError as err:
-        raise ModelError(str(err)) from None
-    tta = _get(manifest, "tta", dict, path).get("hflip", False)
-    if not isinstance(tta, bool):
-        raise ModelError(f"{path}: tta.hflip must be true or false, got {tta!r}")
-    precision = manifest.get("precision", "fp32")
-    if precision not in TUNED_PRECISIONS:
-        raise ModelError(f"{path}: precision must be one of {', '.join(TUNED_PRECISIONS)}, got {precision!r}")
+    thresholds, tta, precision = _read_settings(manifest, path)
     members = _get(manifest, "members", dict, path)
     hashes = _get(manifest, "sha256", dict, path)
     recorded_preps = _get(manifest, "preprocessing", dict, path)
@@ -302,27 +316,16 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
     int8_hashes: dict[Path, str] = {}
     preprocessing: dict[str, Preprocessing] = {}
     for stage in STAGES:
-        names = members.get(stage)
-        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-            raise ModelError(f"{path}: members.{stage} must be a non-empty list of folder names")
         dirs = []
-        for name in names:
-            if Path(name).name != name or name in ("", ".", ".."):
-                raise ModelError(f"{path}: member {name!r} must be a folder name inside the model folder")
-            configs[root / name], weight_hashes[root / name] = _verify_member(root, name, stage, hashes, path)
-            if precision == "int8":
-                int8_hashes[root / name] = _recorded_sha256(root, name, INT8_GRAPH, hashes, path)
-                if path_kind(root / name / INT8_GRAPH) != "file":
-                    raise ModelError(f"{root / name / INT8_GRAPH}: missing")
+        for name in _member_names(members, stage, path):
+            configs[root / name], weight_hashes[root / name], int8 = _read_member(
+                root, name, stage, hashes, path, precision
+            )
+            if int8 is not None:
+                int8_hashes[root / name] = int8
             dirs.append(root / name)
         stage_dirs[stage] = dirs
-        preprocessing[stage] = _stage_preprocessing([configs[d] for d in dirs], stage, root)
-        recorded = recorded_preps.get(stage)
-        if recorded is not None and recorded != preprocessing[stage].to_dict():
-            raise ModelError(
-                f"{path}: preprocessing.{stage} {recorded} differs from what the {stage} was trained with "
-                f"({preprocessing[stage].to_dict()} in its {CONFIG})"
-            )
+        preprocessing[stage] = _checked_preprocessing([configs[d] for d in dirs], stage, root, recorded_preps, path)
     return ModelDir(
         root=root,
         thresholds=thresholds,
@@ -338,6 +341,66 @@ def read_model_dir(directory: str | os.PathLike[str]) -> ModelDir:
         int8_sha256=int8_hashes,
         weights_sha256=weights_digest(hashes),
     )
+
+
+def _read_settings(manifest: dict[str, Any], path: Path) -> tuple[Thresholds, bool, str]:
+    """The schema version checked first (nothing else is read from a version this cascade does not know), then the
+    thresholds, ``tta.hflip`` and the tuned precision (``fp32`` when absent: folders from before it was recorded)."""
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ModelError(
+            f"{path}: schema_version {version!r} is not supported (this cascade {__version__} reads {SCHEMA_VERSION})"
+        )
+    try:
+        thresholds = Thresholds.from_dict(_get(manifest, "thresholds", dict, path), where=str(path))
+    except CascadeError as err:
+        raise ModelError(str(err)) from None
+    tta = _get(manifest, "tta", dict, path).get("hflip", False)
+    if not isinstance(tta, bool):
+        raise ModelError(f"{path}: tta.hflip must be true or false, got {tta!r}")
+    precision = manifest.get("precision", "fp32")
+    if precision not in TUNED_PRECISIONS:
+        raise ModelError(f"{path}: precision must be one of {', '.join(TUNED_PRECISIONS)}, got {precision!r}")
+    return thresholds, tta, precision
+
+
+def _member_names(members: dict[str, Any], stage: str, path: Path) -> list[str]:
+    """The member folder names ``cascade.json`` lists for ``stage``, which must be a non-empty list of strings."""
+    names = members.get(stage)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ModelError(f"{path}: members.{stage} must be a non-empty list of folder names")
+    return names
+
+
+def _read_member(
+    root: Path, name: str, stage: str, hashes: dict[str, Any], path: Path, precision: str
+) -> tuple[dict[str, Any], str, str | None]:
+    """One listed member verified: a plain folder name (so it lies directly in ``root``), its config and recorded
+    weights sha256 (:func:`_verify_member`) and, tuned at int8, its graph present with a recorded sha256 (else None)."""
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise ModelError(f"{path}: member {name!r} must be a folder name inside the model folder")
+    config, weights_sha256 = _verify_member(root, name, stage, hashes, path)
+    int8 = None
+    if precision == "int8":
+        int8 = _recorded_sha256(root, name, INT8_GRAPH, hashes, path)
+        if path_kind(root / name / INT8_GRAPH) != "file":
+            raise ModelError(f"{root / name / INT8_GRAPH}: missing")
+    return config, weights_sha256, int8
+
+
+def _checked_preprocessing(
+    configs: list[dict[str, Any]], stage: str, root: Path, recorded_preps: dict[str, Any], path: Path
+) -> Preprocessing:
+    """The stage's preprocessing from its members' configs, which ``cascade.json``'s copy (when present) must
+    match: the configs are what the networks were trained with, so an edited manifest cannot change the input."""
+    preprocessing = _stage_preprocessing(configs, stage, root)
+    recorded = recorded_preps.get(stage)
+    if recorded is not None and recorded != preprocessing.to_dict():
+        raise ModelError(
+            f"{path}: preprocessing.{stage} {recorded} differs from what the {stage} was trained with "
+            f"({preprocessing.to_dict()} in its {CONFIG})"
+        )
+    return preprocessing
 
 
 def _get(manifest: dict[str, Any], key: str, kind: type, path: Path) -> Any:

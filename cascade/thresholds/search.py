@@ -373,6 +373,52 @@ class TuneResult:
         }
 
 
+@dataclass(frozen=True)
+class _Tables:
+    """What :meth:`ThresholdSearch.result` chooses from: the per-image pieces of the rule (indexed by image) and the
+    whole grid's scores and image-level true/false positive counts (indexed like ``grid``)."""
+
+    grid: Grid
+    cls: np.ndarray
+    positive: np.ndarray
+    dices: np.ndarray
+    """Each image's Dice at every (bottom, min_component)."""
+    empty: np.ndarray
+    """Each image's Dice of an empty prediction (1 for a negative, 0 for a positive)."""
+    masked: np.ndarray
+    """Whether each image's mask is non-empty at every (bottom, min_component)."""
+    cls_pass: np.ndarray
+    top_pass: np.ndarray
+    n_neg: int
+    scores: np.ndarray
+    tp: np.ndarray
+    fp: np.ndarray
+
+    def per_image_at(self, index: tuple[int, ...]) -> np.ndarray:
+        """Each image's Dice at one grid point (the gate passes: the mask's Dice; else the empty one's)."""
+        c, t, a, b, m = index
+        return np.where(self.cls_pass[:, c] & self.top_pass[:, t, a], self.dices[:, b, m], self.empty)
+
+    def allowed(self, min_sensitivity: float | None, max_segmented_share: float | None) -> np.ndarray | None:
+        """The grid points that meet the limits (None: no limit, all allowed); ``CascadeError`` when a limit cannot
+        be judged or no searched gate meets the segmented share."""
+        allowed = None
+        if min_sensitivity is not None:
+            if not self.positive.any():
+                raise CascadeError("threshold search: a minimum sensitivity needs positive images, and there are none")
+            allowed = self.tp / self.positive.sum() >= min_sensitivity
+        if max_segmented_share is not None:
+            share = self.cls_pass.mean(axis=0)  # per gate value: the share of images the segmenter runs on
+            if not (share <= max_segmented_share).any():
+                raise CascadeError(
+                    f"threshold search: no searched gate sends at most {max_segmented_share:g} of the images to the "
+                    f"segmenter (the lowest share is {share.min():.4f}; widen the cls range with --grid)"
+                )
+            by_share = np.broadcast_to((share <= max_segmented_share)[:, None, None, None, None], self.grid.shape)
+            allowed = by_share if allowed is None else allowed & by_share
+        return allowed
+
+
 class ThresholdSearch:
     """Streaming accumulator: ``add`` one image at a time, then ``result``; memory is O(images x grid axes).
 
@@ -467,10 +513,30 @@ class ThresholdSearch:
         for name, value in (("min_sensitivity", min_sensitivity), ("max_segmented_share", max_segmented_share)):
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name} must lie in [0, 1], got {value!r}")
+        tables = self._tables()
+        allowed = tables.allowed(min_sensitivity, max_segmented_share)
+        best = best_point(tables.scores, allowed)
+        if best is None:
+            reach = float(np.where(allowed, tables.tp, 0).max() / tables.positive.sum())
+            raise CascadeError(
+                f"threshold search: no grid point reaches sensitivity {min_sensitivity} (the highest is {reach:.4f}"
+                + (f" with at most {max_segmented_share:g} of the images segmented)" if max_segmented_share is not
+                   None else ")")
+            )
+        gate_open = None
+        if open_gate:
+            gate_open, best = self._open_gate(
+                best, tables.scores, allowed, tables.cls, tables.positive, max_segmented_share, tables.per_image_at
+            )
+        return self._result(tables, best, min_sensitivity, max_segmented_share, gate_open)
+
+    def _tables(self) -> _Tables:
+        """Score, true and false positives of every grid point at once, from the per-image statistics (see the
+        module docstring: one chunked matrix product of the gates with the Dice gains)."""
+        n = len(self)
         g = self.grid
         n_c, n_t, n_a, n_b, n_m = g.shape
         st = {key: values[:n] for key, values in self._stats.items()}
-        cls = st["cls"]
         truth = st["truth"]
         positive = truth > 0
         pred = st["pred"]
@@ -486,7 +552,7 @@ class ThresholdSearch:
             axis=1,
             dtype=np.float64,
         )
-        cls_pass = cls[:, None] >= np.asarray(g.cls)[None, :]
+        cls_pass = st["cls"][:, None] >= np.asarray(g.cls)[None, :]
         area_px = np.asarray(g.area)[None, :] * st["scale"][:, None]
         top_pass = st["top_counts"][:, :, None] >= area_px[:, None, :]
         totals = np.zeros((n_c * n_t * n_a, gains.shape[1]))
@@ -495,56 +561,39 @@ class ThresholdSearch:
             totals += gate.reshape(gate.shape[0], -1).astype(np.float64).T @ gains[s : s + _CHUNK]
         k = n_b * n_m
         n_neg = int(n - positive.sum())
-        scores = ((n_neg + totals[:, :k]) / n).reshape(g.shape)
-        tp = np.rint(totals[:, k : 2 * k]).astype(np.int64).reshape(g.shape)
-        fp = np.rint(totals[:, 2 * k :]).astype(np.int64).reshape(g.shape)
-        allowed = None
-        if min_sensitivity is not None:
-            if not positive.any():
-                raise CascadeError("threshold search: a minimum sensitivity needs positive images, and there are none")
-            allowed = tp / positive.sum() >= min_sensitivity
-        if max_segmented_share is not None:
-            share = cls_pass.mean(axis=0)  # per gate value: the share of images the segmenter runs on
-            if not (share <= max_segmented_share).any():
-                raise CascadeError(
-                    f"threshold search: no searched gate sends at most {max_segmented_share:g} of the images to the "
-                    f"segmenter (the lowest share is {share.min():.4f}; widen the cls range with --grid)"
-                )
-            by_share = np.broadcast_to((share <= max_segmented_share)[:, None, None, None, None], g.shape)
-            allowed = by_share if allowed is None else allowed & by_share
-        best = best_point(scores, allowed)
-        if best is None:
-            reach = float(np.where(allowed, tp, 0).max() / positive.sum())
-            raise CascadeError(
-                f"threshold search: no grid point reaches sensitivity {min_sensitivity} (the highest is {reach:.4f}"
-                + (f" with at most {max_segmented_share:g} of the images segmented)" if max_segmented_share is not
-                   None else ")")
-            )
-        def per_image_at(index: tuple[int, ...]) -> np.ndarray:
-            c, t, a, b, m = index
-            return np.where(cls_pass[:, c] & top_pass[:, t, a], dices[:, b, m], empty)
+        return _Tables(
+            grid=g, cls=st["cls"], positive=positive, dices=dices, empty=empty, masked=masked, cls_pass=cls_pass,
+            top_pass=top_pass, n_neg=n_neg,
+            scores=((n_neg + totals[:, :k]) / n).reshape(g.shape),
+            tp=np.rint(totals[:, k : 2 * k]).astype(np.int64).reshape(g.shape),
+            fp=np.rint(totals[:, 2 * k :]).astype(np.int64).reshape(g.shape),
+        )
 
-        gate_open = None
-        if open_gate:
-            gate_open, best = self._open_gate(best, scores, allowed, cls, positive, max_segmented_share, per_image_at)
+    @staticmethod
+    def _result(
+        tables: _Tables, best: tuple[int, ...], min_sensitivity: float | None, max_segmented_share: float | None,
+        gate_open: dict[str, Any] | None,
+    ) -> TuneResult:
+        """The :class:`TuneResult` of the chosen point, its summary recomputed per image at that point."""
         c, t, a, b, m = best
-        gate = cls_pass[:, c] & top_pass[:, t, a]
-        per_image = per_image_at(best)
-        summary = summarize(per_image, gate & masked[:, b, m], positive)
+        gate = tables.cls_pass[:, c] & tables.top_pass[:, t, a]
+        per_image = tables.per_image_at(best)
+        summary = summarize(per_image, gate & tables.masked[:, b, m], tables.positive)
+        n = tables.cls.size
         return TuneResult(
-            thresholds=g.point(best),
+            thresholds=tables.grid.point(best),
             score=summary.mean_dice,
-            baseline=n_neg / n,
+            baseline=tables.n_neg / n,
             summary=summary,
-            grid=g,
+            grid=tables.grid,
             best_index=best,
-            scores=scores,
-            tp=tp,
-            fp=fp,
-            positives=int(positive.sum()),
-            negatives=n_neg,
-            cls_probs=cls.copy(),
-            truth_positive=positive,
+            scores=tables.scores,
+            tp=tables.tp,
+            fp=tables.fp,
+            positives=int(tables.positive.sum()),
+            negatives=tables.n_neg,
+            cls_probs=tables.cls.copy(),
+            truth_positive=tables.positive,
             min_sensitivity=min_sensitivity,
             max_segmented_share=max_segmented_share,
             per_image_dice=per_image,
