@@ -144,7 +144,7 @@ def gate_throughput(model: Cascade, paths: list[Path], batch: int, workers: int)
     gated, a = run(True)
     opened, b = run(False)
     same = all(x.probability == y.probability and np.array_equal(x.mask, y.mask) for x, y in zip(a, b))
-    engine = model._engine
+    engine = model._stages
     x = np.zeros((batch, engine.classifier.prep.size, engine.classifier.prep.size), np.uint8)
     c = statistics.median(timed(lambda: engine.classifier(x, model.tta), 2)) / batch
     s = statistics.median(timed(lambda: engine.segmenter(x, model.tta), 2)) / batch
@@ -161,7 +161,7 @@ def gate_throughput(model: Cascade, paths: list[Path], batch: int, workers: int)
 
 def decoding(model: Cascade, files: list[Path], repeats: int) -> None:
     """Section 4: decode + preprocess of real files, as a share of Cascade.predict."""
-    size = model._engine.classifier.prep.size
+    size = model._stages.classifier.prep.size
     print(f"\n4. decoding + preprocessing ({model.precision} on {model.backend}):")
     for path in files:
         decode = timed(lambda p=path: read_dicom(p), repeats)

@@ -95,7 +95,7 @@ def calibrate(model: Cascade, paths: Sequence[Path]) -> Thresholds:
     probs = [p.probability for p in model.predict_many(paths, workers=0)]
     cls = float(np.quantile(probs, 1 - PREVALENCE))
     model.thresholds = Thresholds(cls=cls, top=0.0, area=0, bottom=0.0, min_component=0)
-    seg = model._engine.segmenter
+    seg = model._stages.segmenter
     passing = [p for p, q in zip(paths, probs) if q >= cls][:4]
     maps = [seg(np.stack([_input(model, p)]), False) for p in passing]
     bottom = float(np.median(np.concatenate([m.ravel() for m in maps])))
@@ -106,7 +106,7 @@ def _input(model: Cascade, path: Path) -> np.ndarray:
     from cascade.data.dicom import read_dicom
     from cascade.data.preprocess import prepare_image
 
-    return prepare_image(read_dicom(path).pixels, model._engine.segmenter.prep.size)
+    return prepare_image(read_dicom(path).pixels, model._stages.segmenter.prep.size)
 
 
 def drift(reference: Sequence[Prediction], other: Sequence[Prediction],
