@@ -349,10 +349,7 @@ def _pixels(ds: Dataset, name: str, max_pixels: int) -> np.ndarray:
     frames = _header_int(ds, "NumberOfFrames", name, default=1)
     if frames > 1:
         raise DicomError(f"{name}: multi-frame image ({frames} frames) is not supported; expected one radiograph")
-    rows, cols = _header_int(ds, "Rows", name), _header_int(ds, "Columns", name)
-    if not (0 < rows <= MAX_SIDE and 0 < cols <= MAX_SIDE):
-        raise DicomError(f"{name}: absurd image size {rows} x {cols} (each side must be 1..{MAX_SIDE})")
-    check_pixel_budget(ds, name, max_pixels)
+    rows, cols = check_pixel_budget(ds, name, max_pixels)
     allocated = _header_int(ds, "BitsAllocated", name)
     stored = _header_int(ds, "BitsStored", name, default=allocated)
     signed = _header_int(ds, "PixelRepresentation", name, default=0)
@@ -395,11 +392,14 @@ def _pixels(ds: Dataset, name: str, max_pixels: int) -> np.ndarray:
     return pixels
 
 
-def check_pixel_budget(ds: Dataset, name: str, max_pixels: int) -> None:
-    """Raise ``DicomError`` when ``ds`` would decode to more than ``max_pixels`` pixels, from its header (Rows x
-    Columns x SamplesPerPixel x NumberOfFrames) and, for compressed pixel data, from the stream's own size fields;
-    nothing is decoded. What every reader calls first (``read_dicom``; the DICOM node before it stores an image)."""
+def check_pixel_budget(ds: Dataset, name: str, max_pixels: int) -> tuple[int, int]:
+    """``ds``'s (Rows, Columns), checked: ``DicomError`` for an absurd side, ``PixelBudgetError`` when it would decode
+    to more than ``max_pixels`` pixels, from its header (Rows x Columns x SamplesPerPixel x NumberOfFrames) and, for
+    compressed pixel data, from the stream's own size fields; nothing is decoded. What every reader calls first
+    (``read_dicom``; the DICOM node before it stores an image)."""
     rows, cols = _header_int(ds, "Rows", name), _header_int(ds, "Columns", name)
+    if not (0 < rows <= MAX_SIDE and 0 < cols <= MAX_SIDE):
+        raise DicomError(f"{name}: absurd image size {rows} x {cols} (each side must be 1..{MAX_SIDE})")
     samples = _header_int(ds, "SamplesPerPixel", name, default=1)
     frames = _header_int(ds, "NumberOfFrames", name, default=1)
     if rows * cols * samples * frames > max_pixels:
@@ -409,6 +409,7 @@ def check_pixel_budget(ds: Dataset, name: str, max_pixels: int) -> None:
         )
     if "PixelData" in ds and ds["PixelData"].is_undefined_length:
         _check_stream_size(ds, name, rows, cols)
+    return rows, cols
 
 
 def _check_stream_size(ds: Dataset, name: str, rows: int, cols: int) -> None:
