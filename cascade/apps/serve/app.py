@@ -259,7 +259,7 @@ def create_app(
         decode_start = time.perf_counter()
         try:
             item, grey = await asyncio.get_running_loop().run_in_executor(
-                decoding, _decode, state.model, data, state.max_pixels, keep_grey
+                decoding, _decode, state.model, data, keep_grey
             )
         except HTTPProblem:
             await _audit(state, request, "received", via=via, instance=None, bytes=len(data))
@@ -357,6 +357,7 @@ def _load(state: _State) -> tuple[Any, dict[str, Any]]:
 
     info = model_info(state.model_dir)
     model = Cascade.from_pretrained(state.model_dir, runtime=state.runtime)
+    model.max_pixels = state.max_pixels  # the one budget every decode reads, as in the DICOM node
     model.warm_up()
     info["runtime"] = model.runtime.as_dict()
     return model, info
@@ -417,7 +418,7 @@ async def _audit(state: _State, request: Request, event: str, **fields: Any) -> 
     await asyncio.get_running_loop().run_in_executor(None, record)
 
 
-def _decode(model: Any, data: bytes, max_pixels: int, keep_grey: bool) -> tuple[Any, Any]:
+def _decode(model: Any, data: bytes, keep_grey: bool) -> tuple[Any, Any]:
     """Upload bytes → (prepared item, the image as uint8 when ``keep_grey`` else None); runs in the decode pool.
 
     The float image dies here: a request waiting for its batch holds the networks' inputs, not the full image."""
@@ -425,7 +426,7 @@ def _decode(model: Any, data: bytes, max_pixels: int, keep_grey: bool) -> tuple[
     from cascade.data.preprocess import to_uint8
 
     try:
-        image = read_dicom(io.BytesIO(data), max_pixels=max_pixels)
+        image = read_dicom(io.BytesIO(data), max_pixels=model.max_pixels)
     except CascadeError as err:
         raise HTTPProblem(400, str(err).replace("<file object>", "upload", 1)) from None
     except Exception as err:  # noqa: BLE001 - a decoder failing in a way read_dicom did not foresee: the upload's fault
