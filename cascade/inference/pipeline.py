@@ -46,6 +46,7 @@ from cascade.inference.engines import Engine, engine_class
 from cascade.inference.precision import PrecisionWarning, check_tuned
 from cascade.inference.runtime import Runtime
 from cascade.stages.checkpoint import load_stage
+from cascade.stages.gate import SharedEncoderGate, attach_shared_gates
 from cascade.storage.modeldir import Member, ModelIdentity, model_identity, read_model_dir, write_model_dir
 from cascade.thresholds.rule import Thresholds, apply_rule, area_scale
 
@@ -185,6 +186,7 @@ class _Stages:
     ) -> None:
         if not classifiers or not segmenters:
             raise ConfigError("a cascade needs at least one classifier and one segmenter")
+        attach_shared_gates(classifiers, segmenters)
         preps = (_preprocessing(classifiers, "classifier"), _preprocessing(segmenters, "segmenter"))
         graphs = int8_graphs if runtime.precision == "int8" and int8_graphs else (None, None)
 
@@ -205,6 +207,9 @@ class _Stages:
         for line in dict.fromkeys([*self.classifier.warnings(), *self.segmenter.warnings()]):
             warnings.warn(line, PrecisionWarning, stacklevel=3)
         self.sizes = (self.classifier.prep.size, self.segmenter.prep.size)
+        self.shared = _encoder_runs_once(classifiers, segmenters, self.classifier, self.segmenter)
+        """The gate is the segmenter's own encoder plus a head, on the torch engine: the encoder runs once per image
+        and the decoder reads its features (:meth:`_classify_shared`)."""
         self.seconds = {"classifier": 0.0, "segmenter": 0.0}
         """Wall seconds spent in each stage's forwards since loading (per-request timing and metrics)."""
 
@@ -245,7 +250,9 @@ class _Stages:
         for batch in batches:
             entries = [_Pending(item) for item in batch]
             good = [e for e in entries if e.item.error is None]
-            if good:
+            if good and self.shared and not tta:
+                self._classify_shared(good, cls_threshold)
+            elif good:
                 size = self.classifier.prep.size
                 start = time.perf_counter()
                 probs = self.classifier(np.stack([e.item.inputs[size] for e in good]), tta)
@@ -264,6 +271,23 @@ class _Stages:
             self._segment(waiting, tta)
         while pending:
             yield pending.popleft().result()
+
+    def _classify_shared(self, entries: list[_Pending], cls_threshold: float | None) -> None:
+        """The gate and, for the images it passes, the decoder on the features the gate's encoder computed."""
+        size = self.classifier.prep.size
+        start = time.perf_counter()
+        probs, features = self.classifier.gate_with_features(np.stack([e.item.inputs[size] for e in entries]))
+        middle = time.perf_counter()
+        self.seconds["classifier"] += middle - start
+        passed = [i for i, p in enumerate(probs) if cls_threshold is None or p >= cls_threshold]
+        for entry, prob in zip(entries, probs):
+            entry.cls_prob = float(prob)
+        if passed:
+            index = torch.as_tensor(passed, device=features[0].device)
+            maps = self.segmenter.decode([f.index_select(0, index) for f in features])
+            for i, seg in zip(passed, maps):
+                entries[i].seg_prob = seg
+            self.seconds["segmenter"] += time.perf_counter() - middle
 
     def _segment(self, entries: list[_Pending], tta: bool) -> None:
         size = self.segmenter.prep.size
@@ -297,6 +321,22 @@ class _Pending:
             header=item.header,
             image=item.image,
         )
+
+
+def _encoder_runs_once(
+    classifiers: Sequence[tuple[nn.Module, dict[str, Any]]],
+    segmenters: Sequence[tuple[nn.Module, dict[str, Any]]],
+    classifier: Engine,
+    segmenter: Engine,
+) -> bool:
+    """Whether the gate can hand its encoder's features to the decoder: one shared-encoder gate attached to the one
+    segmenter, both on the torch engine at one input. Otherwise (ONNX Runtime, int8, several members) each stage runs
+    its own network and a passed image's encoder runs twice."""
+    return (
+        len(classifiers) == 1 and len(segmenters) == 1 and isinstance(classifiers[0][0], SharedEncoderGate)
+        and classifiers[0][0].segmenter is segmenters[0][0] and classifier.prep == segmenter.prep
+        and hasattr(classifier, "gate_with_features") and hasattr(segmenter, "decode")
+    )
 
 
 def _preprocessing(members: Sequence[tuple[nn.Module, dict[str, Any]]], stage: str) -> Preprocessing:

@@ -30,9 +30,15 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     return stage_spec(config.get("stage")).build(config)
 
 
+def stored_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a stage folder holds: the state dict, or a shared-encoder gate's head only (its encoder is the
+    segmenter's, stored once: :mod:`cascade.stages.gate`)."""
+    return model.stored_state() if hasattr(model, "stored_state") else model.state_dict()
+
+
 def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU, contiguous, unshared copy of the model's state dict (what safetensors requires)."""
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    """A CPU, contiguous, unshared copy of :func:`stored_state` (what safetensors requires)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in stored_state(model).items()}
 
 
 def save_stage(directory: str | os.PathLike[str], model: nn.Module, config: dict[str, Any]) -> None:
@@ -105,14 +111,17 @@ def load_stage(
             skeleton = build_model(config)
     except CascadeError as err:
         raise ModelError(f"{where}: {err}") from None
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in stored_state(skeleton).items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:
         diff = min(set(expected.items()) ^ set(found.items()))[0]
         raise ModelError(f"{path}: weights do not fit the network in {CONFIG} (first difference: {diff})")
     model = build_model(config)
     try:
-        model.load_state_dict(state, strict=True)
+        if hasattr(model, "load_stored_state"):
+            model.load_stored_state(state)
+        else:
+            model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise ModelError(f"{path}: weights do not fit the network in {CONFIG} ({first})") from None

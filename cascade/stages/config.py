@@ -27,6 +27,7 @@ from cascade.configs import shipped_config
 from cascade.data.augment import LEVELS as AUGMENT_LEVELS
 from cascade.errors import ConfigError
 from cascade.stages.segmenter import ARCHS
+from cascade.stages.gate import GATES
 from cascade.stages.specs import SPECS
 from cascade.storage.fileio import input_file, path_kind
 
@@ -55,6 +56,11 @@ def _share(v: Any) -> bool:
     return bool(values) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1 for x in values)
 
 
+def _shared_encoder(v: Any) -> bool:
+    """The segmenter a shared gate reads, as a run records it: network names and the encoder's sha256."""
+    return isinstance(v, dict) and set(v) == {"arch", "encoder", "sha256"} and all(isinstance(x, str) for x in v.values())
+
+
 BOOL = (bool, lambda v: True, "true or false")
 TEXT = (str, lambda v: bool(v), "a non-empty string")
 OPTIONAL_TEXT = (str, lambda v: v is None or bool(v), "a path or null")
@@ -72,7 +78,9 @@ def _auto_or(kind: type, lo: float, hi: float) -> tuple[type, Check, str]:
 
 # section -> key -> (type, check, description); "network" differs by stage.
 NETWORK_SCHEMA: dict[str, dict[str, tuple[type, Check, str]]] = {
-    "cls": {"model": TEXT, "pool": TEXT, "drop_rate": _float(0.0, 1.0), "init_from": OPTIONAL_TEXT},
+    "cls": {"model": TEXT, "pool": TEXT, "drop_rate": _float(0.0, 1.0), "init_from": OPTIONAL_TEXT,
+            "gate": _choice(GATES),
+            "shared_encoder": (object, lambda v: v is None or _shared_encoder(v), "null (cascade records it)")},
     "seg": {"arch": _choice(tuple(ARCHS)), "encoder": TEXT},
 }
 SCHEMA: dict[str, dict[str, tuple[type, Check, str]]] = {
@@ -104,6 +112,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Check, str]]] = {
         "focal_gamma": _float(0.0, 10.0),
         "mask": _float(0.0),
         "dice_per": _choice(("image", "batch")),
+        "distill": _float(0.0),
     },
     "sampling": {"positive_share": SHARE},
     "runtime": {
@@ -283,7 +292,10 @@ def resolve(
     return validate(config, str(config_file) if config_file is not None else "configuration")
 
 
-ADDED_LATER: dict[str, dict[str, Any]] = {"loss": {"mask": 0.0, "dice_per": "image"}}
+ADDED_LATER: dict[str, dict[str, Any]] = {
+    "loss": {"mask": 0.0, "dice_per": "image", "distill": 0.0},
+    "network": {"gate": "separate", "shared_encoder": None},
+}
 """Keys added after runs were first saved, with the value that reproduces how those runs trained."""
 
 RESUME_MAY_CHANGE = ("data.cache", "data.cache_dir", "runtime.device", "optim.time_budget")
@@ -308,7 +320,8 @@ def resume_config(
     ``RESUME_MAY_CHANGE`` (anything else would make the resumed run differ from an uninterrupted one)."""
     raw = read_yaml(saved_path)
     if raw.get("stage") in STAGES:  # a run saved before a key existed gets that key's default ...
-        legacy = {section: {k: v for k, v in keys.items() if k not in (raw.get(section) or {})}
+        known = {"network": NETWORK_SCHEMA[raw["stage"]], **SCHEMA}
+        legacy = {section: {k: v for k, v in keys.items() if k not in (raw.get(section) or {}) and k in known[section]}
                   for section, keys in ADDED_LATER.items()}  # ... or, where the default changed, how it ran then
         raw = merge(merge(defaults(raw["stage"]), legacy, "defaults"), raw, str(saved_path))
     saved = validate(raw, str(saved_path))

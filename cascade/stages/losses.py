@@ -82,3 +82,23 @@ class MaskAuxLoss(nn.Module):
         logits, mask_logits = outputs
         cells = F.adaptive_max_pool2d(masks.float(), mask_logits.shape[-2:])
         return self.main(logits, labels) + self.weight * self.aux(mask_logits, cells)
+
+
+class GateLoss(nn.Module):
+    """The shared-encoder gate's loss: the classifier's loss on the image logit (the maximum of the region map) plus
+    ``distill`` × BCE between the region logits and the segmenter's own probability map max-pooled to their grid
+    (:class:`cascade.stages.gate.SharedEncoderGate`: ``outputs`` is ``(logits, region_logits, teacher)`` in training
+    mode, plain logits in eval mode)."""
+
+    def __init__(self, main: ComboLoss, distill: float) -> None:
+        super().__init__()
+        self.main, self.distill = main, distill
+
+    def forward(self, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+        if not isinstance(outputs, tuple):
+            return self.main(outputs, labels)
+        logits, regions, teacher = outputs
+        total = self.main(logits, labels)
+        if self.distill:
+            total = total + self.distill * F.binary_cross_entropy_with_logits(regions.float(), teacher.float())
+        return total

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from cascade.data.datasets import ClassifierDataset, SegmenterDataset
 from cascade.errors import CascadeError, ModelError
 from cascade.stages.classifier import POOLS, build_classifier
+from cascade.stages.gate import LEVELS, SharedEncoderGate, build_gate, is_shared_gate
 from cascade.stages.segmenter import build_segmenter
 from cascade.thresholds.metrics import best_min_area, confusion, dice_from_counts, roc_auc, sensitivity, specificity
 
@@ -79,7 +80,14 @@ def stage_spec(code: Any, error: type[CascadeError] = ModelError) -> StageSpec:
 # ---------------------------------------------------------------------------------------------------- classifier
 
 
+def _build_classifier(config: dict[str, Any]) -> nn.Module:
+    """A timm classifier, or the shared-encoder gate when ``config["gate"]`` is ``shared``."""
+    return build_gate(config) if is_shared_gate(config) else build_classifier(config)
+
+
 def _classifier_backbone(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
+    if isinstance(model, SharedEncoderGate):  # its encoder is the segmenter's, frozen: nothing to fill or free
+        return nn.Module(), ()
     backbone = model.backbone
     head = backbone.pretrained_cfg.get("classifier", "fc")
     heads = head if isinstance(head, (list, tuple)) else (head,)
@@ -91,11 +99,32 @@ def _number(value: Any) -> bool:
 
 
 def _check_classifier(config: Mapping[str, Any], where: str) -> None:
+    if config.get("gate", "separate") not in ("shared", "separate"):
+        raise ModelError(f"{where}: gate must be 'shared' or 'separate'")
+    if is_shared_gate(dict(config)):
+        _check_gate(config, where)
     if config.get("pool", "avg") not in POOLS:
         raise ModelError(f"{where}: pool must be one of {', '.join(POOLS)}")
     drop = config.get("drop_rate", 0.0)
     if not _number(drop) or not 0.0 <= drop < 1.0:
         raise ModelError(f"{where}: drop_rate must be a number in [0, 1)")
+
+
+def _check_gate(config: Mapping[str, Any], where: str) -> None:
+    segmenter = config.get("segmenter")
+    if not isinstance(segmenter, dict) or not all(
+        isinstance(segmenter.get(k), str) and 0 < len(segmenter[k]) <= 200 for k in ("arch", "encoder")
+    ):
+        raise ModelError(f"{where}: a shared gate needs segmenter.arch and segmenter.encoder (network names)")
+    levels = config.get("levels", list(LEVELS))
+    if not isinstance(levels, list) or not 0 < len(levels) <= 5 or not all(type(v) is int and 0 < v <= 5 for v in levels):
+        raise ModelError(f"{where}: levels must be a list of encoder levels 1..5")
+    width = config.get("width", 32)
+    if type(width) is not int or not 0 < width <= 1024:
+        raise ModelError(f"{where}: width must be an integer in 1..1024")
+    sha = config.get("encoder_sha256")
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise ModelError(f"{where}: encoder_sha256 must be the 64-digit sha256 of the segmenter's encoder")
 
 
 def _classifier_datasets(
@@ -156,14 +185,16 @@ SPECS: dict[str, StageSpec] = {
     "cls": StageSpec(
         code="cls",
         noun="classifier",
-        build=build_classifier,
+        build=_build_classifier,
         backbone=_classifier_backbone,
         backbone_key="model",
         network_names=("model",),
         check_config=_check_classifier,
         defaults={
-            "network": {"model": "resnet34", "pool": "avg", "drop_rate": 0.0, "init_from": None},
-            "loss": {"bce": 1.0, "dice": 0.0, "focal": 0.0, "focal_gamma": 2.0, "mask": 1.0, "dice_per": "image"},
+            "network": {"model": "resnet34", "pool": "avg", "drop_rate": 0.0, "init_from": None, "gate": "auto",
+                        "shared_encoder": None},
+            "loss": {"bce": 1.0, "dice": 0.0, "focal": 0.0, "focal_gamma": 2.0, "mask": 1.0, "dice_per": "image",
+                     "distill": 1.0},
             "sampling": {"positive_share": None},
         },
         datasets=_classifier_datasets,
@@ -181,7 +212,8 @@ SPECS: dict[str, StageSpec] = {
         check_config=_no_check,
         defaults={
             "network": {"arch": "unet", "encoder": "resnet34"},
-            "loss": {"bce": 1.0, "dice": 1.0, "focal": 0.0, "focal_gamma": 2.0, "mask": 0.0, "dice_per": "batch"},
+            "loss": {"bce": 1.0, "dice": 1.0, "focal": 0.0, "focal_gamma": 2.0, "mask": 0.0, "dice_per": "batch",
+                     "distill": 0.0},
             "sampling": {"positive_share": "auto"},
         },
         datasets=_segmenter_datasets,

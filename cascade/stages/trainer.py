@@ -34,7 +34,8 @@ from cascade.data.preprocess import Preprocessing
 from cascade.stages.checkpoint import build_model
 from cascade.stages.classifier import Classifier
 from cascade.stages.config import positive_share, to_yaml
-from cascade.stages.losses import ComboLoss, MaskAuxLoss
+from cascade.stages.gate import LEVELS, WIDTH, SharedEncoderGate
+from cascade.stages.losses import ComboLoss, GateLoss, MaskAuxLoss
 from cascade.stages.sampling import PositiveShareSampler
 from cascade.stages.specs import stage_spec
 from cascade.stages.weights import set_backbone_trainable
@@ -115,7 +116,9 @@ def build_training_model(config: dict[str, Any]) -> nn.Module:
     """The network a run trains: the stage's network, plus the classifier's auxiliary mask head when
     ``loss.mask`` weighs it (the head is dropped from every saved stage folder, kept in ``state.pt``)."""
     model = build_model(network_config(config))
-    if config["loss"]["mask"] > 0:  # the configuration allows it for the classifier only
+    if isinstance(model, SharedEncoderGate):  # its segmenter's weights come from --init-from or state.pt
+        model.attached = True
+    elif config["loss"]["mask"] > 0:  # the configuration allows it for the classifier only
         model.add_mask_head()
     return model
 
@@ -123,6 +126,8 @@ def build_training_model(config: dict[str, Any]) -> nn.Module:
 def training_loss(config: dict[str, Any]) -> nn.Module:
     """The loss a run trains with: the combined loss, with the classifier's auxiliary mask term when weighted."""
     loss = ComboLoss.from_config(config["loss"])
+    if config["network"].get("gate") == "shared":
+        return GateLoss(loss, config["loss"]["distill"])
     if config["loss"]["mask"] > 0:
         return MaskAuxLoss(loss, config["loss"]["mask"])
     return loss
@@ -131,8 +136,13 @@ def training_loss(config: dict[str, Any]) -> nn.Module:
 def network_config(config: dict[str, Any]) -> dict[str, Any]:
     """What ``build_model`` needs to rebuild the run's network (``network.init_from`` only says where training
     started, so it stays in ``config.yaml``)."""
-    network = {k: v for k, v in config["network"].items() if k != "init_from"}
-    return {"stage": config["stage"], "in_chans": 1, **network}
+    network = config["network"]
+    if network.get("gate") == "shared":  # the segmenter's encoder and the head: no timm classifier keys
+        shared = network["shared_encoder"]
+        return {"stage": "cls", "in_chans": 1, "gate": "shared", "segmenter": {"arch": shared["arch"],
+                "encoder": shared["encoder"]}, "levels": list(LEVELS), "width": WIDTH, "encoder_sha256": shared["sha256"]}
+    kept = {k: v for k, v in network.items() if k not in ("init_from", "gate", "shared_encoder")}
+    return {"stage": config["stage"], "in_chans": 1, **kept}
 
 
 def stage_config(config: dict[str, Any], fingerprint: str, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:

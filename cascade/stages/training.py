@@ -46,7 +46,8 @@ from cascade.stages.trainer import (
     loader_workers,
     seed_everything,
 )
-from cascade.stages.weights import init_from_segmenter, init_source, load_pretrained
+from cascade.stages.gate import SharedEncoderGate
+from cascade.stages.weights import attach_segmenter_run, init_from_segmenter, load_pretrained, resolve_gate
 from cascade.storage import rundir
 
 
@@ -226,8 +227,8 @@ def build_trainer(
     init_from = config["network"].get("init_from")
     if init_from and pretrained:
         raise ConfigError(f"--init-from {init_from} and --pretrained {pretrained}: choose one starting point")
-    if init_from and not resume:
-        init_source(config)
+    if not resume:
+        config = resolve_gate(config)
     run = load_run_data(config, images, labels, progress and rt.main)
     config, recipe = apply_recipe(config, len(run.train))
     if rt.main and progress:
@@ -262,7 +263,9 @@ def start_weights(model: nn.Module, config: dict[str, Any], pretrained: str | No
     names (what was loaded is printed when ``report``, a warning about it when ``warn``); else as built."""
     if pretrained:
         load_pretrained(model, config, pretrained)
-    if config["network"].get("init_from"):
+    if isinstance(model, SharedEncoderGate):
+        done = attach_segmenter_run(model, config)
+    elif config["network"].get("init_from"):
         done = init_from_segmenter(model, config)
         if report:
             print(done.describe(), file=sys.stderr)

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from cascade.errors import ModelError
-from cascade.stages.checkpoint import CONFIG, WEIGHTS, load_weights_only, read_config
+from cascade.errors import ConfigError, ModelError
+from cascade.stages.checkpoint import CONFIG, WEIGHTS, load_stage, load_weights_only, read_config
+from cascade.stages.gate import SharedEncoderGate, encoder_sha256
 from cascade.stages.specs import SPECS, stage_spec
 from cascade.storage.fileio import input_file
 from cascade.storage.rundir import best_stage
@@ -197,8 +198,13 @@ class InitReport:
     left: tuple[str, ...]
     warning: str | None = None
     """Set when the segmenter never learned (:func:`untrained_warning`)."""
+    shared: bool = False
+    """A shared-encoder gate: the encoder is the segmenter's, frozen, and only the head trains."""
 
     def describe(self) -> str:
+        if self.shared:
+            return (f"--init-from {self.source}: shared-encoder gate: a new head reads the segmenter's encoder "
+                    f"({self.loaded} tensors, frozen) and learns from the labels and the segmenter's own maps")
         left = f"; also new (after the encoder's last stage): {', '.join(self.left)}" if self.left else ""
         return (
             f"--init-from {self.source}: {self.loaded} backbone tensors loaded from the segmenter's encoder, "
@@ -283,6 +289,47 @@ def init_from_segmenter(model: nn.Module, config: dict[str, Any]) -> InitReport:
     mapped, left = encoder_to_backbone(encoder_state, backbone, head, f"--init-from {stage_dir} ({names})")
     backbone.load_state_dict(mapped, strict=False)
     return InitReport(stage_dir, len(mapped), left, untrained_warning(read_config(stage_dir), stage_dir))
+
+
+def resolve_gate(config: dict[str, Any]) -> dict[str, Any]:
+    """A new classifier run's ``network.gate`` made concrete: ``auto`` → ``shared`` when ``--init-from`` names a
+    segmenter run, else ``separate``. A shared gate records the segmenter it reads (``network.shared_encoder``: arch,
+    encoder and the encoder's sha256), takes the segmenter's preprocessing (it reads the segmenter's input) and has no
+    auxiliary mask head (``loss.mask`` 0); a separate classifier ``--init-from`` must be the encoder's architecture
+    (:func:`init_source`)."""
+    network = config["network"]
+    gate = network["gate"]
+    if gate == "auto":
+        gate = "shared" if network.get("init_from") else "separate"
+    out = {**config, "network": {**network, "gate": gate}}
+    if gate == "separate":
+        if network.get("init_from"):
+            init_source(out)
+        return out
+    if not network.get("init_from"):
+        raise ConfigError("network.gate shared reads a segmenter's encoder: give --init-from SEG_RUN_DIR")
+    stage_dir = segmenter_stage_dir(network["init_from"])
+    seg, seg_config = load_stage(stage_dir)
+    if seg_config.get("stage") != "seg":
+        raise ModelError(f"--init-from {network['init_from']}: a {seg_config.get('stage')!r} run; --init-from needs a "
+                         "segmenter run (cascade train --stage seg)")
+    out["network"]["shared_encoder"] = {"arch": str(seg_config["arch"]), "encoder": str(seg_config["encoder"]),
+                                        "sha256": encoder_sha256(seg.encoder)}
+    out["preprocessing"] = dict(seg_config["preprocessing"])
+    out["loss"] = {**config["loss"], "mask": 0.0}
+    return out
+
+
+def attach_segmenter_run(gate: SharedEncoderGate, config: dict[str, Any]) -> InitReport:
+    """Load the ``--init-from`` segmenter into a new shared-encoder gate (checked against the encoder sha256 the run
+    recorded when it started)."""
+    stage_dir = segmenter_stage_dir(config["network"]["init_from"])
+    seg, seg_config = load_stage(stage_dir)
+    if encoder_sha256(seg.encoder) != config["network"]["shared_encoder"]["sha256"]:
+        raise ModelError(f"--init-from {stage_dir}: the segmenter changed since this run started")
+    gate.attach(seg)
+    return InitReport(stage_dir, len(seg.encoder.state_dict()), (), untrained_warning(seg_config, stage_dir),
+                      shared=True)
 
 
 UNTRAINED_DICE = 0.02

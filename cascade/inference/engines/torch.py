@@ -42,9 +42,28 @@ class TorchEngine(Engine):
         bf16 is slower than fp32 (:func:`cascade.common.devices.cpu_supports_bf16`)."""
         return "bf16" if device.type == "cuda" or cpu_supports_bf16() else "fp32"
 
-    def __call__(self, images: np.ndarray, tta: bool) -> np.ndarray:
+    def _inputs(self, images: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(images).to(self.runtime.device)
-        x = normalize(x, self.prep).unsqueeze(1).contiguous(memory_format=torch.channels_last)
+        return normalize(x, self.prep).unsqueeze(1).contiguous(memory_format=torch.channels_last)
+
+    def gate_with_features(self, images: np.ndarray) -> tuple[np.ndarray, list[torch.Tensor]]:
+        """A shared-encoder gate's probabilities ``[B]`` and the encoder's features it computed them from, kept for
+        :meth:`decode` (one member, no TTA: :class:`cascade.inference.pipeline._Stages` checks)."""
+        (gate,) = self.models
+        with torch.inference_mode(), autocast(self.runtime.device, self.runtime.precision):
+            features = gate.features(self._inputs(images))
+            probs = torch.sigmoid(gate.regions(features).flatten(1).amax(1).float())
+        return probs.cpu().numpy().astype(np.float32, copy=False), features
+
+    def decode(self, features: list[torch.Tensor]) -> np.ndarray:
+        """The segmenter's probability maps ``[B,S,S]`` from its encoder's features (the decoder and head only)."""
+        (segmenter,) = self.models
+        with torch.inference_mode(), autocast(self.runtime.device, self.runtime.precision):
+            logits = segmenter.segmentation_head(segmenter.decoder(features))
+            return torch.sigmoid(logits.float())[:, 0].cpu().numpy().astype(np.float32, copy=False)
+
+    def __call__(self, images: np.ndarray, tta: bool) -> np.ndarray:
+        x = self._inputs(images)
         with torch.inference_mode(), autocast(self.runtime.device, self.runtime.precision):
             total = sum(
                 mean_flip(lambda v, m=m: torch.sigmoid(m(v).float()), x, tta, lambda t: t.flip(-1))
