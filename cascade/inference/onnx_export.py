@@ -83,9 +83,10 @@ def export_onnx(
     target.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     results = []
-    for stage, dirs in (("classifier", info.classifiers), ("segmenter", info.segmenters)):
+    members = info.load()
+    for stage, dirs, loaded in zip(("classifier", "segmenter"), (info.classifiers, info.segmenters), members):
         prep = info.preprocessing[stage]
-        for directory, (model, _) in zip(dirs, info.load(stage)):
+        for directory, (model, _) in zip(dirs, loaded):
             wrapped = _WithPreprocessing(model, prep).eval()
             path = target / f"{directory.name}.onnx"
             dynamic_spatial = _export(wrapped, path, prep.size)

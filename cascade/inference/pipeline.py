@@ -482,8 +482,7 @@ class Cascade:
         if runtime.precision == "int8" or info.precision == "int8":
             graphs = (info.int8_graphs("classifier"), info.int8_graphs("segmenter"))
         model = cls(
-            info.load("classifier"),
-            info.load("segmenter"),
+            *info.load(),
             info.thresholds,
             tta=info.tta if tta is None else tta,
             metrics=info.metrics,

@@ -37,6 +37,7 @@ from cascade.data.preprocess import Preprocessing
 from cascade.data.splits import make_folds, read_groups, split_fingerprint
 from cascade.errors import CascadeError, ConfigError, from_worker
 from cascade.stages.config import apply_recipe
+from cascade.stages.gate import SharedEncoderGate
 from cascade.stages.specs import stage_spec
 from cascade.stages.trainer import (
     Runtime,
@@ -46,7 +47,6 @@ from cascade.stages.trainer import (
     loader_workers,
     seed_everything,
 )
-from cascade.stages.gate import SharedEncoderGate
 from cascade.stages.weights import attach_segmenter_run, init_from_segmenter, load_pretrained, resolve_gate
 from cascade.storage import rundir
 

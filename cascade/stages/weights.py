@@ -155,7 +155,7 @@ def load_pretrained(model: nn.Module, config: dict[str, Any], source: str) -> in
 def timm_name_of_encoder(encoder: str) -> str:
     """The timm architecture of an smp encoder: ``tu-NAME`` is timm ``NAME``; smp's own encoders keep their name
     (smp's ``resnet*``/``resnext*`` are torchvision ResNets, whose weight names equal timm's)."""
-    return encoder[3:] if encoder.startswith("tu-") else encoder
+    return encoder.removeprefix("tu-")
 
 
 def _base_name(model: str) -> str:
@@ -297,6 +297,8 @@ def resolve_gate(config: dict[str, Any]) -> dict[str, Any]:
     encoder and the encoder's sha256), takes the segmenter's preprocessing (it reads the segmenter's input) and has no
     auxiliary mask head (``loss.mask`` 0); a separate classifier ``--init-from`` must be the encoder's architecture
     (:func:`init_source`)."""
+    if config["stage"] != "cls":
+        return config
     network = config["network"]
     gate = network["gate"]
     if gate == "auto":

@@ -38,10 +38,10 @@ from typing import Any, Union
 from torch import nn
 
 from cascade import __version__
-
 from cascade.data.preprocess import Preprocessing
 from cascade.errors import CascadeError, ModelError
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, load_stage, read_config, save_stage, sha256_file, validate_config
+from cascade.stages.gate import attach_shared_gates
 from cascade.stages.specs import SPECS
 from cascade.storage import model_card
 from cascade.storage.fileio import (
@@ -94,11 +94,13 @@ class ModelDir:
     """The model's digest: :func:`weights_digest` of the sha256 of every member file recorded in ``cascade.json``
     (what every result names, :class:`ModelIdentity`, and the web service's ``weights_sha256``)."""
 
-    def load(self, stage: str) -> list[tuple[nn.Module, dict[str, Any]]]:
-        """The networks of ``stage`` (``"classifier"`` / ``"segmenter"``), each weight file read once: hashed and
-        loaded from the same bytes."""
-        dirs = self.classifiers if stage == "classifier" else self.segmenters
-        return [load_stage(d, config=self.configs[d], sha256=self.sha256[d]) for d in dirs]
+    def load(self) -> tuple[list[tuple[nn.Module, dict[str, Any]]], list[tuple[nn.Module, dict[str, Any]]]]:
+        """The networks of both stages (classifiers, segmenters), each weight file read once: hashed and loaded from
+        the same bytes; a shared-encoder gate is attached to the segmenter it was trained on."""
+        stages = tuple([load_stage(d, config=self.configs[d], sha256=self.sha256[d]) for d in dirs]
+                       for dirs in (self.classifiers, self.segmenters))
+        attach_shared_gates(*stages)
+        return stages
 
     def int8_graphs(self, stage: str) -> list[bytes]:
         """The int8 ONNX graphs of ``stage``'s members, each checked against its recorded sha256 on the bytes

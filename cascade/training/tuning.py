@@ -49,6 +49,7 @@ from cascade.inference.pipeline import ImageProbabilities, check_batch_size, nat
 from cascade.inference.quantize import int8_members
 from cascade.inference.runtime import Runtime
 from cascade.stages.checkpoint import CONFIG, WEIGHTS, load_stage, read_config, sha256_file
+from cascade.stages.gate import attach_shared_gates
 from cascade.stages.specs import SPECS
 from cascade.storage.fileio import atomic_write_json, pending
 from cascade.storage.modeldir import REPORT_DIR, check_replaceable, write_model_dir
@@ -429,6 +430,7 @@ def _search_folds(
     for (cls, seg), paths in zip(pairs, fold_paths):
         before = len(search)
         members = ([load_stage(cls.best)], [load_stage(seg.best)])
+        attach_shared_gates(*members)
         graphs = None
         if runtime.precision == "int8":
             graphs = (int8_members(members[0], paths, runtime.cache_dir),
