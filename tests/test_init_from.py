@@ -173,7 +173,7 @@ def test_cli_classifier_with_a_frozen_backbone_keeps_the_encoder_weights(
     """Frozen for its only epoch, the classifier's backbone parameters are the segmenter's encoder's, bit for bit
     (BatchNorm running statistics follow the data, so buffers are not compared); the head has learnt."""
     out = tmp_path / "cls"
-    flags = ["--epochs", "1", "--init-from", str(trained_seg), "--freeze-backbone-epochs", "1"]
+    flags = ["--epochs", "1", "--init-from", str(trained_seg), "--gate", "separate", "--freeze-backbone-epochs", "1"]
     assert train(synth, out, "cls", *flags) == 0
     seg, cls = _weights(trained_seg / "best"), _weights(out / "last")
     model = build_model({"stage": "cls", "in_chans": 1, "model": "test_resnet"})
@@ -192,7 +192,7 @@ def test_resume_across_the_unfreeze_epoch_is_bit_exact(
 ) -> None:
     from cascade.stages.trainer import Trainer
 
-    flags = ["--epochs", "3", "--init-from", str(trained_seg), "--freeze-backbone-epochs", "1"]
+    flags = ["--epochs", "3", "--init-from", str(trained_seg), "--gate", "separate", "--freeze-backbone-epochs", "1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert train(synth, straight, "cls", *flags) == 0
     save_checkpoint = Trainer.save_checkpoint
@@ -214,7 +214,7 @@ def test_resume_across_the_unfreeze_epoch_is_bit_exact(
 
 def test_cli_refusals(synth: Path, trained_seg: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cls"
-    assert train(synth, out, "cls", "--init-from", str(trained_seg), "--encoder", "resnet18") == 2
+    assert train(synth, out, "cls", "--init-from", str(trained_seg), "--gate", "separate", "--encoder", "resnet18") == 2
     assert "the classifier is 'resnet18'" in capsys.readouterr().err
     assert train(synth, out, "cls", "--init-from", str(trained_seg), "--pretrained", "x.safetensors") == 2
     assert "choose one starting point" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from typing import Any
 
 from cascade.cli.argtypes import non_negative_int, positive_float, positive_int
 from cascade.errors import ConfigError
+from cascade.stages import GATES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -62,8 +63,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--init-from", metavar="RUN_DIR",
-        help="cls: start the backbone from this segmenter run's encoder (its best/), which must be the same timm "
-        "architecture: seg encoder tu-NAME (or smp's resnetN) for classifier --encoder NAME; sets network.init_from",
+        help="cls: build the gate from this segmenter run (its best/): by default a shared-encoder gate, a small head "
+        "on the segmenter's own frozen encoder that learns from the labels and the segmenter's maps (the encoder "
+        "then runs once per image at inference; docs/gate.md); with --gate separate, a timm classifier whose backbone "
+        "starts from the encoder (same architecture: seg encoder tu-NAME or smp's resnetN for --encoder NAME). "
+        "Sets network.init_from",
+    )
+    p.add_argument(
+        "--gate", choices=GATES,
+        help="cls: which gate (network.gate): shared (a head on the --init-from segmenter's encoder), separate (a "
+        "timm classifier with its own backbone), auto (default: shared with --init-from, else separate)",
     )
     p.add_argument(
         "--freeze-backbone-epochs", type=non_negative_int, metavar="N",
@@ -104,6 +113,9 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         if args.stage != "cls":
             raise ConfigError("--init-from applies to the classifier (--stage cls): it starts from a segmenter run")
         put("network", "init_from", str(Path(args.init_from).expanduser().resolve()))
+    if args.gate is not None and args.stage != "cls":
+        raise ConfigError("--gate applies to the classifier (--stage cls)")
+    put("network", "gate", args.gate)
     put("optim", "freeze_backbone_epochs", args.freeze_backbone_epochs)
     put("preprocessing", "size", args.image_size)
     put("optim", "epochs", args.epochs)

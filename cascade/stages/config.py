@@ -26,7 +26,7 @@ from cascade.common.devices import is_device_name
 from cascade.configs import shipped_config
 from cascade.data.augment import LEVELS as AUGMENT_LEVELS
 from cascade.errors import ConfigError
-from cascade.stages.gate import GATES
+from cascade.stages import GATES
 from cascade.stages.segmenter import ARCHS
 from cascade.stages.specs import SPECS
 from cascade.storage.fileio import input_file, path_kind

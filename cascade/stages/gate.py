@@ -27,12 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cascade.errors import ModelError
+from cascade.stages import GATES
 from cascade.stages.segmenter import build_segmenter
 
-GATES = ("auto", "shared", "separate")
-"""``network.gate`` of a classifier run: ``shared`` (this module: a head on the segmenter's encoder, trained from an
-``--init-from`` segmenter run), ``separate`` (a timm classifier with its own backbone) or ``auto`` (shared when
-``--init-from`` names a segmenter run, else separate)."""
 LEVELS = (3, 4, 5)
 """The encoder feature levels the head reads (smp's features list: level k is 1/2^k of the input side)."""
 WIDTH = 32
@@ -42,6 +39,10 @@ WIDTH = 32
 def is_shared_gate(config: dict[str, Any]) -> bool:
     """Whether a classifier ``config.json`` (or a run's network section) describes a shared-encoder gate."""
     return config.get("gate") == "shared"
+
+
+__all__ = ["GATES", "LEVELS", "WIDTH", "GateHead", "SharedEncoderGate", "attach_shared_gates", "build_gate",
+           "encoder_sha256", "is_shared_gate"]
 
 
 def encoder_sha256(encoder: nn.Module) -> str:

@@ -31,8 +31,12 @@ KNOWN_LIMITS = (
 
 def _network(config: Mapping[str, Any]) -> str:
     network = config.get("network", config)
+    if config.get("stage") == "cls" and network.get("gate") == "shared":
+        seg = network.get("segmenter", {})
+        return (f"shared-encoder gate: a head on the segmenter's encoder `{seg.get('encoder', '?')}` "
+                f"(sha256 `{str(network.get('encoder_sha256', '?'))[:12]}…`, stored once, in the segmenter)")
     if config.get("stage") == "cls":
-        return f"timm `{network.get('model', '?')}`"
+        return f"timm `{network.get('model', '?')}` (separate classifier)"
     return f"smp `{network.get('arch', '?')}` with encoder `{network.get('encoder', '?')}`"
 
 
