@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +152,45 @@ def test_gate_shared_without_a_segmenter_run_is_refused(synth: Path, tmp_path: P
     assert train(synth, tmp_path / "g", "seg", "--gate", "shared") == 2
     assert "--gate applies to the classifier" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
+
+
+def test_serve_and_listen_answer_as_the_library_with_a_shared_gate(
+    model_dir: Path, shared_data: Path, tmp_path: Path
+) -> None:
+    """The web service and the DICOM node load a shared-gate folder and answer exactly as ``Cascade.predict``."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from fastapi.testclient import TestClient
+    from listen_helpers import store, wait_findings
+
+    from cascade import Cascade
+    from cascade.apps.listen import Node
+    from cascade.apps.serve import create_app
+    from cascade.data.rle import rle_decode
+    from cascade.inference.runtime import Runtime
+
+    samples = sorted((shared_data / "siim" / "sample-images").glob("*.dcm"))[:4]
+    runtime = Runtime.resolve("cpu", "fp32", "torch")
+    library = Cascade.from_pretrained(model_dir, runtime=runtime)
+    expected = {p.stem: library.predict(p) for p in samples}
+    with TestClient(create_app(model_dir, runtime=runtime, batch_window_ms=0, max_batch=1)) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/healthz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        member = client.get("/v1/model").json()["stages"]["classifier"]["members"][0]
+        assert member["gate"] == "shared" and len(member["shared_encoder_sha256"]) == 64
+        for path in samples:
+            answer = client.post("/v1/predict", content=path.read_bytes(),
+                                 headers={"content-type": "application/dicom"}).json()
+            assert answer["probability"] == expected[path.stem].probability
+            assert answer["rle"] == expected[path.stem].rle
+    node = Node(Cascade.from_pretrained(model_dir, runtime=runtime), tmp_path / "node", port=0)
+    node.start()
+    try:
+        assert store(node.address[1], samples) == [0] * len(samples)
+        rows = wait_findings(tmp_path / "node", len(samples))
+    finally:
+        node.stop()
+    for row in rows:
+        assert abs(float(row["probability"]) - expected[row["ImageId"]].probability) < 1e-6, row
+        mask = expected[row["ImageId"]].mask  # the node batches what arrives together: float rounding at the edge
+        assert (rle_decode(row["EncodedPixels"], *mask.shape) != mask).sum() <= 1e-4 * mask.size

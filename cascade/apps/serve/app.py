@@ -374,7 +374,9 @@ def model_info(model_dir: Path) -> dict[str, Any]:
         members = []
         for member in dirs:
             config = folder.configs[member]
-            network = {k: config[k] for k in ("model", "arch", "encoder", "in_chans") if k in config}
+            network = {k: config[k] for k in ("model", "arch", "encoder", "in_chans", "gate") if k in config}
+            if config.get("gate") == "shared":  # a head on the segmenter's encoder, named by its sha256
+                network["shared_encoder_sha256"] = config["encoder_sha256"]
             members.append({"folder": member.name, **network, "sha256": folder.sha256[member]})
         stages[stage] = {"input_size": folder.preprocessing[stage].size, "members": members}
     validation = folder.metrics.get("validation", {})
