@@ -7,14 +7,17 @@ For each seed, exactly as the README's workflow runs it (each step a ``python -m
 
 1. ``cascade synth --difficulty realistic --mask-bank siim-train-rle.csv.gz``: ``--images`` training images and
    ``--test-images`` held-out ones (22% positive, real SIIM lesion shapes);
-2. ``cascade train --stage seg`` then ``--stage cls --init-from`` the segmenter, with no ``--config``: the defaults'
-   recipe (``auto`` learning rate, batch and positive share; the classifier's auxiliary mask loss). Each stage
-   trains ``--epochs E``, E converted from ``--seg-images N`` / ``--cls-images M`` by the epoch length the recipe
-   gives: the segmenter's epoch is every training positive plus ``round(P·(1−s)/s)`` negatives at positive share
-   ``s`` (the small recipe's 0.5: twice the positives), the classifier's every training image
+2. ``cascade train --stage seg``, then per gate variant (``--gates``) ``--stage cls``, with no ``--config``: the
+   defaults' recipe (``auto`` learning rate, batch and positive share). The variants: ``shared`` (``--init-from``
+   the segmenter and no other flag: the shared-encoder gate), ``separate-init`` (``--gate separate --init-from``: a
+   timm classifier whose backbone starts as the encoder) and ``separate-scratch`` (``--gate separate``: random
+   weights). Each stage trains ``--epochs E``, E converted from ``--seg-images N`` / ``--cls-images M`` by the epoch
+   length the recipe gives: the segmenter's epoch is every training positive plus ``round(P·(1−s)/s)`` negatives at
+   positive share ``s`` (the small recipe's 0.5: twice the positives), the classifier's every training image
    (:func:`epoch_lengths` computes the run's own split and recipe, as ``cascade train`` will);
 3. ``cascade tune`` (best mean Dice on the validation fold), then the held-out set predicted twice — with the tuned
-   gate and with the gate open (``cls`` 0, the segmenter on every image) — and scored;
+   gate and with the gate open (``cls`` 0, the segmenter on every image) — each timed (``speedup``: gate-open
+   seconds ÷ gated seconds, decoding included, at the held-out set's 22% prevalence) and scored;
 4. the plain baseline (benchmarks/plain_baseline.py): the same U-Net, encoder, random start, images, input size and
    images seen, trained by a ~100-line PyTorch loop and scored with a plain rule (probability 0.5 plus a minimum
    area chosen on the validation fold: not cascade's tuned rule).
@@ -30,9 +33,11 @@ Per seed it prints the held-out mean Dice beside the all-empty baseline (the sha
 gate-open Dice, the validation and held-out classifier AUC, the share of held-out negatives the gate keeps from the
 segmenter, the images each stage saw and the machine's training throughput (images/s of each run's wall time,
 validation and start-up included: images seen ÷ images/s is the time it took), and the plain baseline's row.
-Issue 10's targets: Dice >= baseline + 0.06 on every seed, AUC >= 0.85, the gate skipping >= 50% of negatives at
-<= 0.005 Dice below gate-open.
+Issue 24's targets (256², 6,400 segmenter images): Dice >= all-empty + 0.05 on every seed, gate AUC >= 0.80, the
+gate skipping >= 50% of held-out negatives at <= 0.005 Dice below gate-open, >= 1.5x faster than gate-open.
 
+    python benchmarks/small_data.py --seeds 1 2 3 --image-size 256 --encoder resnet18 --seg-images 6400 \
+        --cls-images 4800                                                  # issue 24's benchmark
     python benchmarks/small_data.py --seeds 1 2 3                          # 600 + 200 images; 6,000 + 3,000 seen
     python benchmarks/small_data.py --seeds 1 --seg-images 20000 --cls-images 6000
     python benchmarks/small_data.py --quick                                 # checks the script in about a minute
@@ -190,39 +195,57 @@ def plain(work: Path, data: Path, test: Path, seg_run: Path, seed: int, images: 
     return cached(work / f"plain-{key}", args.fresh, make)
 
 
-def one_seed(work: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Synthesize, train both stages, tune and score the held-out set, and the plain baseline, for one seed."""
-    from cascade.apps.demo import gate_comparison
+GATES = {
+    "shared": ["--init-from", "{seg}"],
+    "separate-init": ["--init-from", "{seg}", "--gate", "separate"],
+    "separate-scratch": ["--gate", "separate"],
+}
+"""The gate variants compared (``--gates``): the shared-encoder gate (what ``--init-from`` makes with no other flag),
+a separate timm classifier started from the segmenter's encoder, and one from scratch (random weights)."""
 
+
+def one_seed(work: Path, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Synthesize, train the segmenter, then per gate variant train the gate, tune and score the held-out set (gated
+    and gate-open, each timed); the plain baseline; one row per variant."""
     data, test = synthesize(work, seed, args)
     labels_sha = file_digest(data / "train-rle.csv")
     seg, seg_record = train_stage("seg", work, data, seed, args.seg_images, args, [], [labels_sha])
-    cls, cls_record = train_stage("cls", work, data, seed, args.cls_images, args, ["--init-from", str(seg)],
-                                  [labels_sha, seg_record["key"]])
+    baseline = plain(work, data, test, seg, seed, args.seg_images, args, labels_sha)
+    rows = []
+    for gate in args.gates:
+        extra = [flag.format(seg=seg) for flag in GATES[gate]]
+        cls, cls_record = train_stage("cls", work, data, seed, args.cls_images, args, extra,
+                                      [labels_sha, seg_record["key"], gate])
+        rows.append({"seed": seed, "gate": gate, **score_variant(work, cls, cls_record, seg, test, args),
+                     "seg_dice_pos": _best_dice_on_positives(seg),
+                     "seg_images": seg_record["images_seen"], "cls_images": cls_record["images_seen"],
+                     "seg_images_per_s": seg_record["images_seen"] / seg_record["seconds"],
+                     "cls_images_per_s": cls_record["images_seen"] / cls_record["seconds"],
+                     "plain_mean_dice": baseline["mean_dice"], "plain_images": baseline["images_seen"],
+                     "plain_images_per_s": baseline["images_per_second"]})
+    return rows
+
+
+def score_variant(work: Path, cls: Path, cls_record: dict[str, Any], seg: Path, test: Path,
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """``cascade tune`` on the validation fold, then the held-out set predicted with the tuned gate and gate-open."""
+    from cascade.apps.demo import gate_comparison
+
     scored = work / f"scored-{cls_record['key']}"
     shutil.rmtree(scored, ignore_errors=True)
     cascade("tune", "--cls", str(cls), "--seg", str(seg), "--out", str(scored / "model"), "--quiet")
     validation = json.loads((scored / "model" / "cascade.json").read_text())["metrics"]["validation"]
     gate = gate_comparison(scored / "model", test / "dicom-images-train", test / "train-rle.csv", args.synth_size,
                            scored / "gate")
-    baseline = plain(work, data, test, seg, seed, args.seg_images, args, labels_sha)
     return {
-        "seed": seed,
         "mean_dice": gate["gate"]["mean_dice"],
         "baseline": gate["gate"]["baseline_empty"],
         "open_dice": gate["open"]["mean_dice"],
         "val_auc": validation["classifier_auc"],
         "test_auc": gate["gate"]["classifier_auc"],
         "skipped_negatives": gate["gate"]["skipped_negatives"],
+        "speedup": gate["open"]["seconds"] / gate["gate"]["seconds"],
         "gate_open": validation.get("gate_open") or "",
-        "seg_dice_pos": _best_dice_on_positives(seg),
-        "seg_images": seg_record["images_seen"],
-        "cls_images": cls_record["images_seen"],
-        "seg_images_per_s": seg_record["images_seen"] / seg_record["seconds"],
-        "cls_images_per_s": cls_record["images_seen"] / cls_record["seconds"],
-        "plain_mean_dice": baseline["mean_dice"],
-        "plain_images": baseline["images_seen"],
-        "plain_images_per_s": baseline["images_per_second"],
     }
 
 
@@ -234,8 +257,8 @@ def _best_dice_on_positives(run: Path) -> float:
     return float(read_config(best_stage(run))["metrics"]["val_dice_pos"])
 
 
-COLUMNS = ("seed", "mean_dice", "baseline", "open_dice", "val_auc", "test_auc", "skipped_negatives", "seg_dice_pos",
-           "seg_images", "cls_images", "seg_images_per_s", "cls_images_per_s")
+COLUMNS = ("seed", "gate", "mean_dice", "baseline", "open_dice", "val_auc", "test_auc", "skipped_negatives", "speedup",
+           "seg_dice_pos", "seg_images", "cls_images", "seg_images_per_s", "cls_images_per_s")
 PLAIN = ("plain_mean_dice", "plain_images", "plain_images_per_s")
 
 
@@ -255,6 +278,8 @@ def main() -> None:
                         help="images the segmenter sees (converted to epochs by the recipe's epoch length)")
     parser.add_argument("--cls-images", type=int, default=3000, metavar="M",
                         help="images the classifier sees (its epoch: every training image)")
+    parser.add_argument("--gates", nargs="+", choices=tuple(GATES), default=list(GATES),
+                        help="gate variants to train and compare on each seed's segmenter (default: all)")
     parser.add_argument("--mask-bank", type=Path, default=MASK_BANK, help="SIIM label file for lesion shapes")
     parser.add_argument("--work", type=Path, default=None,
                         help=f"cache of runs, reused across invocations (default {DEFAULT_WORK}; --quick: a temporary "
@@ -274,25 +299,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cascade-small-data-") as tmp:
         work = args.work or (Path(tmp) if args.quick else DEFAULT_WORK)
         for seed in args.seeds:
-            rows.append(one_seed(work, seed, args))
-            row = rows[-1]
-            print("  ".join(f"{k} {_cell(row[k])}" for k in COLUMNS), flush=True)
+            rows += one_seed(work, seed, args)
+            for row in rows[-len(args.gates):]:
+                print("  ".join(f"{k} {_cell(row[k])}" for k in COLUMNS), flush=True)
+                if row["gate_open"]:
+                    print(f"  tune: {row['gate_open']}", flush=True)
             print(f"  plain baseline: mean_dice {row['plain_mean_dice']:.4f}  images {row['plain_images']}  "
                   f"images_per_s {row['plain_images_per_s']:.2f}", flush=True)
-            if row["gate_open"]:
-                print(f"  tune: {row['gate_open']}", flush=True)
     print("\n| run | " + " | ".join(COLUMNS) + " | Dice − baseline | gate − open |")
     print("|" + "---|" * (len(COLUMNS) + 3))
-    for row in rows:
+    for i, row in enumerate(rows):
         print("| cascade | " + " | ".join(_cell(row[c]) for c in COLUMNS) + f" | {row['mean_dice'] - row['baseline']:+.4f} | "
               f"{row['mean_dice'] - row['open_dice']:+.4f} |")
-        plain_cells = {"seed": row["seed"], "mean_dice": row["plain_mean_dice"], "baseline": row["baseline"],
+        plain_cells = {"seed": row["seed"], "gate": "–", "mean_dice": row["plain_mean_dice"], "baseline": row["baseline"],
                        "seg_images": row["plain_images"], "seg_images_per_s": row["plain_images_per_s"]}
+        if i + 1 < len(rows) and rows[i + 1]["seed"] == row["seed"]:
+            continue  # the plain loop once per seed, after its variants
         print("| plain loop | " + " | ".join(_cell(plain_cells[c]) if c in plain_cells else "–" for c in COLUMNS)
               + f" | {row['plain_mean_dice'] - row['baseline']:+.4f} | – |")
-    figures = {f"seed {row['seed']} {c}": row[c] for row in rows for c in COLUMNS
-               if c not in ("seed", "baseline", "open_dice")}
-    baselines = {f"seed {row['seed']} {c}": row[c] for row in rows for c in ("baseline", "open_dice", *PLAIN)}
+    figures = {f"seed {row['seed']} {row['gate']} {c}": row[c] for row in rows for c in COLUMNS
+               if c not in ("seed", "gate", "baseline", "open_dice")}
+    baselines = {f"seed {row['seed']} {row['gate']} {c}": row[c] for row in rows
+                 for c in ("baseline", "open_dice", *PLAIN)}
     write_result("small_data", figures, baselines, args)
 
 
