@@ -17,8 +17,10 @@ def test_quick_demo_writes_a_complete_report(tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
     for command in ("synth", "train --stage seg", "train --stage cls", "tune", "predict", "evaluate"):
         assert f"$ cascade {command}" in printed
-    assert "--init-from" in printed  # the classifier starts from the segmenter, as the README recommends
+    assert "--init-from" in printed  # the gate comes from the segmenter, as the README recommends
     report = (out / "report.md").read_text(encoding="utf-8")
+    assert "The gate: a shared-encoder gate" in report  # what --init-from makes with no other flag
+    assert json.loads((out / "model" / "classifier" / "config.json").read_text())["gate"] == "shared"
     assert "all-empty baseline" in report and "mean Dice" in report
     evaluation = json.loads((out / "evaluation" / "evaluate.json").read_text())
     assert f"| mean Dice (challenge metric) | **{evaluation['mean_dice']:.4f}** | {evaluation['baseline_empty']:.4f} |" \

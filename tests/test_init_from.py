@@ -226,11 +226,12 @@ def test_cli_refusals(synth: Path, trained_seg: Path, tmp_path: Path, capsys: py
 
 
 @pytest.mark.slow
-def test_on_realistic_data_the_initialised_classifier_beats_one_from_scratch(tmp_path: Path) -> None:
-    """benchmarks/classifier_init.py in small: same data, epochs and seed; only ``network.init_from`` differs.
-    Films made at the networks' 128² (synthesis 5 s instead of minutes). Measured on a 2-core native-bf16 EPYC (the
-    tiny configurations train in fp32): scratch's best epoch 0.543, the initialised one 0.819 (seg 147 s, each
-    classifier about 26 s, two threads)."""
+def test_on_realistic_data_the_gates_from_the_segmenter_beat_one_from_scratch(tmp_path: Path) -> None:
+    """benchmarks/classifier_init.py in small: same data, epochs and seed; only the gate differs: a separate
+    classifier from scratch, one ``--init-from`` (``gate: separate``) and the shared-encoder gate (``--init-from``'s
+    default). Films made at the networks' 128² (synthesis 5 s instead of minutes). Measured on a 2-core native-bf16
+    EPYC (the tiny configurations train in fp32): best epochs scratch 0.543, separate ``--init-from`` 0.819 (seg
+    147 s, each classifier about 26 s, two threads); the shared gate: see the assertion's message when it fails."""
     from cascade.data.synth import generate
     from cascade.stages import config as cfg
     from cascade.stages import training
@@ -244,11 +245,14 @@ def test_on_realistic_data_the_initialised_classifier_beats_one_from_scratch(tmp
     seg_config = cfg.resolve("seg", CONFIGS / "tiny-seg.yaml", {**common, "optim": {"epochs": 12, "batch_size": 16}})
     training.train(seg_config, images, labels, seg, progress=False)
     auc = {}
-    for name, network in (("scratch", {}), ("init", {"init_from": str(seg)})):
+    variants = (("scratch", {"gate": "separate"}), ("init", {"init_from": str(seg), "gate": "separate"}),
+                ("shared", {"init_from": str(seg)}))
+    for name, network in variants:
         config = cfg.resolve("cls", CONFIGS / "tiny-cls-from-seg.yaml", {**common, "network": network})
         training.train(config, images, labels, tmp_path / name, progress=False)
         auc[name] = max(float(r["val_auc"]) for r in _metrics(tmp_path / name))
     assert auc["init"] >= auc["scratch"] + 0.1, auc  # the margin the segmenter's encoder buys, whatever scratch does
+    assert auc["shared"] >= auc["scratch"] + 0.1, auc
 
 
 def test_a_run_saved_before_these_keys_existed_still_resumes(tmp_path: Path) -> None:
