@@ -156,3 +156,38 @@ def assert_refused_when_damaged(model_dir: Path, tmp_path: Path, damage: Any, me
     with pytest.raises(ModelError, match=message) as err:
         Cascade.from_pretrained(copy, device="cpu")
     assert "\n" not in str(err.value)
+
+
+def tiny_synth(out: Path, seed: int) -> Path:
+    """48 easy synthetic 64² films, half positive (the tiny configurations' data)."""
+    from cascade.data.synth import generate
+
+    generate(out, images=48, positive_fraction=0.5, size=64, seed=seed, progress=False)
+    return out
+
+
+def cli_train(synth: Path, out: Path, stage: str, *extra: str) -> int:
+    """``cascade train`` of ``stage`` on ``synth`` with the shipped tiny configuration (quiet, cache beside it)."""
+    from cascade.cli.main import main
+
+    return main([
+        "train", "--stage", stage, "--images", str(synth / "dicom-images-train"), "--labels",
+        str(synth / "train-rle.csv"), "--out", str(out), "--config", str(REPO / "cascade" / "configs" /
+                                                                         f"tiny-{stage}.yaml"),
+        "--cache-dir", str(synth.parent / f"{synth.name}-cache"), "--quiet", *extra,
+    ])
+
+
+def killed_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
+    """Make every training run stop as Ctrl-C would, right after ``epoch``'s checkpoint is written (``undo`` to
+    restore)."""
+    from cascade.stages.trainer import Trainer
+
+    save_checkpoint = Trainer.save_checkpoint
+
+    def save_then_stop(self: Trainer, row: dict, improved: bool) -> None:
+        save_checkpoint(self, row, improved)
+        if row["epoch"] == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_stop)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cli_train, tiny_synth
 from safetensors.torch import load_file
 
 from cascade.cli.main import main
@@ -23,19 +24,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cascade.data.synth import generate
-
-    out = tmp_path_factory.mktemp("synth")
-    generate(out, images=48, positive_fraction=0.5, size=64, seed=5, progress=False)
-    return out
+    return tiny_synth(tmp_path_factory.mktemp("synth"), seed=5)
 
 
-def train(synth: Path, out: Path, stage: str, *extra: str) -> int:
-    return main([
-        "train", "--stage", stage, "--images", str(synth / "dicom-images-train"), "--labels",
-        str(synth / "train-rle.csv"), "--out", str(out), "--config", str(CONFIGS / f"tiny-{stage}.yaml"),
-        "--cache-dir", str(synth.parent / f"{synth.name}-cache"), "--quiet", *extra,
-    ])
+train = cli_train
 
 
 @pytest.fixture(scope="module")
@@ -120,29 +112,6 @@ def test_the_model_card_and_export_name_the_shared_gate(model_dir: Path, tmp_pat
     exported = json.loads((tmp_path / "onnx" / "export.json").read_text())
     assert {m["file"] for m in exported["members"]} == {"classifier.onnx", "segmenter.onnx"}
     assert all(m["max_abs_diff"] <= 1e-4 for m in exported["members"])
-
-
-def test_a_gate_run_resumes_bit_exact(synth: Path, runs: tuple[Path, Path, Path], tmp_path: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from cascade.stages.trainer import Trainer
-
-    seg = runs[0]
-    flags = ["--epochs", "2", "--init-from", str(seg)]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert train(synth, straight, "cls", *flags) == 0
-    save_checkpoint = Trainer.save_checkpoint
-
-    def killed_after_epoch_1(self: Trainer, row: dict, improved: bool) -> None:
-        save_checkpoint(self, row, improved)
-        if row["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", killed_after_epoch_1)
-    assert train(synth, killed, "cls", *flags) == 130
-    monkeypatch.undo()
-    assert train(synth, killed, "cls", *flags, "--resume") == 0
-    a, b = load_file(str(straight / "last" / "model.safetensors")), load_file(str(killed / "last" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_gate_shared_without_a_segmenter_run_is_refused(synth: Path, tmp_path: Path,

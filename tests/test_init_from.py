@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_train, killed_after_epoch, tiny_synth
 from safetensors.torch import load_file, save_file
 
-from cascade.cli.main import main
 from cascade.errors import ModelError
 from cascade.stages.checkpoint import build_model, save_stage
 from cascade.stages.weights import init_from_segmenter, set_backbone_trainable
@@ -135,20 +135,11 @@ def test_freezing_touches_the_backbone_parameters_only() -> None:
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    from cascade.data.synth import generate
-
-    out = tmp_path_factory.mktemp("synth")
-    generate(out, images=48, positive_fraction=0.5, size=64, seed=3, progress=False)
-    return out
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_synth(tmp_path_factory.mktemp("synth"), seed=3)
 
 
-def train(synth: Path, out: Path, stage: str, *extra: str) -> int:
-    return main([
-        "train", "--stage", stage, "--images", str(synth / "dicom-images-train"), "--labels",
-        str(synth / "train-rle.csv"), "--out", str(out), "--config", str(CONFIGS / f"tiny-{stage}.yaml"),
-        "--cache-dir", str(synth.parent / f"{synth.name}-cache"), "--quiet", *extra,
-    ])
+train = cli_train
 
 
 @pytest.fixture(scope="module")
@@ -187,22 +178,15 @@ def test_cli_classifier_with_a_frozen_backbone_keeps_the_encoder_weights(
     assert "init_from" not in (out / "best" / "config.json").read_text()
 
 
-def test_resume_across_the_unfreeze_epoch_is_bit_exact(
-    synth: Path, trained_seg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("gate", [["--gate", "separate", "--freeze-backbone-epochs", "1"], []],
+                         ids=["separate-across-the-unfreeze-epoch", "shared-encoder-gate"])
+def test_resume_is_bit_exact(
+    synth: Path, trained_seg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gate: list[str]
 ) -> None:
-    from cascade.stages.trainer import Trainer
-
-    flags = ["--epochs", "3", "--init-from", str(trained_seg), "--gate", "separate", "--freeze-backbone-epochs", "1"]
+    flags = ["--epochs", "3", "--init-from", str(trained_seg), *gate]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert train(synth, straight, "cls", *flags) == 0
-    save_checkpoint = Trainer.save_checkpoint
-
-    def killed_after_epoch_1(self: Trainer, row: dict, improved: bool) -> None:
-        save_checkpoint(self, row, improved)
-        if row["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", killed_after_epoch_1)
+    killed_after_epoch(monkeypatch, 1)
     assert train(synth, killed, "cls", *flags) == 130
     monkeypatch.undo()
     assert train(synth, killed, "cls", *flags, "--resume") == 0

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import killed_after_epoch
 
 from cascade.cli.main import main
 from cascade.data.splits import read_split_csv
 from cascade.stages.checkpoint import load_stage
-from cascade.stages.trainer import Trainer, build_training_model
+from cascade.stages.trainer import build_training_model
 from cascade.storage.rundir import STATE_FILE
 
 CONFIGS = Path(__file__).resolve().parents[1] / "cascade" / "configs"
@@ -108,14 +109,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run_bit_exactly(
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert train(synth, straight, "seg", *flags, config=with_ema) == 0
 
-    save_checkpoint = Trainer.save_checkpoint
-
-    def killed_after_epoch_2(self: Trainer, row: dict, improved: bool) -> None:
-        save_checkpoint(self, row, improved)
-        if row["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", killed_after_epoch_2)
+    killed_after_epoch(monkeypatch, 2)
     assert train(synth, killed, "seg", *flags, config=with_ema) == 130
     monkeypatch.undo()
     assert len(metrics(killed)) == 2
@@ -160,13 +154,7 @@ def test_resume_with_the_run_folder_alone_reads_everything_else_from_the_run(
     synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    save_checkpoint = Trainer.save_checkpoint
-
-    def killed_after_epoch_1(self: Trainer, row: dict, improved: bool) -> None:
-        save_checkpoint(self, row, improved)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", killed_after_epoch_1)
+    killed_after_epoch(monkeypatch, 1)
     assert train(synth, run, "seg", "--epochs", "2", "--workers", "0") == 130
     monkeypatch.undo()
     capsys.readouterr()
