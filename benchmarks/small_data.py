@@ -210,7 +210,9 @@ def one_seed(work: Path, seed: int, args: argparse.Namespace) -> list[dict[str, 
     data, test = synthesize(work, seed, args)
     labels_sha = file_digest(data / "train-rle.csv")
     seg, seg_record = train_stage("seg", work, data, seed, args.seg_images, args, [], [labels_sha])
-    baseline = plain(work, data, test, seg, seed, args.seg_images, args, labels_sha)
+    nan = {"mean_dice": math.nan, "images_seen": 0, "images_per_second": math.nan}
+    run_plain = args.plain_seeds is None or seed in args.plain_seeds
+    baseline = plain(work, data, test, seg, seed, args.seg_images, args, labels_sha) if run_plain else nan
     rows = []
     for gate in args.gates:
         extra = [flag.format(seg=seg) for flag in GATES[gate]]
@@ -280,6 +282,9 @@ def main() -> None:
                         help="images the classifier sees (its epoch: every training image)")
     parser.add_argument("--gates", nargs="+", choices=tuple(GATES), default=list(GATES),
                         help="gate variants to train and compare on each seed's segmenter (default: all)")
+    parser.add_argument("--plain-seeds", type=int, nargs="*", default=None, metavar="SEED",
+                        help="seeds that also train the plain baseline (default: every seed; it trains in fp32, so on "
+                             "a CPU with native bf16 it takes several times as long as cascade's segmenter)")
     parser.add_argument("--mask-bank", type=Path, default=MASK_BANK, help="SIIM label file for lesion shapes")
     parser.add_argument("--work", type=Path, default=None,
                         help=f"cache of runs, reused across invocations (default {DEFAULT_WORK}; --quick: a temporary "
