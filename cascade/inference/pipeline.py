@@ -330,10 +330,11 @@ def _encoder_runs_once(
     segmenter: Engine,
 ) -> bool:
     """Whether the gate can hand its encoder's features to the decoder: one shared-encoder gate attached to the one
-    segmenter, both on the torch engine at one input. Otherwise (ONNX Runtime, int8, several members) each stage runs
-    its own network and a passed image's encoder runs twice."""
+    segmenter, both on the eager torch engine at one input. Otherwise (ONNX Runtime, int8, ``--compile``, several
+    members) each stage runs its own network and a passed image's encoder runs twice."""
     return (
-        len(classifiers) == 1 and len(segmenters) == 1 and isinstance(classifiers[0][0], SharedEncoderGate)
+        not classifier.runtime.compile
+        and len(classifiers) == 1 and len(segmenters) == 1 and isinstance(classifiers[0][0], SharedEncoderGate)
         and classifiers[0][0].segmenter is segmenters[0][0] and classifier.prep == segmenter.prep
         and hasattr(classifier, "gate_with_features") and hasattr(segmenter, "decode")
     )
