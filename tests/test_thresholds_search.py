@@ -359,3 +359,39 @@ def test_a_random_gate_doing_the_work_of_an_empty_answer_is_kept_and_the_stateme
     assert result.score == pytest.approx(g["gated_score"]) and result.score > result.scores[0].max()
     assert result.gate_statement.startswith("the classifier does not separate the classes (AUC ")
     assert f"is kept only because opening it would cost {g['open_cost']:.4f} mean Dice" in result.gate_statement
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(cases(), st.sampled_from([0.0, 0.005, 0.05, 0.3]))
+def test_dice_tolerance_picks_the_fewest_segmented_gate_within_it_by_brute_force(case, tolerance) -> None:
+    """Among the points within ``tolerance`` of the best mean Dice, the chosen one sends the fewest images to the
+    segmenter, and is the best scoring of those (tolerance 0: the best point itself)."""
+    cls, segs, masks, grid = case
+    result = tune(cls, segs, masks, grid=grid, open_gate=False, dice_tolerance=tolerance, progress=False)
+    scores, _, _ = brute_force(cls, segs, masks, grid)
+    share = np.array([np.mean(np.asarray(cls) >= c) for c in grid.cls])
+    near = scores >= scores.max() - tolerance - 1e-12
+    fewest = share[near.reshape(len(grid.cls), -1).any(axis=1)].min()
+    assert result.best_score == pytest.approx(scores.max(), abs=1e-12)
+    assert result.score >= scores.max() - tolerance - 1e-9
+    assert result.segmented_share == pytest.approx(fewest)
+    allowed = near & (share <= fewest)[:, None, None, None, None]
+    assert result.score == pytest.approx(np.where(allowed, scores, -np.inf).max(), abs=1e-12)
+    if tolerance == 0.0:
+        assert result.best_index == best_point(scores)
+
+
+def test_a_separating_gate_within_the_tolerance_skips_negatives_an_open_one_would_segment() -> None:
+    """The seed-1 case of issue 24: the best mean Dice is reached with the gate open (the area rule already clears
+    the negatives), but a gate costing under 0.005 keeps most negatives from the segmenter: ``tune``'s default
+    takes it, and the result records the best score and the tolerance."""
+    cls, segs, masks = _synthetic(n=200, seed=3)
+    positive = masks.any(axis=(1, 2))
+    segs[~positive] = np.minimum(segs[~positive], 0.3)  # the segmenter alone already draws nothing on negatives
+    cls = np.where(positive, np.linspace(0.6, 1.0, 200), np.linspace(0.0, 0.65, 200))
+    grid = Grid(cls=(0.0, 0.2, 0.4, 0.55, 0.7), top=(0.5,), area=(0,), bottom=(0.4,), min_component=(0,))
+    best = tune(cls, segs, masks, grid=grid, dice_tolerance=0.0, progress=False)
+    fast = tune(cls, segs, masks, grid=grid, dice_tolerance=0.005, progress=False)
+    assert fast.segmented_share < best.segmented_share and fast.skipped_negatives >= 0.5
+    assert fast.score >= best.score - 0.005 and fast.best_score == best.score
+    assert fast.to_dict()["dice_tolerance"] == 0.005 and fast.gate_open is None

@@ -44,6 +44,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="best mean Dice among the gates that send at most a share S of the images to the segmenter (speed)",
     )
     p.add_argument(
+        "--dice-tolerance", type=probability, metavar="D",
+        help="choose, among the thresholds within D mean Dice of the best, the gate that sends the fewest images to "
+        "the segmenter (default 0.005: speed for a cost well inside a validation fold's noise; 0: the best mean "
+        "Dice alone)",
+    )
+    p.add_argument(
         "--tta", action=argparse.BooleanOptionalAction, default=False,
         help="horizontal-flip test-time augmentation while tuning; recorded in cascade.json for predict (default off)",
     )
@@ -96,6 +102,10 @@ def summary_lines(outcome: TuneOutcome) -> list[str]:
         f"the gate sends {100 * v['segmented_share']:.1f}% of images to the segmenter and keeps "
         f"{format_number(100 * v['skipped_negatives'] if v['skipped_negatives'] is not None else None, 1)}% of the "
         "negatives from it (report/frontier.png: Dice against segmenter share)",
+        *([f"speed: {v['mean_dice'] - v['best_mean_dice']:+.4f} mean Dice against the best point's "
+           f"{v['best_mean_dice']:.4f}, for the gate that segments the fewest images within --dice-tolerance "
+           f"{v['dice_tolerance']:g}"] if v.get("best_mean_dice") is not None and v["mean_dice"] < v["best_mean_dice"]
+          else []),
         *([v["gate_open"]] if v.get("gate_open") else []),
         f"model folder {outcome.model_dir}{members}, report in {outcome.report_dir} ({outcome.seconds:.1f} s)",
     ]
@@ -116,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     grid = read_grid(args.grid) if args.grid else None
     outcome = tune_runs(
         args.cls, args.seg, args.out,
-        min_sensitivity=args.min_sensitivity, max_segmented_share=args.max_segmenter_share, tta=args.tta,
+        min_sensitivity=args.min_sensitivity, max_segmented_share=args.max_segmenter_share,
+        **({} if args.dice_tolerance is None else {"dice_tolerance": args.dice_tolerance}), tta=args.tta,
         batch_size=args.batch_size, workers=args.workers, runtime=runtime_from_args(args), images=args.images,
         labels=args.labels, grid=grid, progress=not args.quiet,
     )

@@ -53,6 +53,10 @@ NEAR_CHANCE_AUC = 0.6
 MIN_SKIPPED_NEGATIVES = 0.05
 """A best gate that keeps less than this share of the validation negatives from the segmenter does not pay for its
 classifier pass: ``tune`` opens it (see :func:`gate_verdict`)."""
+DICE_TOLERANCE = 0.005
+"""``cascade tune``'s default ``--dice-tolerance``: the gate that sends the fewest images to the segmenter among the
+points within this much validation mean Dice of the best (speed for at most 0.005 Dice, well inside a validation
+fold's noise; 0 chooses the best point alone)."""
 NATURAL_LOWER_ENDS = ("cls", "area", "min_component")
 """Thresholds whose lowest searched value (0) is a natural bound: best there means "off", not "search lower"."""
 SENSITIVITY_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
@@ -193,6 +197,10 @@ class TuneResult:
     max_segmented_share: float | None = None
     per_image_dice: np.ndarray | None = field(default=None, repr=False)
     """Each validation image's Dice at the chosen point (for the score's uncertainty)."""
+    dice_tolerance: float = 0.0
+    best_score: float = math.nan
+    """The best mean Dice of the search (under the same limits): the chosen point is within ``dice_tolerance`` of it,
+    with the fewest images sent to the segmenter."""
     gate_open: dict[str, Any] | None = None
     """Set when the gate-open rule (:func:`gate_verdict`) fired: ``reason``, ``applied`` (``cls`` set to 0; false
     when ``max_segmented_share`` asked for a gate or the grid has no ``cls`` 0), and the best gated point it replaced
@@ -364,6 +372,8 @@ class TuneResult:
             },
             "operating_points": self.operating_points(),
             "max_segmented_share": self.max_segmented_share,
+            "dice_tolerance": self.dice_tolerance,
+            "best_mean_dice": json_float(self.best_score),
             "segmented_share": self.segmented_share,
             "skipped_negatives": json_float(self.skipped_negatives),
             "frontier": self.frontier(),
@@ -498,10 +508,14 @@ class ThresholdSearch:
 
     def result(
         self, min_sensitivity: float | None = None, max_segmented_share: float | None = None, *,
-        open_gate: bool = True,
+        open_gate: bool = True, dice_tolerance: float = 0.0,
     ) -> TuneResult:
         """The best thresholds, optionally subject to image-level sensitivity >= ``min_sensitivity`` and to the
         classifier gate sending at most ``max_segmented_share`` of the images to the segmenter.
+
+        With ``dice_tolerance`` > 0 the chosen point is the one sending the fewest images to the segmenter among the
+        allowed points within ``dice_tolerance`` mean Dice of the best (the best Dice among those; ties as
+        :func:`best_point`): a gate that skips negatives at a negligible cost is preferred to an open one.
 
         With ``open_gate`` (the default, what ``cascade tune`` does) a gate that does not pay (:func:`gate_verdict`)
         is opened: the best point with ``cls`` 0 (the grid's first value) is returned instead, subject to the same
@@ -510,7 +524,8 @@ class ThresholdSearch:
         n = len(self)
         if n == 0:
             raise CascadeError("threshold search: no images were given")
-        for name, value in (("min_sensitivity", min_sensitivity), ("max_segmented_share", max_segmented_share)):
+        for name, value in (("min_sensitivity", min_sensitivity), ("max_segmented_share", max_segmented_share),
+                            ("dice_tolerance", dice_tolerance)):
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name} must lie in [0, 1], got {value!r}")
         tables = self._tables()
@@ -523,12 +538,17 @@ class ThresholdSearch:
                 + (f" with at most {max_segmented_share:g} of the images segmented)" if max_segmented_share is not
                    None else ")")
             )
+        best_score = float(tables.scores[best])
+        if dice_tolerance:
+            best = _fewest_segmented(tables, allowed, best_score - dice_tolerance)
         gate_open = None
         if open_gate:
             gate_open, best = self._open_gate(
                 best, tables.scores, allowed, tables.cls, tables.positive, max_segmented_share, tables.per_image_at
             )
-        return self._result(tables, best, min_sensitivity, max_segmented_share, gate_open)
+        result = self._result(tables, best, min_sensitivity, max_segmented_share, gate_open)
+        result.dice_tolerance, result.best_score = dice_tolerance, best_score
+        return result
 
     def _tables(self) -> _Tables:
         """Score, true and false positives of every grid point at once, from the per-image statistics (see the
@@ -641,6 +661,20 @@ class ThresholdSearch:
         return record, opened
 
 
+def _fewest_segmented(tables: _Tables, allowed: np.ndarray | None, floor: float) -> tuple[int, ...]:
+    """The allowed point scoring at least ``floor`` whose gate sends the fewest images to the segmenter (the best
+    score among those gates; ties as :func:`best_point`). The best point itself qualifies, so one always exists."""
+    near = tables.scores >= floor - TIE_TOLERANCE
+    if allowed is not None:
+        near &= allowed
+    share = tables.cls_pass.mean(axis=0)
+    has = near.reshape(near.shape[0], -1).any(axis=1)
+    fewest = has & (share <= share[has].min())
+    point = best_point(tables.scores, near & fewest[:, None, None, None, None])
+    assert point is not None
+    return point
+
+
 def _progress(items: Iterable[Any], total: int, enabled: bool, desc: str) -> Iterable[Any]:
     if not enabled:
         return items
@@ -663,6 +697,7 @@ def tune(
     min_sensitivity: float | None = None,
     max_segmented_share: float | None = None,
     open_gate: bool = True,
+    dice_tolerance: float = 0.0,
     progress: bool = True,
 ) -> TuneResult:
     """Search the thresholds that maximise mean Dice (exactly, over ``grid``; default :class:`Grid`).
@@ -681,7 +716,7 @@ def tune(
         if isinstance(err, CascadeError) or "zip()" not in str(err):
             raise
         raise CascadeError(f"threshold search: cls_probs, seg_probs and masks differ in length ({err})") from None
-    return search.result(min_sensitivity, max_segmented_share, open_gate=open_gate)
+    return search.result(min_sensitivity, max_segmented_share, open_gate=open_gate, dice_tolerance=dice_tolerance)
 
 
 def evaluate_thresholds(

@@ -56,7 +56,7 @@ from cascade.storage.modeldir import REPORT_DIR, check_replaceable, write_model_
 from cascade.storage.rundir import DATA_FILE, SPLIT_FILE, best_stage, read_sources
 from cascade.thresholds.metrics import json_float
 from cascade.thresholds.report import write_tune_report
-from cascade.thresholds.search import Grid, ThresholdSearch, TuneResult
+from cascade.thresholds.search import DICE_TOLERANCE, Grid, ThresholdSearch, TuneResult
 
 RESOLUTION = "native"
 """What the search scores at (see the module docstring); recorded in ``cascade.json`` and the report."""
@@ -307,6 +307,8 @@ def validation_metrics(
         "segmented_share": result.segmented_share,
         "min_sensitivity": result.min_sensitivity,
         "max_segmented_share": result.max_segmented_share,
+        "dice_tolerance": result.dice_tolerance,
+        "best_mean_dice": json_float(result.best_score),
         "skipped_negatives": json_float(result.skipped_negatives),
         "gate_open": result.gate_statement,
         "standard_error": json_float(result.standard_error),
@@ -336,6 +338,7 @@ def tune_runs(
     *,
     min_sensitivity: float | None = None,
     max_segmented_share: float | None = None,
+    dice_tolerance: float = DICE_TOLERANCE,
     tta: bool = False,
     batch_size: int = 16,
     workers: int | None = None,
@@ -374,7 +377,7 @@ def tune_runs(
     if len(folds.search) == 0:
         total = sum(len(p) for p in fold_paths)
         raise CascadeError(f"{images_dir}: none of the {total} validation images could be read ({folds.failed[0]})")
-    result = folds.search.result(min_sensitivity, max_segmented_share)
+    result = folds.search.result(min_sensitivity, max_segmented_share, dice_tolerance=dice_tolerance)
     metrics = validation_metrics(result, pairs=pairs, images_per_fold=folds.per_fold, tta=tta,
                                  failed=len(folds.failed))
     metrics["training_data"] = training_data(pairs, Path(labels_path), folds.synthetic)
