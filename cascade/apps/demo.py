@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from cascade.errors import CascadeError, ConfigError
 from cascade.storage.fileio import atomic_write_text
+from cascade.storage.model_card import network_description
 from cascade.thresholds.metrics import format_number
 from cascade.thresholds.rule import Thresholds
 
@@ -204,17 +205,6 @@ def _saved(gate: dict[str, dict[str, float]]) -> str:
     return f"{100 * (1 - gate['gate']['seconds'] / open_seconds):.0f}%" if open_seconds > 0 else "n/a"
 
 
-def _gate_kind(model_dir: Path) -> str:
-    """What the model folder's gate is, in words (docs/gate.md)."""
-    import json
-
-    config = json.loads((model_dir / "classifier" / "config.json").read_text())
-    if config.get("gate") == "shared":
-        return (f"a shared-encoder gate — a head on the segmenter's own encoder (`{config['segmenter']['encoder']}`), "
-                "which runs once per image; the decoder runs only on the images the gate passes")
-    return f"a separate classifier (timm `{config.get('model')}`)"
-
-
 def _pick_overlays(root: Path, count: int) -> list[Path]:
     """A few overlay PNGs (sorted, so the choice is stable) copied next to the report."""
     return sorted((root / "overlays").glob("*.png"))[:count]
@@ -264,7 +254,8 @@ def write_report(
         "",
         Thresholds.from_dict(th).describe(code=True) + " (`cls` is the classifier gate).",
         "",
-        f"The gate: {_gate_kind(root / 'model')}.",
+        f"The gate: {network_description(json.loads((root / 'model' / 'classifier' / 'config.json').read_text()))}"
+        ".",
         "",
         f"Validation mean Dice {format_number(validation.get('mean_dice'))} against the all-empty "
         f"{format_number(validation.get('baseline_empty'))}; "

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from cascade.errors import ModelError
-from cascade.stages import GATES
 from cascade.stages.segmenter import build_segmenter
 
 LEVELS = (3, 4, 5)
@@ -40,9 +39,6 @@ def is_shared_gate(config: dict[str, Any]) -> bool:
     """Whether a classifier ``config.json`` (or a run's network section) describes a shared-encoder gate."""
     return config.get("gate") == "shared"
 
-
-__all__ = ["GATES", "LEVELS", "WIDTH", "GateHead", "SharedEncoderGate", "attach_shared_gates", "build_gate",
-           "encoder_sha256", "is_shared_gate"]
 
 
 def encoder_sha256(encoder: nn.Module) -> str:
@@ -167,8 +163,8 @@ def attach_shared_gates(classifiers: Sequence[tuple[nn.Module, dict[str, Any]]],
     a ``ModelError`` when none is."""
     digests: dict[str, nn.Module] = {}
     for model, _ in classifiers:
-        if not isinstance(model, SharedEncoderGate):
-            continue
+        if not isinstance(model, SharedEncoderGate) or any(model.segmenter is seg for seg, _ in segmenters):
+            continue  # a separate classifier, or a gate already attached to one of these segmenters
         if not digests:
             digests = {encoder_sha256(seg.encoder): seg for seg, _ in segmenters if hasattr(seg, "encoder")}
         match = digests.get(model.sha256 or "")

@@ -34,7 +34,7 @@ from cascade.data.preprocess import Preprocessing
 from cascade.stages.checkpoint import build_model
 from cascade.stages.classifier import Classifier
 from cascade.stages.config import positive_share, to_yaml
-from cascade.stages.gate import LEVELS, WIDTH, SharedEncoderGate
+from cascade.stages.gate import LEVELS, WIDTH, SharedEncoderGate, is_shared_gate
 from cascade.stages.losses import ComboLoss, GateLoss, MaskAuxLoss
 from cascade.stages.sampling import PositiveShareSampler
 from cascade.stages.specs import stage_spec
@@ -126,7 +126,7 @@ def build_training_model(config: dict[str, Any]) -> nn.Module:
 def training_loss(config: dict[str, Any]) -> nn.Module:
     """The loss a run trains with: the combined loss, with the classifier's auxiliary mask term when weighted."""
     loss = ComboLoss.from_config(config["loss"])
-    if config["network"].get("gate") == "shared":
+    if is_shared_gate(config["network"]):
         return GateLoss(loss, config["loss"]["distill"])
     if config["loss"]["mask"] > 0:
         return MaskAuxLoss(loss, config["loss"]["mask"])
@@ -137,7 +137,7 @@ def network_config(config: dict[str, Any]) -> dict[str, Any]:
     """What ``build_model`` needs to rebuild the run's network (``network.init_from`` only says where training
     started, so it stays in ``config.yaml``)."""
     network = config["network"]
-    if network.get("gate") == "shared":  # the segmenter's encoder and the head: no timm classifier keys
+    if is_shared_gate(network):  # the segmenter's encoder and the head: no timm classifier keys
         shared = network["shared_encoder"]
         return {"stage": "cls", "in_chans": 1, "gate": "shared", "segmenter": {"arch": shared["arch"],
                 "encoder": shared["encoder"]}, "levels": list(LEVELS), "width": WIDTH, "encoder_sha256": shared["sha256"]}

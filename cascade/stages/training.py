@@ -227,8 +227,9 @@ def build_trainer(
     init_from = config["network"].get("init_from")
     if init_from and pretrained:
         raise ConfigError(f"--init-from {init_from} and --pretrained {pretrained}: choose one starting point")
+    segmenter = None
     if not resume:
-        config = resolve_gate(config)
+        config, segmenter = resolve_gate(config)
     run = load_run_data(config, images, labels, progress and rt.main)
     config, recipe = apply_recipe(config, len(run.train))
     if rt.main and progress:
@@ -251,23 +252,26 @@ def build_trainer(
     seed_everything(config["seed"])
     model = build_training_model(config)
     if saved is None:
-        start_weights(model, config, pretrained, rt.main and progress, rt.main)
+        start_weights(model, config, pretrained, rt.main and progress, rt.main, segmenter=segmenter)
     trainer = Trainer(config, rt, model, run, train_set, val_set, out, progress=progress)
     if saved is not None:
         trainer.load_state_dict(saved)
     return trainer
 
 
-def start_weights(model: nn.Module, config: dict[str, Any], pretrained: str | None, report: bool, warn: bool) -> None:
+def start_weights(model: nn.Module, config: dict[str, Any], pretrained: str | None, report: bool, warn: bool,
+                  *, segmenter: nn.Module | None = None) -> None:
     """A new run's starting weights: ``--pretrained``, or the encoder of the segmenter run ``network.init_from``
     names (what was loaded is printed when ``report``, a warning about it when ``warn``); else as built."""
     if pretrained:
         load_pretrained(model, config, pretrained)
-    if isinstance(model, SharedEncoderGate):
-        done = attach_segmenter_run(model, config)
+    if isinstance(model, SharedEncoderGate):  # ``segmenter``: the --init-from run resolve_gate read
+        done = attach_segmenter_run(model, segmenter, config)
     elif config["network"].get("init_from"):
         done = init_from_segmenter(model, config)
-        if report:
-            print(done.describe(), file=sys.stderr)
-        if warn and done.warning:
-            print(f"warning: {done.warning}", file=sys.stderr)
+    else:
+        return
+    if report:
+        print(done.describe(), file=sys.stderr)
+    if warn and done.warning:
+        print(f"warning: {done.warning}", file=sys.stderr)

@@ -291,14 +291,15 @@ def init_from_segmenter(model: nn.Module, config: dict[str, Any]) -> InitReport:
     return InitReport(stage_dir, len(mapped), left, untrained_warning(read_config(stage_dir), stage_dir))
 
 
-def resolve_gate(config: dict[str, Any]) -> dict[str, Any]:
+def resolve_gate(config: dict[str, Any]) -> tuple[dict[str, Any], nn.Module | None]:
     """A new classifier run's ``network.gate`` made concrete: ``auto`` → ``shared`` when ``--init-from`` names a
     segmenter run, else ``separate``. A shared gate records the segmenter it reads (``network.shared_encoder``: arch,
     encoder and the encoder's sha256), takes the segmenter's preprocessing (it reads the segmenter's input) and has no
     auxiliary mask head (``loss.mask`` 0); a separate classifier ``--init-from`` must be the encoder's architecture
-    (:func:`init_source`)."""
+    (:func:`init_source`). Returns the configuration and, for a shared gate, the segmenter it read (loaded once: what
+    :func:`attach_segmenter_run` attaches)."""
     if config["stage"] != "cls":
-        return config
+        return config, None
     network = config["network"]
     gate = network["gate"]
     if gate == "auto":
@@ -307,7 +308,7 @@ def resolve_gate(config: dict[str, Any]) -> dict[str, Any]:
     if gate == "separate":
         if network.get("init_from"):
             init_source(out)
-        return out
+        return out, None
     if not network.get("init_from"):
         raise ConfigError("network.gate shared reads a segmenter's encoder: give --init-from SEG_RUN_DIR")
     stage_dir = segmenter_stage_dir(network["init_from"])
@@ -319,19 +320,15 @@ def resolve_gate(config: dict[str, Any]) -> dict[str, Any]:
                                         "sha256": encoder_sha256(seg.encoder)}
     out["preprocessing"] = dict(seg_config["preprocessing"])
     out["loss"] = {**config["loss"], "mask": 0.0}
-    return out
+    return out, seg
 
 
-def attach_segmenter_run(gate: SharedEncoderGate, config: dict[str, Any]) -> InitReport:
-    """Load the ``--init-from`` segmenter into a new shared-encoder gate (checked against the encoder sha256 the run
-    recorded when it started)."""
+def attach_segmenter_run(gate: SharedEncoderGate, segmenter: nn.Module, config: dict[str, Any]) -> InitReport:
+    """Attach the ``--init-from`` segmenter that :func:`resolve_gate` read (and hashed) to a new shared-encoder gate."""
     stage_dir = segmenter_stage_dir(config["network"]["init_from"])
-    seg, seg_config = load_stage(stage_dir)
-    if encoder_sha256(seg.encoder) != config["network"]["shared_encoder"]["sha256"]:
-        raise ModelError(f"--init-from {stage_dir}: the segmenter changed since this run started")
-    gate.attach(seg)
-    return InitReport(stage_dir, len(seg.encoder.state_dict()), (), untrained_warning(seg_config, stage_dir),
-                      shared=True)
+    gate.attach(segmenter, check=False)
+    return InitReport(stage_dir, len(segmenter.encoder.state_dict()), (),
+                      untrained_warning(read_config(stage_dir), stage_dir), shared=True)
 
 
 UNTRAINED_DICE = 0.02

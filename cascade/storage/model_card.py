@@ -29,11 +29,12 @@ KNOWN_LIMITS = (
 )
 
 
-def _network(config: Mapping[str, Any]) -> str:
+def network_description(config: Mapping[str, Any]) -> str:
+    """A stage member's network in words, from its ``config.json`` (the model card and the demo report say it)."""
     network = config.get("network", config)
     if config.get("stage") == "cls" and network.get("gate") == "shared":
         seg = network.get("segmenter", {})
-        return (f"shared-encoder gate: a head on the segmenter's encoder `{seg.get('encoder', '?')}` "
+        return (f"a shared-encoder gate — a head on the segmenter's encoder `{seg.get('encoder', '?')}` "
                 f"(sha256 `{str(network.get('encoder_sha256', '?'))[:12]}…`, stored once, in the segmenter)")
     if config.get("stage") == "cls":
         return f"timm `{network.get('model', '?')}` (separate classifier)"
@@ -58,7 +59,7 @@ def render(manifest: Mapping[str, Any], configs: Mapping[str, Sequence[Mapping[s
     for stage in ("classifier", "segmenter"):
         members = configs.get(stage, [])
         kind = f"{len(members)} members averaged (fold ensemble)" if len(members) > 1 else "1 network"
-        nets = ", ".join(sorted({_network(c) for c in members}))
+        nets = ", ".join(sorted({network_description(c) for c in members}))
         lines.append(f"- {stage}: {nets}; {kind}; input {prep[stage]['size']}² px")
     lines += [
         f"- the classifier gates the segmenter; horizontal-flip TTA {'on' if manifest['tta']['hflip'] else 'off'}",
