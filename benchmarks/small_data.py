@@ -151,8 +151,11 @@ def epoch_lengths(stage: str, data: Path, args: argparse.Namespace, seed: int, i
 def train_stage(stage: str, work: Path, data: Path, seed: int, images: int, args: argparse.Namespace,
                 extra: list[str], key_parts: list[Any]) -> tuple[Path, dict[str, Any]]:
     """A cached ``cascade train`` run of ``stage`` seeing about ``images`` images."""
+    from cascade.stages.config import resolve
+
     epochs, lengths = epoch_lengths(stage, data, args, seed, images)
-    key = digest(stage, overrides(stage, args, seed), epochs, key_parts, versions())
+    # the resolved configuration, not only the flags: a changed stage default makes a new run
+    key = digest(stage, resolve(stage, None, overrides(stage, args, seed)), epochs, key_parts, versions())
 
     def make(folder: Path) -> dict[str, Any]:
         seconds = cascade("train", "--stage", stage, "--images", str(data / "dicom-images-train"), "--labels",

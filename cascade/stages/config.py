@@ -81,7 +81,8 @@ NETWORK_SCHEMA: dict[str, dict[str, tuple[type, Check, str]]] = {
     "cls": {"model": TEXT, "pool": TEXT, "drop_rate": _float(0.0, 1.0), "init_from": OPTIONAL_TEXT,
             "gate": _choice(GATES),
             "shared_encoder": (object, lambda v: v is None or _shared_encoder(v), "null (cascade records it)")},
-    "seg": {"arch": _choice(tuple(ARCHS)), "encoder": TEXT},
+    "seg": {"arch": _choice(tuple(ARCHS)), "encoder": TEXT,
+            "prior": (float, lambda v: v is None or 0.0 < v < 1.0, "a probability in (0, 1), or null")},
 }
 SCHEMA: dict[str, dict[str, tuple[type, Check, str]]] = {
     "preprocessing": {"size": _int(16, 4096), "mean": _float(0.0, 1.0), "std": _float(0.0, 1.0, open_lo=True)},
@@ -177,7 +178,10 @@ def defaults(stage: str) -> dict[str, Any]:
     """The full default configuration of a stage."""
     if stage not in STAGES:
         raise ConfigError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
-    return {"stage": stage, **copy.deepcopy(COMMON_DEFAULTS), **copy.deepcopy(SPECS[stage].defaults)}
+    out = {"stage": stage, **copy.deepcopy(COMMON_DEFAULTS)}
+    for section, values in copy.deepcopy(SPECS[stage].defaults).items():  # a stage may change a common key
+        out[section] = {**out.get(section, {}), **values}
+    return out
 
 
 def find_config(name_or_path: str | os.PathLike[str]) -> Path:
@@ -294,7 +298,7 @@ def resolve(
 
 ADDED_LATER: dict[str, dict[str, Any]] = {
     "loss": {"mask": 0.0, "dice_per": "image", "distill": 0.0},
-    "network": {"gate": "separate", "shared_encoder": None},
+    "network": {"gate": "separate", "shared_encoder": None, "prior": None},
 }
 """Keys added after runs were first saved, with the value that reproduces how those runs trained."""
 

@@ -57,8 +57,8 @@ class StageSpec:
     check_config: Callable[[Mapping[str, Any], str], None]
     """The stage's own checks of a saved ``config.json`` (``ModelError`` naming the file and field)."""
     defaults: dict[str, Any]
-    """The training configuration's stage sections (``network``, ``loss``, ``sampling``): the one place the network
-    defaults live."""
+    """The training configuration's stage sections (``network``, ``loss``, ``sampling``) and the common keys the
+    stage sets otherwise (the segmenter's ``runtime.ema``): the one place the network defaults live."""
     datasets: Callable[[RunData, Preprocessing, PreprocessCache, A.Compose | None, Mapping[str, Any]],
                        tuple[Dataset, Dataset]]
     """Training (augmented) and validation datasets of a run, given its configuration."""
@@ -211,10 +211,11 @@ SPECS: dict[str, StageSpec] = {
         network_names=("arch", "encoder"),
         check_config=_no_check,
         defaults={
-            "network": {"arch": "unet", "encoder": "resnet34"},
+            "network": {"arch": "unet", "encoder": "resnet34", "prior": 0.01},
             "loss": {"bce": 1.0, "dice": 1.0, "focal": 0.0, "focal_gamma": 2.0, "mask": 0.0, "dice_per": "batch",
                      "distill": 0.0},
             "sampling": {"positive_share": "auto"},
+            "runtime": {"ema": 0.99},  # evaluated and saved: the average of the last ~100 steps' weights
         },
         datasets=_segmenter_datasets,
         batch_stats=_segmenter_batch,

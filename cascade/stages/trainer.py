@@ -37,6 +37,7 @@ from cascade.stages.config import positive_share, to_yaml
 from cascade.stages.gate import LEVELS, WIDTH, SharedEncoderGate, is_shared_gate
 from cascade.stages.losses import ComboLoss, GateLoss, MaskAuxLoss
 from cascade.stages.sampling import PositiveShareSampler
+from cascade.stages.segmenter import set_foreground_prior
 from cascade.stages.specs import stage_spec
 from cascade.stages.weights import set_backbone_trainable
 from cascade.storage import rundir
@@ -120,6 +121,8 @@ def build_training_model(config: dict[str, Any]) -> nn.Module:
         model.attached = True
     elif config["loss"]["mask"] > 0:  # the configuration allows it for the classifier only
         model.add_mask_head()
+    elif config["stage"] == "seg" and config["network"]["prior"] is not None:  # weights loaded later replace it
+        set_foreground_prior(model, config["network"]["prior"])
     return model
 
 
@@ -141,7 +144,7 @@ def network_config(config: dict[str, Any]) -> dict[str, Any]:
         shared = network["shared_encoder"]
         return {"stage": "cls", "in_chans": 1, "gate": "shared", "segmenter": {"arch": shared["arch"],
                 "encoder": shared["encoder"]}, "levels": list(LEVELS), "width": WIDTH, "encoder_sha256": shared["sha256"]}
-    kept = {k: v for k, v in network.items() if k not in ("init_from", "gate", "shared_encoder")}
+    kept = {k: v for k, v in network.items() if k not in ("init_from", "gate", "shared_encoder", "prior")}
     return {"stage": config["stage"], "in_chans": 1, **kept}
 
 
