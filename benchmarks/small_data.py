@@ -19,15 +19,17 @@ For each seed, exactly as the README's workflow runs it (each step a ``python -m
    gate and with the gate open (``cls`` 0, the segmenter on every image) — each timed (``speedup``: gate-open
    seconds ÷ gated seconds, decoding included, at the held-out set's 22% prevalence) and scored;
 4. the plain baseline (benchmarks/plain_baseline.py): the same U-Net, encoder, random start, images, input size and
-   images seen, trained by a ~100-line PyTorch loop and scored with a plain rule (probability 0.5 plus a minimum
-   area chosen on the validation fold: not cascade's tuned rule).
+   images seen and precision (bf16 autocast where cascade's ``auto`` picks it), trained by a ~100-line PyTorch loop
+   and scored with a plain rule (probability 0.5 plus a minimum area chosen on the validation fold: not cascade's
+   tuned rule).
 
 **Caching.** Each run is kept under ``--work`` (default ``~/.cache/cascade/bench``; ``--quick``: a temporary
 folder) by a hash of what decides it: the synthetic data by its ``synth`` arguments; the segmenter run by its
-configuration (size, encoder, seed, epochs), a digest of its label file and the versions of cascade, torch and smp;
+resolved configuration (the stage defaults included, so changing a default retrains), epochs, a digest of its label
+file and the versions of cascade, torch and smp;
 the classifier run by the same plus the segmenter's hash; the plain baseline likewise. A second invocation — a gate
 variant, another classifier length — reuses every finished run it shares (a run killed half-way is redone);
-``--fresh`` ignores the cache (after changing training code without a version bump).
+``--fresh`` ignores the cache (after changing training code, not a default, without a version bump).
 
 Per seed it prints the held-out mean Dice beside the all-empty baseline (the share of negative images), the
 gate-open Dice, the validation and held-out classifier AUC, the share of held-out negatives the gate keeps from the
@@ -286,8 +288,8 @@ def main() -> None:
     parser.add_argument("--gates", nargs="+", choices=tuple(GATES), default=list(GATES),
                         help="gate variants to train and compare on each seed's segmenter (default: all)")
     parser.add_argument("--plain-seeds", type=int, nargs="*", default=None, metavar="SEED",
-                        help="seeds that also train the plain baseline (default: every seed; it trains in fp32, so on "
-                             "a CPU with native bf16 it takes several times as long as cascade's segmenter)")
+                        help="seeds that also train the plain baseline (default: every seed; none: give the flag "
+                             "alone)")
     parser.add_argument("--mask-bank", type=Path, default=MASK_BANK, help="SIIM label file for lesion shapes")
     parser.add_argument("--work", type=Path, default=None,
                         help=f"cache of runs, reused across invocations (default {DEFAULT_WORK}; --quick: a temporary "

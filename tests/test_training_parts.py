@@ -410,3 +410,27 @@ def test_best_min_area_empties_small_predictions_where_that_raises_mean_dice() -
     assert minimum == 5 and score == pytest.approx((0.8 + 0 + 1 + 1) / 4)  # strays gone, the hit kept
     assert best_min_area([10], [10], [10]) == (1.0, 0)  # nothing to gain: keep every prediction (minimum 0)
     assert best_min_area([0, 0], [0, 900], [0, 0]) == (1.0, 901)
+
+
+@pytest.mark.parametrize("arch", ["unet", "fpn", "deeplabv3plus"])
+def test_a_new_segmenter_starts_at_the_foreground_prior_and_an_old_run_resumes_without_it(
+        arch: str, tmp_path: Path) -> None:
+    from cascade.stages.trainer import build_training_model, network_config
+
+    config = cfg.resolve("seg", None, {"network": {"arch": arch, "encoder": "tu-test_resnet"}})
+    assert config["network"]["prior"] == 0.01 and config["runtime"]["ema"] == 0.99  # the segmenter's defaults
+    assert cfg.resolve("cls")["runtime"]["ema"] == 0.0 and "prior" not in cfg.resolve("cls")["network"]
+    torch.manual_seed(0)
+    probs = torch.sigmoid(build_training_model(config).eval()(torch.randn(2, 1, 64, 64)).detach())
+    assert 0.002 < probs.median().item() < 0.05  # every pixel near 0.01, not smp's 0.5
+    torch.manual_seed(0)
+    plain = torch.sigmoid(build_training_model({**config, "network": {**config["network"], "prior": None}}).eval()(
+        torch.randn(2, 1, 64, 64)).detach())
+    assert plain.median().item() > 0.2  # null: smp's own start
+    assert "prior" not in network_config(config)  # training only: config.json describes the network
+    old = {**config, "network": {k: v for k, v in config["network"].items() if k != "prior"}}
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.to_yaml(old))
+    assert cfg.resume_config(saved, "seg")["network"]["prior"] is None  # trained before the key: as it ran then
+    with pytest.raises(ConfigError, match=r"network.prior must be a probability in \(0, 1\), or null, got 1.0"):
+        cfg.resolve("seg", None, {"network": {"prior": 1.0}})
