@@ -12,6 +12,8 @@ random weights: speed does not depend on the weights), same inputs:
    images whose decision changes (target <= 1%) and the change of mean Dice (target within 0.002);
 3. ``predict_many`` throughput at 22% prevalence on the auto engine: the gate against ``gate=False`` (segmenter on
    every image), with the bound (c + s) / (c + 0.22 s) from the measured per-image classifier and segmenter costs;
+   3b. the same for a shared-encoder gate (a head on the segmenter's encoder, the default since issue 24) on eager
+   torch, where the encoder runs once per image and the decoder only on the 22% it passes;
 4. decoding and preprocessing: ``read_dicom`` + ``prepare_image`` of a real 1024² SIIM file and of the 15-bit JPEG
    2000 CR, as a share of a ``Cascade.predict`` call;
 5. sharded ``cascade predict``: 2 processes (``torchrun --nproc_per_node 2``) against 1 on the same folder, the
@@ -159,6 +161,40 @@ def gate_throughput(model: Cascade, paths: list[Path], batch: int, workers: int)
     BASELINES["segment everything images/s"] = opened
 
 
+def shared_gate_throughput(seg: tuple, paths: list[Path], batch: int, workers: int) -> None:
+    """Section 3b: a shared-encoder gate (a head on the segmenter's own encoder, docs/gate.md) on eager torch, where
+    the encoder runs once per image, against the gate open and against the separate classifier, same engine."""
+    from cascade.stages.gate import LEVELS, WIDTH, SharedEncoderGate, encoder_sha256
+
+    network, config = seg
+    torch.manual_seed(0)
+    gate = SharedEncoderGate(network, sha256=encoder_sha256(network.encoder)).eval()
+    gate.attach(network)
+    gate_config = {"stage": "cls", "in_chans": 1, "gate": "shared", "levels": list(LEVELS), "width": WIDTH,
+                   "segmenter": {"arch": config["arch"], "encoder": config["encoder"]},
+                   "encoder_sha256": gate.sha256, "preprocessing": config["preprocessing"]}
+    runtime = Runtime.resolve("cpu", engine="torch")
+    model = Cascade([(gate, gate_config)], [seg], Thresholds(cls=0.5, top=0.5, area=0, bottom=0.5, min_component=0),
+                    runtime=runtime)
+    model.thresholds = calibrate(model, paths)  # the head is random: its threshold passes 22% of the images
+
+    def run(gate_on: bool) -> tuple[float, list]:
+        start = time.perf_counter()
+        preds = list(model.predict_many(paths, batch_size=batch, workers=workers, gate=gate_on))
+        return len(paths) / (time.perf_counter() - start), preds
+
+    gated, a = run(True)
+    opened, b = run(False)
+    share = np.mean([p.probability >= model.thresholds.cls for p in a])
+    same = all(np.array_equal(x.mask, y.mask) for x, y in zip(a, b) if x.probability >= model.thresholds.cls)
+    print(f"3b. shared-encoder gate ({runtime.precision} on torch, encoder once per image, passes {share:.0%}): "
+          f"{gated:.2f} images/s, gate open {opened:.2f} images/s, ratio {gated / opened:.2f}x; the passed images' "
+          f"masks as gate-open: {same}")
+    FIGURES.update({"shared gate images/s": gated, "shared gate x segment everything": gated / opened,
+                    "shared gate passed share": float(share), "shared gate identical masks": bool(same)})
+    BASELINES["shared gate: segment everything images/s"] = opened
+
+
 def decoding(model: Cascade, files: list[Path], repeats: int) -> None:
     """Section 4: decode + preprocess of real files, as a share of Cascade.predict."""
     size = model._stages.classifier.prep.size
@@ -252,6 +288,7 @@ def main() -> None:
             model.thresholds = thresholds
         decisions(engines, paths, synth.labels, args.batch_size, args.bf16_images)
         gate_throughput(auto, paths, args.batch_size, args.workers)
+        shared_gate_throughput(seg, paths, args.batch_size, args.workers)
         decoding(auto, [*siim[:1], *cr], args.repeats)
         sharded(auto, synth.labels.parent / "dicom-images-train", tmp, args.batch_size)
     FIGURES["auto engine"] = f"{auto.precision} on {auto.backend}"
