@@ -32,6 +32,7 @@ decodes in 9 ms; channels_last beat contiguous (kept on CPU and CUDA); inference
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import statistics
@@ -61,7 +62,7 @@ from precision_drift import (  # noqa: E402
 
 from cascade.common.devices import cpu_supports_bf16  # noqa: E402
 from cascade.data.dicom import read_dicom  # noqa: E402
-from cascade.data.preprocess import prepare_image  # noqa: E402
+from cascade.data.preprocess import Preprocessing, normalize, prepare_image  # noqa: E402
 from cascade.data.synth import generate  # noqa: E402
 from cascade.inference.pipeline import Cascade  # noqa: E402
 from cascade.inference.runtime import Runtime  # noqa: E402
@@ -170,6 +171,14 @@ def shared_gate_throughput(seg: tuple, paths: list[Path], batch: int, workers: i
     torch.manual_seed(0)
     gate = SharedEncoderGate(network, sha256=encoder_sha256(network.encoder)).eval()
     gate.attach(network)
+    prep = Preprocessing.from_dict(config["preprocessing"])
+    with torch.inference_mode():  # a random head's logits saturate: scale them to unit spread over these images
+        x = normalize(torch.from_numpy(np.stack([prepare_image(read_dicom(p).pixels, prep.size) for p in paths[:16]])
+                                       )[:, None], prep)
+        logits = gate(x.float())
+        last = gate.head.mix[-1]
+        last.weight.div_(logits.std() + 1e-6)
+        last.bias.sub_(logits.mean()).div_(logits.std() + 1e-6)
     gate_config = {"stage": "cls", "in_chans": 1, "gate": "shared", "levels": list(LEVELS), "width": WIDTH,
                    "segmenter": {"arch": config["arch"], "encoder": config["encoder"]},
                    "encoder_sha256": gate.sha256, "preprocessing": config["preprocessing"]}
@@ -186,12 +195,13 @@ def shared_gate_throughput(seg: tuple, paths: list[Path], batch: int, workers: i
     gated, a = run(True)
     opened, b = run(False)
     share = np.mean([p.probability >= model.thresholds.cls for p in a])
-    same = all(np.array_equal(x.mask, y.mask) for x, y in zip(a, b) if x.probability >= model.thresholds.cls)
+    passed = [(x.mask, y.mask) for x, y in zip(a, b) if x.probability >= model.thresholds.cls]
+    agree = float(np.mean([np.mean(x == y) for x, y in passed])) if passed else math.nan
     print(f"3b. shared-encoder gate ({runtime.precision} on torch, encoder once per image, passes {share:.0%}): "
           f"{gated:.2f} images/s, gate open {opened:.2f} images/s, ratio {gated / opened:.2f}x; the passed images' "
-          f"masks as gate-open: {same}")
+          f"mask pixels agreeing with gate-open {agree:.5f} (the decoder's batches differ: bf16 rounding)")
     FIGURES.update({"shared gate images/s": gated, "shared gate x segment everything": gated / opened,
-                    "shared gate passed share": float(share), "shared gate identical masks": bool(same)})
+                    "shared gate passed share": float(share), "shared gate mask pixels agreeing": agree})
     BASELINES["shared gate: segment everything images/s"] = opened
 
 
