@@ -137,15 +137,17 @@ def decisions(engines: dict[str, Cascade], paths: list[Path], labels: Path, batc
         FIGURES[f"{name} mean Dice change"] = d["mean_dice_change"]
 
 
+def throughput(model: Cascade, paths: list[Path], batch: int, workers: int, gate: bool) -> tuple[float, list]:
+    """Images/s of ``predict_many`` over ``paths`` with the gate on or open, and the predictions."""
+    start = time.perf_counter()
+    preds = list(model.predict_many(paths, batch_size=batch, workers=workers, gate=gate))
+    return len(paths) / (time.perf_counter() - start), preds
+
+
 def gate_throughput(model: Cascade, paths: list[Path], batch: int, workers: int) -> None:
     """Section 3: gate vs segmenting everything, with the bound from the per-image stage costs."""
-    def run(gate: bool) -> tuple[float, list]:
-        start = time.perf_counter()
-        preds = list(model.predict_many(paths, batch_size=batch, workers=workers, gate=gate))
-        return len(paths) / (time.perf_counter() - start), preds
-
-    gated, a = run(True)
-    opened, b = run(False)
+    gated, a = throughput(model, paths, batch, workers, True)
+    opened, b = throughput(model, paths, batch, workers, False)
     same = all(x.probability == y.probability and np.array_equal(x.mask, y.mask) for x, y in zip(a, b))
     engine = model._stages
     x = np.zeros((batch, engine.classifier.prep.size, engine.classifier.prep.size), np.uint8)
@@ -186,14 +188,8 @@ def shared_gate_throughput(seg: tuple, paths: list[Path], batch: int, workers: i
     model = Cascade([(gate, gate_config)], [seg], Thresholds(cls=0.5, top=0.5, area=0, bottom=0.5, min_component=0),
                     runtime=runtime)
     model.thresholds = calibrate(model, paths)  # the head is random: its threshold passes 22% of the images
-
-    def run(gate_on: bool) -> tuple[float, list]:
-        start = time.perf_counter()
-        preds = list(model.predict_many(paths, batch_size=batch, workers=workers, gate=gate_on))
-        return len(paths) / (time.perf_counter() - start), preds
-
-    gated, a = run(True)
-    opened, b = run(False)
+    gated, a = throughput(model, paths, batch, workers, True)
+    opened, b = throughput(model, paths, batch, workers, False)
     share = np.mean([p.probability >= model.thresholds.cls for p in a])
     passed = [(x.mask, y.mask) for x, y in zip(a, b) if x.probability >= model.thresholds.cls]
     agree = float(np.mean([np.mean(x == y) for x, y in passed])) if passed else math.nan
