@@ -166,7 +166,7 @@ def gate_throughput(model: Cascade, paths: list[Path], batch: int, workers: int)
 
 def shared_gate_throughput(seg: tuple, paths: list[Path], batch: int, workers: int) -> None:
     """Section 3b: a shared-encoder gate (a head on the segmenter's own encoder, docs/gate.md) on eager torch, where
-    the encoder runs once per image, against the gate open and against the separate classifier, same engine."""
+    the encoder runs once per image, against its gate open (section 3 gives the separate classifier's figures)."""
     from cascade.stages.gate import LEVELS, WIDTH, SharedEncoderGate, encoder_sha256
 
     network, config = seg

@@ -35,12 +35,6 @@ WIDTH = 32
 """Channels of the head's lateral convolutions and its mixing layer."""
 
 
-def is_shared_gate(config: dict[str, Any]) -> bool:
-    """Whether a classifier ``config.json`` (or a run's network section) describes a shared-encoder gate."""
-    return config.get("gate") == "shared"
-
-
-
 def encoder_sha256(encoder: nn.Module) -> str:
     """sha256 of an encoder's tensors (names, shapes and float32 values in name order): which segmenter a gate
     belongs to, whatever folder or file it was read from."""

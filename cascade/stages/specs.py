@@ -24,8 +24,9 @@ from torch.utils.data import Dataset
 
 from cascade.data.datasets import ClassifierDataset, SegmenterDataset
 from cascade.errors import CascadeError, ModelError
+from cascade.stages import is_shared_gate
 from cascade.stages.classifier import POOLS, build_classifier
-from cascade.stages.gate import LEVELS, SharedEncoderGate, build_gate, is_shared_gate
+from cascade.stages.gate import LEVELS, SharedEncoderGate, build_gate
 from cascade.stages.segmenter import build_segmenter
 from cascade.thresholds.metrics import best_min_area, confusion, dice_from_counts, roc_auc, sensitivity, specificity
 

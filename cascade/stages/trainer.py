@@ -31,10 +31,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from cascade.common.processes import worker_init
 from cascade.data.augment import seed_augment, seed_worker
 from cascade.data.preprocess import Preprocessing
+from cascade.stages import is_shared_gate
 from cascade.stages.checkpoint import build_model
 from cascade.stages.classifier import Classifier
 from cascade.stages.config import positive_share, to_yaml
-from cascade.stages.gate import LEVELS, WIDTH, SharedEncoderGate, is_shared_gate
+from cascade.stages.gate import LEVELS, WIDTH, SharedEncoderGate
 from cascade.stages.losses import ComboLoss, GateLoss, MaskAuxLoss
 from cascade.stages.sampling import PositiveShareSampler
 from cascade.stages.segmenter import set_foreground_prior

@@ -260,7 +260,7 @@ def build_trainer(
 
 
 def start_weights(model: nn.Module, config: dict[str, Any], pretrained: str | None, report: bool, warn: bool,
-                  *, segmenter: nn.Module | None = None) -> None:
+                  *, segmenter: tuple[nn.Module, dict[str, Any]] | None = None) -> None:
     """A new run's starting weights: ``--pretrained``, or the encoder of the segmenter run ``network.init_from``
     names (what was loaded is printed when ``report``, a warning about it when ``warn``); else as built."""
     if pretrained:

@@ -291,13 +291,13 @@ def init_from_segmenter(model: nn.Module, config: dict[str, Any]) -> InitReport:
     return InitReport(stage_dir, len(mapped), left, untrained_warning(read_config(stage_dir), stage_dir))
 
 
-def resolve_gate(config: dict[str, Any]) -> tuple[dict[str, Any], nn.Module | None]:
+def resolve_gate(config: dict[str, Any]) -> tuple[dict[str, Any], tuple[nn.Module, dict[str, Any]] | None]:
     """A new classifier run's ``network.gate`` made concrete: ``auto`` → ``shared`` when ``--init-from`` names a
     segmenter run, else ``separate``. A shared gate records the segmenter it reads (``network.shared_encoder``: arch,
     encoder and the encoder's sha256), takes the segmenter's preprocessing (it reads the segmenter's input) and has no
     auxiliary mask head (``loss.mask`` 0); a separate classifier ``--init-from`` must be the encoder's architecture
-    (:func:`init_source`). Returns the configuration and, for a shared gate, the segmenter it read (loaded once: what
-    :func:`attach_segmenter_run` attaches)."""
+    (:func:`init_source`). Returns the configuration and, for a shared gate, the segmenter member it read (network and
+    ``config.json``, loaded once: what :func:`attach_segmenter_run` attaches)."""
     if config["stage"] != "cls":
         return config, None
     network = config["network"]
@@ -320,15 +320,18 @@ def resolve_gate(config: dict[str, Any]) -> tuple[dict[str, Any], nn.Module | No
                                         "sha256": encoder_sha256(seg.encoder)}
     out["preprocessing"] = dict(seg_config["preprocessing"])
     out["loss"] = {**config["loss"], "mask": 0.0}
-    return out, seg
+    return out, (seg, seg_config)
 
 
-def attach_segmenter_run(gate: SharedEncoderGate, segmenter: nn.Module, config: dict[str, Any]) -> InitReport:
-    """Attach the ``--init-from`` segmenter that :func:`resolve_gate` read (and hashed) to a new shared-encoder gate."""
+def attach_segmenter_run(gate: SharedEncoderGate, segmenter: tuple[nn.Module, dict[str, Any]],
+                         config: dict[str, Any]) -> InitReport:
+    """Attach the ``--init-from`` segmenter member that :func:`resolve_gate` read (and hashed) to a new shared-encoder
+    gate."""
     stage_dir = segmenter_stage_dir(config["network"]["init_from"])
-    gate.attach(segmenter, check=False)
-    return InitReport(stage_dir, len(segmenter.encoder.state_dict()), (),
-                      untrained_warning(read_config(stage_dir), stage_dir), shared=True)
+    seg, seg_config = segmenter
+    gate.attach(seg, check=False)
+    return InitReport(stage_dir, len(seg.encoder.state_dict()), (), untrained_warning(seg_config, stage_dir),
+                      shared=True)
 
 
 UNTRAINED_DICE = 0.02

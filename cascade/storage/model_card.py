@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cascade.stages import is_shared_gate
 from cascade.thresholds.metrics import format_number
 from cascade.thresholds.rule import Thresholds
 
@@ -32,7 +33,7 @@ KNOWN_LIMITS = (
 def network_description(config: Mapping[str, Any]) -> str:
     """A stage member's network in words, from its ``config.json`` (the model card and the demo report say it)."""
     network = config.get("network", config)
-    if config.get("stage") == "cls" and network.get("gate") == "shared":
+    if config.get("stage") == "cls" and is_shared_gate(network):
         seg = network.get("segmenter", {})
         return (f"a shared-encoder gate — a head on the segmenter's encoder `{seg.get('encoder', '?')}` "
                 f"(sha256 `{str(network.get('encoder_sha256', '?'))[:12]}…`, stored once, in the segmenter)")
