@@ -128,9 +128,11 @@ def overrides(stage: str, args: argparse.Namespace, seed: int) -> dict[str, Any]
     return {"seed": seed, "preprocessing": {"size": args.image_size}, "network": network}
 
 
-def epoch_lengths(stage: str, data: Path, args: argparse.Namespace, seed: int, images: int) -> tuple[int, list[int]]:
-    """The number of epochs whose images drawn come nearest ``images``, and each epoch's length: the run's own
-    split (:func:`cascade.stages.training.load_run_data`), recipe (``apply_recipe``) and positive-share schedule."""
+def epoch_lengths(stage: str, data: Path, args: argparse.Namespace, seed: int,
+                  images: int) -> tuple[int, list[int], dict[str, Any]]:
+    """The number of epochs whose images drawn come nearest ``images``, each epoch's length and the configuration
+    the run will train with: its own split (:func:`cascade.stages.training.load_run_data`), recipe
+    (``apply_recipe``) and positive-share schedule."""
     from cascade.stages.config import apply_recipe, positive_share, resolve
     from cascade.stages.training import load_run_data
 
@@ -147,17 +149,15 @@ def epoch_lengths(stage: str, data: Path, args: argparse.Namespace, seed: int, i
 
     best = min(range(1, 1 + max(1, 4 * math.ceil(images / max(1, positives)))),
                key=lambda e: abs(sum(lengths(e)) - images))
-    return best, lengths(best)
+    return best, lengths(best), config
 
 
 def train_stage(stage: str, work: Path, data: Path, seed: int, images: int, args: argparse.Namespace,
                 extra: list[str], key_parts: list[Any]) -> tuple[Path, dict[str, Any]]:
     """A cached ``cascade train`` run of ``stage`` seeing about ``images`` images."""
-    from cascade.stages.config import resolve
-
-    epochs, lengths = epoch_lengths(stage, data, args, seed, images)
-    # the resolved configuration, not only the flags: a changed stage default makes a new run
-    key = digest(stage, resolve(stage, None, overrides(stage, args, seed)), epochs, key_parts, versions())
+    epochs, lengths, config = epoch_lengths(stage, data, args, seed, images)
+    # the configuration it trains with, not only the flags: a changed default or recipe value makes a new run
+    key = digest(stage, config, epochs, key_parts, versions())
 
     def make(folder: Path) -> dict[str, Any]:
         seconds = cascade("train", "--stage", stage, "--images", str(data / "dicom-images-train"), "--labels",
