@@ -167,7 +167,8 @@ def gate_throughput(model: Cascade, paths: list[Path], batch: int, workers: int)
 def shared_gate_throughput(seg: tuple, paths: list[Path], batch: int, workers: int) -> None:
     """Section 3b: a shared-encoder gate (a head on the segmenter's own encoder, docs/gate.md) on eager torch, where
     the encoder runs once per image, against its gate open (section 3 gives the separate classifier's figures)."""
-    from cascade.stages.gate import LEVELS, WIDTH, SharedEncoderGate, encoder_sha256
+    from cascade.stages.gate import SharedEncoderGate, encoder_sha256
+    from cascade.stages.trainer import network_config
 
     network, config = seg
     torch.manual_seed(0)
@@ -181,9 +182,9 @@ def shared_gate_throughput(seg: tuple, paths: list[Path], batch: int, workers: i
         last = gate.head.mix[-1]
         last.weight.div_(logits.std() + 1e-6)
         last.bias.sub_(logits.mean()).div_(logits.std() + 1e-6)
-    gate_config = {"stage": "cls", "in_chans": 1, "gate": "shared", "levels": list(LEVELS), "width": WIDTH,
-                   "segmenter": {"arch": config["arch"], "encoder": config["encoder"]},
-                   "encoder_sha256": gate.sha256, "preprocessing": config["preprocessing"]}
+    shared = {"arch": config["arch"], "encoder": config["encoder"], "sha256": gate.sha256}
+    gate_config = {**network_config({"stage": "cls", "network": {"gate": "shared", "shared_encoder": shared}}),
+                   "preprocessing": config["preprocessing"]}
     runtime = Runtime.resolve("cpu", engine="torch")
     model = Cascade([(gate, gate_config)], [seg], Thresholds(cls=0.5, top=0.5, area=0, bottom=0.5, min_component=0),
                     runtime=runtime)

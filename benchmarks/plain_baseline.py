@@ -6,9 +6,10 @@ images seen — trained the way a short tutorial would: BCE + soft Dice (over th
 cosine schedule over every step, batches of 8, each epoch all training positives plus as many negatives drawn at
 random (half of each epoch positive), no augmentation, in the precision cascade's ``runtime.amp: auto`` picks on
 the machine (bf16 autocast on a CPU with native bf16, else fp32: the same arithmetic, so the same speed). Scored
-with a plain rule, not cascade's tuned one: probability >= 0.5 at the image's native size, and an image counts as empty when fewer pixels pass than a minimum
-area chosen on the validation fold (from ``MIN_AREAS``, shares of the image); then the mean per-image Dice of the
-held-out set (an empty prediction on an empty truth scores 1), the challenge metric.
+with a plain rule, not cascade's tuned one: probability >= 0.5 at the image's native size, and an image counts as
+empty when fewer pixels pass than a minimum area chosen on the validation fold (from ``MIN_AREAS``, shares of the
+image); then the mean per-image Dice of the held-out set (an empty prediction on an empty truth scores 1), the
+challenge metric.
 """
 
 from __future__ import annotations
