@@ -148,7 +148,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
 SMALL_DATA = 2000
 """Training splits with fewer images than this get the small-data recipe (docs/training-recipe.md)."""
 RECIPES: dict[str, dict[str, Any]] = {
-    "small": {"lr": {"cls": 1e-3, "seg": 3e-4}, "batch_size": 8, "positive_share": 0.5},
+    "small": {"lr": {"cls": 1e-3, "seg": 3e-4}, "batch_size": 8, "positive_share": [0.8, 0.5]},
     "large": {"lr": 3e-4, "batch_size": 16, "positive_share": [0.8, 0.4]},
 }
 """What ``auto`` means; a value given per stage code applies to that stage. Small: a few hundred images give few
