@@ -314,8 +314,9 @@ def main() -> None:
                 print("  ".join(f"{k} {_cell(row[k])}" for k in COLUMNS), flush=True)
                 if row["gate_open"]:
                     print(f"  tune: {row['gate_open']}", flush=True)
-            print(f"  plain baseline: mean_dice {row['plain_mean_dice']:.4f}  images {row['plain_images']}  "
-                  f"images_per_s {row['plain_images_per_s']:.2f}", flush=True)
+            if row["plain_images"]:  # the plain loop ran for this seed (--plain-seeds)
+                print(f"  plain baseline: mean_dice {row['plain_mean_dice']:.4f}  images {row['plain_images']}  "
+                      f"images_per_s {row['plain_images_per_s']:.2f}", flush=True)
     print("\n| run | " + " | ".join(COLUMNS) + " | Dice − baseline | gate − open |")
     print("|" + "---|" * (len(COLUMNS) + 3))
     for i, row in enumerate(rows):
@@ -323,14 +324,14 @@ def main() -> None:
               f"{row['mean_dice'] - row['open_dice']:+.4f} |")
         plain_cells = {"seed": row["seed"], "gate": "–", "mean_dice": row["plain_mean_dice"], "baseline": row["baseline"],
                        "seg_images": row["plain_images"], "seg_images_per_s": row["plain_images_per_s"]}
-        if i + 1 < len(rows) and rows[i + 1]["seed"] == row["seed"]:
-            continue  # the plain loop once per seed, after its variants
+        if (i + 1 < len(rows) and rows[i + 1]["seed"] == row["seed"]) or not row["plain_images"]:
+            continue  # the plain loop once per seed, after its variants, where it ran
         print("| plain loop | " + " | ".join(_cell(plain_cells[c]) if c in plain_cells else "–" for c in COLUMNS)
               + f" | {row['plain_mean_dice'] - row['baseline']:+.4f} | – |")
     figures = {f"seed {row['seed']} {row['gate']} {c}": row[c] for row in rows for c in COLUMNS
                if c not in ("seed", "gate", "baseline", "open_dice")}
     baselines = {f"seed {row['seed']} {row['gate']} {c}": row[c] for row in rows
-                 for c in ("baseline", "open_dice", *PLAIN)}
+                 for c in ("baseline", "open_dice", *(PLAIN if row["plain_images"] else ()))}
     write_result("small_data", figures, baselines, args)
 
 

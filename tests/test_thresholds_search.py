@@ -171,7 +171,7 @@ def test_bad_inputs() -> None:
 
 
 def test_default_grid_and_result_report_dict() -> None:
-    assert Grid().size >= 10_000 and Grid().shape == (20, 14, 8, 13, 4)
+    assert Grid().size >= 10_000 and Grid().shape == (30, 14, 8, 13, 4)
     assert Grid.from_dict(Grid().to_dict()) == Grid()
     cls, segs, masks = _synthetic(n=10)
     result = tune(cls, segs, masks, progress=False)

@@ -219,10 +219,11 @@ def test_auto_values_are_set_by_the_recipe_and_recorded_for_resume(
                  str(synth / "train-rle.csv"), "--out", str(run), "--config", str(config), "--epochs", "1",
                  "--cache-dir", str(synth.parent / f"{synth.name}-cache")]) == 0
     assert "recipe: small data (120 training images < 2000): optim.lr 0.0003, optim.batch_size 8, " \
-           "sampling.positive_share 0.5" in capsys.readouterr().err
+           "sampling.positive_share [0.8, 0.5]" in capsys.readouterr().err
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert (saved["optim"]["lr"], saved["optim"]["batch_size"], saved["sampling"]["positive_share"]) == (3e-4, 8, 0.5)
+    assert (saved["optim"]["lr"], saved["optim"]["batch_size"], saved["sampling"]["positive_share"]) == (3e-4, 8, [0.8, 0.5])
     assert saved["loss"]["dice_per"] == "batch"
     split = read_split_csv(run / "split.csv")
     positives = sum(split.positive[i] for i, fold in split.folds.items() if fold != 0)
-    assert int(metrics(run)[0]["train_images"]) == 2 * positives  # every training positive, as many negatives
+    # the first epoch at 80% positive: every training positive and a quarter as many negatives
+    assert int(metrics(run)[0]["train_images"]) == positives + round(positives / 4)

@@ -304,11 +304,14 @@ def test_the_recipe_sets_only_what_is_auto_and_by_the_size_of_the_data() -> None
     seg = cfg.resolve("seg")
     assert seg["optim"]["lr"] == cfg.AUTO and seg["sampling"]["positive_share"] == cfg.AUTO
     small, line = cfg.apply_recipe(seg, 480)
-    assert (small["optim"]["lr"], small["optim"]["batch_size"], small["sampling"]["positive_share"]) == (3e-4, 8, 0.5)
+    assert (small["optim"]["lr"], small["optim"]["batch_size"], small["sampling"]["positive_share"]) == (
+        3e-4, 8, [0.8, 0.5])
     assert line is not None and "small data (480 training images < 2000)" in line and "optim.lr 0.0003" in line
     large, _ = cfg.apply_recipe(seg, cfg.SMALL_DATA)
     assert (large["optim"]["lr"], large["optim"]["batch_size"], large["sampling"]["positive_share"]) == (
         3e-4, 16, [0.8, 0.4])
+    small["sampling"]["positive_share"].append(0.1)  # a run's configuration is its own: the recipe is unchanged
+    assert cfg.apply_recipe(seg, 480)[0]["sampling"]["positive_share"] == [0.8, 0.5]
     given = cfg.resolve("seg", None, {"optim": {"lr": 0.01}})  # a value given by the user is never replaced
     chosen, line = cfg.apply_recipe(given, 480)
     assert chosen["optim"]["lr"] == 0.01 and chosen["optim"]["batch_size"] == 8 and "optim.lr" not in line
