@@ -5,7 +5,7 @@
 Part 1 — speed and agreement, same run, same synthetic maps (N maps of PX², default 1,000 of 256²):
   a. on a small grid the brute force (``apply_rule`` on every map at every grid point, mean Dice per point) runs in
      full: the whole score table, the best thresholds and the best score must equal the search's;
-  b. on the default grid (116,480 points) the brute force would take hours, so it runs on K grid points drawn at
+  b. on the default grid (174,720 points) the brute force would take hours, so it runs on K grid points drawn at
      random plus the search's best point; every one must equal the search's table, and its time for the whole
      grid is extrapolated from the mean per point (printed as such). Ratio = extrapolated brute force / search.
 Part 2 — a streamed search over 12,047 synthetic 1024² maps (``--quick``: 1,000) in a child process: wall time,

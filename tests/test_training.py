@@ -221,7 +221,8 @@ def test_auto_values_are_set_by_the_recipe_and_recorded_for_resume(
     assert "recipe: small data (120 training images < 2000): optim.lr 0.0003, optim.batch_size 8, " \
            "sampling.positive_share [0.8, 0.5]" in capsys.readouterr().err
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert (saved["optim"]["lr"], saved["optim"]["batch_size"], saved["sampling"]["positive_share"]) == (3e-4, 8, [0.8, 0.5])
+    assert (saved["optim"]["lr"], saved["optim"]["batch_size"], saved["sampling"]["positive_share"]) == (
+        3e-4, 8, [0.8, 0.5])
     assert saved["loss"]["dice_per"] == "batch"
     split = read_split_csv(run / "split.csv")
     positives = sum(split.positive[i] for i, fold in split.folds.items() if fold != 0)

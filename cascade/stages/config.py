@@ -152,10 +152,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "large": {"lr": 3e-4, "batch_size": 16, "positive_share": [0.8, 0.4]},
 }
 """What ``auto`` means; a value given per stage code applies to that stage. Small: a few hundred images give few
-optimizer steps per epoch, so smaller batches (more steps) and segmenter epochs 80% positive falling to 50% (more
-positive images seen than at 0.5 throughout: docs/training-recipe.md); the classifier at a higher learning rate. The segmenter's 3e-4 was measured with its foreground prior and weight average
-(docs/training-recipe.md): at 1e-3 it swung back to empty masks mid-run. Large: the SIIM winners' first stage, the
-shipped 512 px configurations' values."""
+optimizer steps per epoch, so smaller batches (more steps) and segmenter epochs 80% positive falling to 50% (each
+positive seen more often than at 0.5 throughout, for the same images seen); the classifier at a higher learning rate.
+The segmenter's 3e-4 was measured with its foreground prior and weight average: at 1e-3 it swung back to empty masks
+mid-run (both in docs/training-recipe.md). Large: the SIIM winners' first stage, the shipped 512 px configurations'
+values."""
 
 
 def apply_recipe(config: dict[str, Any], train_images: int) -> tuple[dict[str, Any], str | None]:

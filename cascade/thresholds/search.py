@@ -95,7 +95,7 @@ class Grid:
 
     The default has 30 x 14 x 8 x 13 x 4 = 174,720 points. ``cls`` steps by 0.01 up to 0.1 and by 0.025 up to 0.2: a
     gate trained at 22% prevalence gives most negatives probabilities below 0.15, where steps of 0.05 jumped from
-    keeping 11% of the validation negatives from the segmenter to 74% (docs/gate.md).
+    keeping 11% of the validation negatives from the segmenter to 74% (docs/workflow.md).
     """
 
     cls: tuple[float, ...] = _steps(0.0, 0.1, 0.01) + _steps(0.125, 0.2, 0.025) + _steps(0.25, 0.95, 0.05)
