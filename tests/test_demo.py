@@ -27,7 +27,17 @@ def test_quick_demo_writes_a_complete_report(tmp_path: Path, capsys) -> None:
         in report  # the report's headline is the evaluation's number
     gate = re.search(r"\| tuned gate .*? \| ([0-9.]+) \| (\d+)% \|", report)
     assert gate is not None and float(gate.group(1)) == pytest.approx(evaluation["mean_dice"], abs=5e-5)
-    assert "| gate open | " in report and "the gate kept" in printed
+    assert "| gate open | " in report
+    assert "40% positive in both" in report  # the quick plan's share; the full demo's is SIIM's 22%
+    speed = re.search(r"Classifier ROC AUC on the held-out images ([0-9.]+|n/a)\. Predicting them with the tuned "
+                      r"gate took ([0-9.]+) s against ([0-9.]+) s with the gate open: ([0-9.]+)× the gate-open speed",
+                      report)
+    assert speed is not None, "the report gives the gate's held-out AUC and speed-up"
+    gated, opened, ratio = (float(speed.group(k)) for k in (2, 3, 4))
+    assert ratio == pytest.approx(opened / gated, abs=0.01 + 0.01 * ratio / min(gated, opened))  # within rounding
+    printed_speed = re.search(r"the gate \(held-out AUC ([0-9.]+|nan)\) kept .* ([0-9.]+)× the gate-open speed",
+                              printed)
+    assert printed_speed is not None and printed_speed.group(2) == speed.group(4)
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(images) >= 6
     for image in images:

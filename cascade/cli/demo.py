@@ -33,8 +33,10 @@ def run(args: argparse.Namespace) -> int:
         f"\ndemo finished in {sum(result.seconds.values()):.0f} s: held-out mean Dice {test['mean_dice']:.4f} "
         f"(all-empty baseline {result.baseline:.4f}), sensitivity {test['sensitivity'] or 0:.3f}, "
         f"specificity {test['specificity'] or 0:.3f}\n"
-        f"the gate kept {100 * gate['gate']['skipped_negatives']:.0f}% of the negatives from the segmenter: mean Dice "
-        f"{gate['gate']['mean_dice']:.4f} with it, {gate['open']['mean_dice']:.4f} with the gate open\n"
+        f"the gate (held-out AUC {gate['gate']['classifier_auc']:.3f}) kept "
+        f"{100 * gate['gate']['skipped_negatives']:.0f}% of the negatives from the segmenter: mean Dice "
+        f"{gate['gate']['mean_dice']:.4f} with it, {gate['open']['mean_dice']:.4f} with the gate open, "
+        f"{gate['open']['seconds'] / max(gate['gate']['seconds'], 1e-9):.2f}× the gate-open speed\n"
         f"report: {result.report}"
     )
     return 0
