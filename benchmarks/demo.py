@@ -4,9 +4,10 @@ Runs the demo exactly as ``cascade demo`` does (the same :class:`cascade.apps.de
 command line's entry point) into ``--out`` (default: a temporary folder, removed afterwards) and writes a result
 file with the figures its report gives: wall time, held-out mean Dice, sensitivity, specificity, the gate's
 validation and held-out ROC AUC, the tuned ``cls``, the share of held-out negatives kept from the segmenter, and the
-held-out prediction time with the tuned gate and with the gate open (``cls`` 0) — the two predicted in the same run,
-in turn, twice each, the fastest of each counted — so their ratio is the gate's speed-up on this machine. Training runs in bf16 on a CPU with native bf16 and in fp32
-elsewhere, so the scores depend on the kind of CPU (the result names it).
+held-out prediction time with the tuned gate and with the gate open (``cls`` 0). The two are predicted in the same
+run, in turn, twice each, the fastest of each counted, so their ratio is the gate's speed-up on this machine. The
+demo trains in fp32 everywhere but tunes and predicts on the ``auto`` engine (bf16 where the CPU has native bf16),
+so the scores depend on the kind of CPU (the result names it).
 
 Run: ``python benchmarks/demo.py`` (about 6 minutes on an idle 2-core CPU with native bf16); ``--quick`` runs
 ``cascade demo --quick``'s plan (checks the script, measures nothing).
