@@ -16,6 +16,7 @@ Run: ``python benchmarks/demo.py`` (about 6 minutes on an idle 2-core CPU with n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -39,10 +40,12 @@ def main() -> None:
     from cascade.apps.demo import QUICK, DemoPlan, run_demo
     from cascade.cli.main import main as cascade
 
+    plan = QUICK if args.quick else DemoPlan()
+    args.plan = dataclasses.asdict(plan)  # recorded with the result: sizes, prevalence, epochs
     with tempfile.TemporaryDirectory(prefix="cascade-demo-bench-") as tmp:
         out = args.out or Path(tmp) / "demo"
         start = time.perf_counter()
-        run = run_demo(out, QUICK if args.quick else DemoPlan(), command=cascade, progress=False)
+        run = run_demo(out, plan, command=cascade, progress=False)
         wall = time.perf_counter() - start
         thresholds = json.loads((out / "model" / "cascade.json").read_text(encoding="utf-8"))["thresholds"]
     test, gate, validation = run.test, run.gate, run.validation
