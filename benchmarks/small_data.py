@@ -252,7 +252,7 @@ def score_variant(work: Path, cls: Path, cls_record: dict[str, Any], seg: Path, 
         "val_auc": validation["classifier_auc"],
         "test_auc": gate["gate"]["classifier_auc"],
         "skipped_negatives": gate["gate"]["skipped_negatives"],
-        "speedup": gate["open"]["seconds"] / gate["gate"]["seconds"],
+        "speedup": gate["gate"]["speedup"],
         "gate_open": validation.get("gate_open") or "",
     }
 

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         f"the gate (held-out AUC {gate['gate']['classifier_auc']:.3f}) kept "
         f"{100 * gate['gate']['skipped_negatives']:.0f}% of the negatives from the segmenter: mean Dice "
         f"{gate['gate']['mean_dice']:.4f} with it, {gate['open']['mean_dice']:.4f} with the gate open, "
-        f"{gate['open']['seconds'] / max(gate['gate']['seconds'], 1e-9):.2f}× the gate-open speed\n"
+        f"{gate['gate']['speedup']:.2f}× the gate-open speed\n"
         f"report: {result.report}"
     )
     return 0
